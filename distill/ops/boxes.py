@@ -1,0 +1,56 @@
+"""Box helpers shared by assigners, heads, losses and region masks.
+
+Pairwise IoU / GIoU / DIoU come from ``torchvision.ops``; this module adds only what torchvision
+lacks: square anchors around dense locations, and the distance <-> box coding of GFL.
+All boxes are xyxy.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def square_anchors(points: Tensor, strides: Tensor, scale: float = 8.0) -> Tensor:
+    """Square boxes of side ``scale * stride`` centred on each location.
+
+    points: (N, 2) xy centres; strides: (N,). Returns (N, 4) xyxy.
+    GFL uses these only to rank and threshold locations (ATSS, VLR), never to regress from.
+    """
+    half = (scale * strides / 2).unsqueeze(1)
+    return torch.cat([points - half, points + half], dim=1)
+
+
+def distance2bbox(points: Tensor, distances: Tensor, max_shape: tuple[int, int] | None = None) -> Tensor:
+    """Decode (left, top, right, bottom) distances from centres into boxes.
+
+    points: (..., 2); distances: (..., 4) in the same units. Returns (..., 4) xyxy, clipped to
+    ``max_shape = (height, width)`` when given.
+    """
+    x1 = points[..., 0] - distances[..., 0]
+    y1 = points[..., 1] - distances[..., 1]
+    x2 = points[..., 0] + distances[..., 2]
+    y2 = points[..., 1] + distances[..., 3]
+    boxes = torch.stack([x1, y1, x2, y2], dim=-1)
+    if max_shape is not None:
+        h, w = max_shape
+        boxes = torch.stack(
+            [boxes[..., 0].clamp(0, w), boxes[..., 1].clamp(0, h), boxes[..., 2].clamp(0, w), boxes[..., 3].clamp(0, h)],
+            dim=-1,
+        )
+    return boxes
+
+
+def bbox2distance(points: Tensor, boxes: Tensor, max_dis: float | None = None, eps: float = 0.1) -> Tensor:
+    """Encode boxes as (left, top, right, bottom) distances from centres.
+
+    points: (..., 2); boxes: (..., 4). With ``max_dis`` the distances are clamped to
+    ``[0, max_dis - eps]`` so that the right-hand DFL bin ``floor(d) + 1`` always exists.
+    """
+    left = points[..., 0] - boxes[..., 0]
+    top = points[..., 1] - boxes[..., 1]
+    right = boxes[..., 2] - points[..., 0]
+    bottom = boxes[..., 3] - points[..., 1]
+    dist = torch.stack([left, top, right, bottom], dim=-1)
+    if max_dis is not None:
+        dist = dist.clamp(min=0, max=max_dis - eps)
+    return dist
