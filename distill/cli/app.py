@@ -1,0 +1,48 @@
+"""The ``detkd`` command line (typer). Each command lives in a small module of this package."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import typer
+from rich.console import Console
+
+from distill.errors import DetkdError
+
+app = typer.Typer(
+    name="detkd",
+    help="Knowledge distillation for object detectors: train, distill, cache, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: generate the embedded default data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+err_console = Console(stderr=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn a ``DetkdError`` into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DetkdError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def _register_commands() -> None:
+    # Imported for their @app.command side effects; kept here so ``app`` is complete on import.
+    from distill.cli import data_cmds, demo_cmd, info_cmds, train_cmds  # noqa: F401
+
+
+_register_commands()
+
+
+def main() -> None:
+    app()

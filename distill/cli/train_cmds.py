@@ -1,0 +1,95 @@
+"""``detkd train``, ``detkd eval`` and ``detkd predict``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from distill.cli.app import app, user_errors
+from distill.errors import ConfigError
+
+SET_HELP = "Override a recipe key, e.g. --set train.lr=0.01 --set student.params.fpn_channels=64 (repeatable)."
+
+
+def resolve_recipe(recipe: str | None, resume: Path | None, epochs: int | None, overrides: list[str]):
+    """The recipe of a new run, or the stored recipe of the run being resumed (plus overrides)."""
+    from recipes import load_recipe
+
+    overrides = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
+    if resume is not None:
+        stored = Path(resume) / "recipe.yaml"
+        if not stored.is_file():
+            raise ConfigError(f"{resume}: cannot resume, no recipe.yaml in the run folder")
+        return load_recipe(stored, overrides)
+    if recipe is None:
+        raise ConfigError("missing RECIPE (a name from 'detkd recipes' or a .yaml file)")
+    return load_recipe(recipe, overrides)
+
+
+@app.command("train")
+@user_errors
+def train_command(
+    recipe: str = typer.Argument(None, help="Recipe name (see 'detkd recipes') or a YAML file."),
+    data: Path = typer.Option(None, "--data", help="Dataset folder (train.json, val.json, images/) or dataset YAML."),
+    out: Path = typer.Option(None, "--out", help="Run folder to create."),
+    epochs: int = typer.Option(None, "--epochs", help="Override train.epochs."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+) -> None:
+    """Train a detector from a recipe (no teacher)."""
+    from distill.engine.run import read_run_info, train_run
+
+    resolved = resolve_recipe(recipe, resume, epochs, set_)
+    if resume is not None:
+        data = data or Path(read_run_info(resume)["data"])
+        out = resume
+    if data is None or out is None:
+        raise ConfigError("detkd train needs --data and --out (or --resume RUN)")
+    train_run(resolved, data, out, resume=resume is not None, show_progress=progress)
+
+
+@app.command("eval")
+@user_errors
+def eval_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (uses its best checkpoint)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder or dataset YAML."),
+    split: str = typer.Option("val", "--split", help="Split to evaluate."),
+    out: Path = typer.Option(None, "--out", help="JSON file for the metrics (default: next to the checkpoint)."),
+    batch_size: int = typer.Option(16, "--batch-size"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """COCO metrics of a checkpoint on a dataset split."""
+    from distill.data import DetectionTransform, load_dataset
+    from distill.engine.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
+    from distill.engine.evaluate import evaluate_detector
+    from distill.engine.report import console, make_progress, metrics_table
+    from teachers.checks import check_same_classes
+
+    path = resolve_checkpoint(checkpoint)
+    model, meta = load_detector(path)
+    dataset = load_dataset(data, split, DetectionTransform(meta["image_size"], hflip_prob=0.0))
+    check_same_classes(meta["classes"], dataset.classes, what=str(path), where=str(data))
+    with make_progress(progress) as bar:
+        task = bar.add_task("eval", total=len(dataset), info=split)
+        metrics = evaluate_detector(model, dataset, batch_size, progress=lambda done, total: bar.update(task, completed=done))
+    console.print(metrics_table(f"{path.name} on {data} [{split}]", {split: metrics}, list(metrics)))
+    out = out or path.with_name(f"{path.stem}.eval-{split}.json")
+    record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset), "metrics": metrics}
+    atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
+    console.print(f"metrics written to {out}")
+
+
+@app.command("predict")
+@user_errors
+def predict_command(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder."),
+    images: list[Path] = typer.Argument(..., help="Image files."),
+    out: Path = typer.Option(..., "--out", help="Folder for the annotated PNGs and detections.json."),
+    score_thresh: float = typer.Option(0.3, "--score-thresh", help="Draw detections above this score."),
+) -> None:
+    """Draw a checkpoint's detections on images (PNG per image, plus detections.json)."""
+    from distill.engine.predict import predict_images
+
+    predict_images(checkpoint, images, out, score_thresh=score_thresh)

@@ -1,0 +1,234 @@
+"""Recipes: typed dataclasses loaded from YAML, validated with errors that name the key.
+
+A recipe says what to build and how to train it; nothing is looked up by a ``type=`` string except
+the student (``students.create_student``) and the losses (``distill.create_loss``), whose names and
+keyword arguments are checked against their registries when the run is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from distill.errors import ConfigError
+
+
+@dataclass
+class ModelSpec:
+    """A registered detector and the keyword arguments of its factory."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSpec:
+    image_size: int = 160
+    hflip_prob: float = 0.5
+    size_divisor: int = 32
+    invalid_boxes: Literal["error", "clip"] = "error"
+
+
+@dataclass
+class TrainSpec:
+    epochs: int = 12
+    batch_size: int = 16
+    optimizer: Literal["sgd", "adamw"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    warmup_steps: int = 100
+    warmup_ratio: float = 0.001
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    milestones: list[int] = field(default_factory=list)  # epochs at which "step" multiplies lr by gamma
+    gamma: float = 0.1
+    min_lr_ratio: float = 0.01  # cosine floor, as a fraction of lr
+    grad_clip: float | None = 35.0
+    eval_every: int = 1
+    seed: int = 0
+    num_workers: int = 0
+    threads: int | None = None  # torch.set_num_threads; None keeps torch's default
+
+
+@dataclass
+class EvalSpec:
+    batch_size: int = 16
+    score_thresh: float = 0.05
+    nms_iou: float = 0.6
+    max_detections: int = 100
+
+
+@dataclass
+class LossSpec:
+    """One distillation term: ``weight * loss(student, teacher, region mask)``."""
+
+    name: str
+    weight: float = 1.0
+    region: str = "main"
+    params: dict[str, Any] = field(default_factory=dict)
+    region_params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherSpec:
+    """Which recipe trains the teacher, and the pair checks to run before distilling."""
+
+    recipe: str | None = None
+    min_ap: float = 0.05  # refuse to distill from a teacher below this val AP (unless --force)
+    class_map: dict[str, str] = field(default_factory=dict)  # student class name -> teacher class name
+
+
+@dataclass
+class Recipe:
+    name: str
+    kind: Literal["teacher", "student", "distill"]
+    purpose: str
+    student: ModelSpec
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    teacher: TeacherSpec | None = None
+    losses: list[LossSpec] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: a small, strict dataclass-from-dict builder. Errors name the dotted key.
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{source}: '{key}' must be one of {_type_name(tp)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build_dataclass(tp, value, source, prefix=key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{key}' must be a mapping, got {type(value).__name__} {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if isinstance(value, bool) and tp is not bool or not isinstance(value, tp):
+            raise ConfigError(f"{source}: '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported recipe field type {tp!r}")
+
+
+def build_dataclass(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Build ``cls`` from a mapping, rejecting unknown keys and wrong types by dotted key."""
+    where = prefix or "recipe"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{where}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"{source}: unknown key '{full}' (known: {', '.join(known)})")
+    kwargs = {}
+    for name, f in known.items():
+        full = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], full, source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key '{full}'")
+    return cls(**kwargs)
+
+
+def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``--set a.b=value`` pairs; values are YAML (``0.01``, ``[1, 2]``, ``null``, ``sgd``)."""
+    parsed = []
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected key=value, e.g. train.lr=0.01")
+        key, raw = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: value is not valid YAML ({exc.problem})") from None
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw recipe mapping (before validation).
+
+    List items are addressed by index: ``losses.0.weight=0.5``.
+    """
+    for path, value in parse_overrides(pairs):
+        node: Any = raw
+        for i, part in enumerate(path[:-1]):
+            dotted = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {'.'.join(path)}: '{dotted}' is not an index of a {len(node)}-item list")
+                node = node[int(part)]
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"--set {'.'.join(path)}: '{dotted}' is not a mapping")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {'.'.join(path)}: '{last}' is not an index of a {len(node)}-item list")
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return raw
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str) -> Recipe:
+    return build_dataclass(Recipe, raw, source)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read recipe ({exc.strerror})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    return raw
