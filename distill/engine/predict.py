@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
 from distill.engine.checkpoint import atomic_write, atomic_write_text, load_detector
 from distill.errors import DataError
-from distill.structures import Detections
+from distill.structures import Detections, Target
 
 # Distinct, colour-blind-friendly hues (Okabe-Ito), cycled over classes.
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255)]
@@ -45,9 +45,13 @@ def draw_detections(image: Image.Image, det: Detections, classes: list[str], sco
 @torch.no_grad()
 def detect(model, image: Image.Image, image_size: int, size_divisor: int = 32) -> Detections:
     """Detections in original-image pixels for one PIL image."""
-    from distill.data import DetectionTransform, collate, sample_from_image
+    import numpy as np
 
-    sample = sample_from_image(image, DetectionTransform(image_size, hflip_prob=0.0))
+    from distill.data import DetectionTransform, Sample, collate
+
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
+    tensor, _, scale = DetectionTransform(image_size, hflip_prob=0.0)(pixels, torch.zeros(0, 4), flip=False)
+    sample = Sample(image=tensor, target=Target.empty(), image_id=0, scale=scale, flipped=False)
     batch = collate([sample], size_divisor=size_divisor)
     det = model.postprocess(model(batch.images), batch.image_sizes)[0]
     return Detections(boxes=det.boxes / sample.scale, scores=det.scores, labels=det.labels)

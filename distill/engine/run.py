@@ -37,3 +37,72 @@ def train_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = 
         atomic_write_text(out / "run.json", json.dumps({**meta, "kind": "train"}, indent=2, sort_keys=True) + "\n")
     trainer = Trainer(model, recipe, train_set, val_set, out, meta, show_progress=show_progress)
     return trainer.fit(resume=resume)
+
+
+def build_losses(recipe: Recipe, student, teacher) -> list:
+    """The recipe's distillation terms; feature adapters get their channel counts from the pair."""
+    from distill.losses import create_loss, loss_parameters
+
+    losses = []
+    for i, spec in enumerate(recipe.losses):
+        params = dict(spec.params)
+        if "student_channels" in loss_parameters(spec.name):
+            params.setdefault("student_channels", int(student.fpn_channels))
+            params.setdefault("teacher_channels", int(teacher.fpn_channels))
+        try:
+            losses.append(create_loss(spec.name, weight=spec.weight, region=spec.region, region_params=spec.region_params, **params))
+        except ConfigError as exc:
+            raise ConfigError(f"recipe {recipe.name}: losses[{i}]: {exc}") from None
+    return losses
+
+
+def check_teacher_quality(teacher, val_set, recipe: Recipe, force: bool, show_progress: bool) -> dict[str, float]:
+    """Evaluate the teacher on val; refuse a teacher that detects (almost) nothing unless forced.
+
+    A teacher trained on other classes, or a wrong checkpoint, silently turns distillation into
+    noise: this is the most common failure users of KD tools report.
+    """
+    from distill.engine.evaluate import evaluate_detector
+    from distill.engine.report import make_progress
+
+    with make_progress(show_progress) as bar:
+        task = bar.add_task("teacher eval", total=len(val_set), info="")
+        metrics = evaluate_detector(teacher.model, val_set, recipe.eval.batch_size, progress=lambda done, total: bar.update(task, completed=done))
+    min_ap = recipe.teacher.min_ap if recipe.teacher else 0.05
+    if metrics["AP"] < min_ap and not force:
+        raise ConfigError(
+            f"teacher {teacher.meta.get('path', '')} has val AP {metrics['AP']:.4f} < teacher.min_ap {min_ap} on this data; "
+            "distilling from it would teach noise (wrong classes or checkpoint?); pass --force to distill anyway"
+        )
+    return metrics
+
+
+def distill_run(recipe: Recipe, teacher_path: str | Path, data: str | Path, out: str | Path, force: bool = False, resume: bool = False, show_progress: bool = True) -> FitResult:
+    """Distill ``recipe``'s student from the teacher checkpoint on ``data``; writes into ``out``."""
+    import torch
+
+    from distill.engine.distiller import Distiller
+    from teachers import load_teacher
+    from teachers.checks import check_pair, class_index_for
+
+    out = Path(out)
+    if not resume:
+        check_fresh_run_dir(out)
+    apply_threads(recipe)
+    train_set, val_set = build_datasets(recipe, data)
+    student = build_detector(recipe, num_classes=len(train_set.classes))
+    teacher = load_teacher(teacher_path)
+    class_map = recipe.teacher.class_map if recipe.teacher else {}
+    index = class_index_for(train_set.classes, teacher.classes, class_map, where=str(teacher.meta.get("path", teacher_path)))
+    if index is not None:
+        teacher.class_index = torch.tensor(index, dtype=torch.long)
+    losses = build_losses(recipe, student, teacher)
+    check_pair(student, teacher, losses)
+    teacher_metrics = check_teacher_quality(teacher, val_set, recipe, force, show_progress)
+    meta = run_meta(student, train_set, recipe, data)
+    meta["teacher"] = {"path": teacher.meta.get("path"), "val": teacher_metrics}
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_text(out / "run.json", json.dumps({**meta, "kind": "distill"}, indent=2, sort_keys=True) + "\n")
+    distiller = Distiller(student, teacher, losses, recipe)
+    return distiller.fit(train_set, val_set, out, meta=meta, resume=resume, show_progress=show_progress)

@@ -188,8 +188,8 @@ class Trainer:
         if self.recipe.train.grad_clip is not None:
             grad_norm = float(nn.utils.clip_grad_norm_(self.params, self.recipe.train.grad_clip))
         self.optimizer.step()
-        record = {"step": step, "epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "loss": float(total)}
-        record.update({k: float(v) for k, v in losses.items()})
+        record = {"step": step, "epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "loss": float(total.detach())}
+        record.update({k: float(v.detach()) for k, v in losses.items()})
         if grad_norm is not None and math.isfinite(grad_norm):
             record["grad_norm"] = grad_norm
         self._log(record)

@@ -54,3 +54,31 @@ def bbox2distance(points: Tensor, boxes: Tensor, max_dis: float | None = None, e
     if max_dis is not None:
         dist = dist.clamp(min=0, max=max_dis - eps)
     return dist
+
+
+def box_centers(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (..., 2) xy centres."""
+    return (boxes[..., :2] + boxes[..., 2:]) / 2
+
+
+def diou_iof_legacy(anchors: Tensor, gts: Tensor, eps: float = 1e-6) -> Tensor:
+    """The "DIoU" of the official LD code's VLR: intersection over *anchor* area minus rho^2 / c^2.
+
+    anchors: (N, 4); gts: (G, 4). Returns (N, G).
+    rho is the distance between the box centres and c the diagonal of the smallest box enclosing
+    both. The reference divides by area(anchor) (IoF) instead of the union, so the value is >= the
+    true DIoU (``torchvision.ops.distance_box_iou``) and equals it when the GT lies inside the anchor.
+    Kept only to reproduce the published VLR numbers.
+    """
+    anchors, gts = anchors.float(), gts.float()
+    lt = torch.max(anchors[:, None, :2], gts[None, :, :2])
+    rb = torch.min(anchors[:, None, 2:], gts[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (N, G)
+    area_anchor = (anchors[:, 2:] - anchors[:, :2]).prod(dim=-1)  # (N,)
+    iof = inter / area_anchor.clamp(min=eps)[:, None]
+
+    enclose_lt = torch.min(anchors[:, None, :2], gts[None, :, :2])
+    enclose_rb = torch.max(anchors[:, None, 2:], gts[None, :, 2:])
+    diag_sq = (enclose_rb - enclose_lt).pow(2).sum(dim=-1)  # c^2
+    rho_sq = (box_centers(anchors)[:, None] - box_centers(gts)[None]).pow(2).sum(dim=-1)
+    return iof - rho_sq / diag_sq.clamp(min=eps)
