@@ -64,7 +64,7 @@ def eval_command(
     from distill.data import DetectionTransform, load_dataset
     from distill.engine.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
     from distill.engine.evaluate import evaluate_detector
-    from distill.engine.report import console, make_progress, metrics_table
+    from distill.engine.report import console, key_value_table, make_progress
     from teachers.checks import check_same_classes
 
     path = resolve_checkpoint(checkpoint)
@@ -74,7 +74,7 @@ def eval_command(
     with make_progress(progress) as bar:
         task = bar.add_task("eval", total=len(dataset), info=split)
         metrics = evaluate_detector(model, dataset, batch_size, progress=lambda done, total: bar.update(task, completed=done))
-    console.print(metrics_table(f"{path.name} on {data} [{split}]", {split: metrics}, list(metrics)))
+    console.print(key_value_table(f"{path.name} on {data} [{split}]", metrics))
     out = out or path.with_name(f"{path.stem}.eval-{split}.json")
     record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset), "metrics": metrics}
     atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -42,3 +42,13 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
     return str(value)
+
+
+def key_value_table(title: str, values: Mapping[str, Any]) -> Table:
+    """One metric per row: fits a terminal of any width."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        table.add_row(key, fmt(value))
+    return table

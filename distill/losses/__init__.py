@@ -1,0 +1,38 @@
+"""Distillation losses: one import point for the registry and the built-in losses.
+
+Importing this package registers ``kd``, ``ld`` and ``feature``. The call contract, the
+``DistillInputs`` container and the training-step recipe are documented in
+:mod:`distill.losses.registry`; the shared KL kernel in :mod:`distill.losses.kl`.
+"""
+from distill.losses.feature import FeatureMimic, mimic_rows
+from distill.losses.kd import ClassificationKD, kd_rows
+from distill.losses.kl import binary_kl, softmax_kl, softmax_kl_to_probs, weighted_sum
+from distill.losses.ld import LocalizationDistillation, ld_rows, resample_bins
+from distill.losses.registry import (
+    DistillInputs,
+    DistillLoss,
+    create_loss,
+    list_losses,
+    loss_parameters,
+    register_loss,
+)
+
+__all__ = [
+    "ClassificationKD",
+    "DistillInputs",
+    "DistillLoss",
+    "FeatureMimic",
+    "LocalizationDistillation",
+    "binary_kl",
+    "create_loss",
+    "kd_rows",
+    "ld_rows",
+    "list_losses",
+    "loss_parameters",
+    "mimic_rows",
+    "register_loss",
+    "resample_bins",
+    "softmax_kl",
+    "softmax_kl_to_probs",
+    "weighted_sum",
+]

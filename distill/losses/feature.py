@@ -1,0 +1,127 @@
+"""Feature imitation (``feature``): masked MSE between student and teacher FPN maps.
+
+The region mask is per flattened location (DenseOutputs order), so it is split per FPN level and each
+level's selected feature vectors (C,) become rows. When the channel counts differ, a 1x1 conv adapter
+(C_s -> C_t) owned by this loss maps the student rows; it is trained with the student (the engine adds
+``loss.parameters()`` to the optimizer) and is not part of the student. With equal channels the
+adapter is the identity. A 1x1 conv equals a linear map per location, so it is applied to the
+gathered rows only.
+
+Normalisation: ``sum_rows m * ||s - t||^2 / (C_t * sum_rows m)`` — the mean squared error per masked
+location and channel over all chosen levels; batch-size independent. ``legacy=True`` reproduces the
+official LD ``IMLoss``: an element-wise mean per level, summed over levels.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from distill.errors import ConfigError
+from distill.losses.kl import weighted_sum
+from distill.losses.registry import DistillInputs, DistillLoss, check_mask, register_loss
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def mimic_rows(student_rows: Tensor, teacher_rows: Tensor, weights: Tensor, normalizer: Tensor | float) -> Tensor:
+    """(R, C), (R, C), (R,) -> () ``sum_r w_r * ||s_r - t_r||^2 / normalizer`` in fp32."""
+    sq_error = (student_rows.float() - teacher_rows.detach().float()).pow(2).sum(dim=-1)  # (R,)
+    return weighted_sum(sq_error, weights, normalizer)
+
+
+@register_loss
+class FeatureMimic(DistillLoss):
+    """Masked FPN feature MSE with an optional 1x1 conv channel adapter."""
+
+    name = "feature"
+    needs = frozenset({"features"})
+
+    def __init__(
+        self,
+        *,
+        weight: float = 1.0,
+        region: str = "main",
+        region_params: Mapping[str, Any] | None = None,
+        student_channels: int | None = None,
+        teacher_channels: int | None = None,
+        level_indices: Sequence[int] | None = None,
+        legacy: bool = False,
+    ):
+        super().__init__(weight=weight, region=region, region_params=region_params)
+        for key, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
+            if value is not None and not (isinstance(value, int) and value > 0):
+                raise ConfigError(f"loss 'feature': {key} must be a positive integer, got {value!r}")
+        if level_indices is not None and not (
+            len(level_indices) > 0 and all(isinstance(i, int) and i >= 0 for i in level_indices)
+        ):
+            raise ConfigError(
+                f"loss 'feature': level_indices must be a non-empty list of levels >= 0, got {level_indices!r}"
+            )
+        self.student_channels = student_channels
+        self.teacher_channels = teacher_channels
+        self.level_indices = None if level_indices is None else sorted(set(level_indices))
+        self.legacy = bool(legacy)
+        needs_adapter = None not in (student_channels, teacher_channels) and student_channels != teacher_channels
+        self.adapter: nn.Module = nn.Conv2d(student_channels, teacher_channels, 1) if needs_adapter else nn.Identity()
+
+    def adapt(self, rows: Tensor) -> Tensor:
+        """(M, C_s) student rows -> (M, C_t), the 1x1 conv applied per location."""
+        if isinstance(self.adapter, nn.Identity):
+            return rows
+        return F.linear(rows, self.adapter.weight.flatten(1).float(), self.adapter.bias.float())
+
+    def loss(self, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
+        sizes = student.feature_sizes()
+        if teacher.feature_sizes() != sizes:
+            raise ConfigError(
+                f"loss 'feature': student FPN sizes {sizes} != teacher {teacher.feature_sizes()}; "
+                "feature imitation needs the same strides and input size"
+            )
+        check_mask(mask, student.require_features()[0].shape[0], sum(h * w for h, w in sizes), self.name)
+        levels = self._levels(len(sizes))
+        masks = mask.split([h * w for h, w in sizes], dim=1)  # per level (B, H_l * W_l)
+
+        rows_s, rows_t, weights = [], [], []
+        for level in levels:
+            select = masks[level] > 0
+            s_rows = student.feature_rows(level, select).float()  # (M_l, C_s)
+            t_rows = teacher.feature_rows(level, select)  # (M_l, C_t)
+            self._check_channels(s_rows.shape[-1], t_rows.shape[-1])
+            s_rows = self.adapt(s_rows)  # (M_l, C_t)
+            w = masks[level][select]  # (M_l,)
+            if self.legacy:  # each level is its own element-wise mean: scale its rows by 1 / (C * sum w_l)
+                w = w / (w.sum() * t_rows.shape[-1]).clamp(min=_TINY)
+            rows_s.append(s_rows)
+            rows_t.append(t_rows.float())
+            weights.append(w)
+        s_all, t_all, w_all = torch.cat(rows_s), torch.cat(rows_t), torch.cat(weights)
+        normalizer = 1.0 if self.legacy else w_all.sum() * t_all.shape[-1]
+        return mimic_rows(s_all, t_all, w_all, normalizer)
+
+    def _levels(self, num_levels: int) -> list[int]:
+        if self.level_indices is None:
+            return list(range(num_levels))
+        bad = [i for i in self.level_indices if i >= num_levels]
+        if bad:
+            raise ConfigError(f"loss 'feature': level_indices {bad} out of range for {num_levels} FPN levels")
+        return self.level_indices
+
+    def _check_channels(self, student_channels: int, teacher_channels: int) -> None:
+        expected = (self.student_channels or student_channels, self.teacher_channels or teacher_channels)
+        if (student_channels, teacher_channels) != expected:
+            raise ConfigError(
+                f"loss 'feature': configured for {expected[0]} student / {expected[1]} teacher channels, but the FPN "
+                f"maps have {student_channels} / {teacher_channels}"
+            )
+        if student_channels != teacher_channels and isinstance(self.adapter, nn.Identity):
+            raise ConfigError(
+                f"loss 'feature': student FPN has {student_channels} channels, teacher {teacher_channels}; set "
+                f"student_channels: {student_channels} and teacher_channels: {teacher_channels} "
+                "to add a 1x1 conv adapter"
+            )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, level_indices={self.level_indices}, legacy={self.legacy}"

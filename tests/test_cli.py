@@ -1,0 +1,142 @@
+"""The detkd CLI through typer's runner: real commands on tiny scene data."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from distill.cli.app import app
+
+runner = CliRunner()
+SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:")
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "scenes"
+    result = invoke("data", "scenes", out, "--train", 12, "--val", 4, "--size", 64, "--seed", 3)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    run = data.parent / "run"
+    result = invoke("train", "gfl-tiny", "--data", data, "--out", run, "--epochs", 1, *SMALL)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_recipes_lists_names_kinds_and_purposes():
+    result = invoke("recipes")
+    assert result.exit_code == 0, result.output
+    assert "gfl-tiny" in result.output and "ld-tiny" in result.output and "distill" in result.output
+
+
+def test_scenes_writes_coco_and_refuses_to_overwrite(data):
+    train = json.loads((data / "train.json").read_text())
+    assert len(train["images"]) == 12 and len(train["categories"]) == 10
+    assert all((data / "images" / im["file_name"]).is_file() for im in train["images"])
+    line = one_error_line(invoke("data", "scenes", data, "--train", 2, "--val", 1, "--size", 64))
+    assert str(data) in line
+
+
+def test_train_writes_run_folder(trained):
+    for name in ("recipe.yaml", "run.json", "metrics.jsonl", "summary.json", "train_state.safetensors", "checkpoints/last.safetensors", "checkpoints/best.safetensors"):
+        assert (trained / name).is_file(), name
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3  # 12 images / batch 4, one epoch
+    assert {"loss_qfl", "loss_giou", "loss_dfl", "lr"} <= set(steps[0])
+    assert "val" in records[-1] and set(records[-1]["val"]) >= {"AP", "AP50"}
+
+
+def test_resume_continues_from_the_last_step(trained, tmp_path):
+    import shutil
+
+    run = tmp_path / "resumed"
+    shutil.copytree(trained, run)
+    result = invoke("train", "--resume", run, "--epochs", 2, "--no-progress")
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [0, 1, 2, 3, 4, 5]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+def test_train_refuses_an_existing_run(trained, data):
+    line = one_error_line(invoke("train", "gfl-tiny", "--data", data, "--out", trained, *SMALL))
+    assert "already holds a run" in line and "--resume" in line
+
+
+def test_eval_prints_table_and_writes_json(trained, data, tmp_path):
+    out = tmp_path / "metrics.json"
+    result = invoke("eval", trained, "--data", data, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "AP50" in result.output
+    record = json.loads(out.read_text())
+    assert record["images"] == 4 and 0.0 <= record["metrics"]["AP"] <= 1.0
+
+
+def test_predict_draws_pngs(trained, data, tmp_path):
+    image = sorted((data / "images").glob("val_*.png"))[0]
+    result = invoke("predict", trained, image, "--out", tmp_path / "preds", "--score-thresh", 0.0)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "preds" / f"{image.stem}.pred.png").is_file()
+    records = json.loads((tmp_path / "preds" / "detections.json").read_text())
+    assert records[0]["image"] == str(image)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["train", "gfl-tiny", "--set", "train.lrr=1"], "unknown key 'train.lrr'"),
+        (["train", "gfl-tiny", "--set", "student.params.colour=3"], "colour"),
+        (["train", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+        (["train", "gfl-tiny", "--set", "train.optimizer=adam"], "'train.optimizer' must be one of"),
+    ],
+)
+def test_bad_recipes_exit_2_naming_the_key(args, expected, data, tmp_path):
+    result = invoke(*args, "--data", data, "--out", tmp_path / "r", "--no-progress")
+    assert expected in one_error_line(result)
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_missing_dataset_is_one_line(tmp_path):
+    line = one_error_line(invoke("train", "gfl-tiny", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", "--no-progress"))
+    assert "nowhere" in line
+
+
+def test_eval_refuses_data_with_other_classes(trained, tmp_path):
+    other = tmp_path / "other"
+    (other / "images").mkdir(parents=True)
+    for split in ("train", "val"):
+        (other / f"{split}.json").write_text(json.dumps({"images": [], "annotations": [], "categories": [{"id": 1, "name": "cat"}]}))
+    line = one_error_line(invoke("eval", trained, "--data", other, "--no-progress"))
+    assert "classes do not match" in line
+
+
+def test_distill_refuses_a_useless_teacher_then_runs_with_force(trained, data, tmp_path):
+    # One epoch on 12 images leaves the teacher at AP ~ 0: exactly the case the gate exists for.
+    args = ["distill", "ld-tiny", "--teacher", trained, "--data", data, *SMALL, "--epochs", 1]
+    line = one_error_line(invoke(*args, "--out", tmp_path / "refused"))
+    assert "teacher.min_ap" in line and "--force" in line
+    assert not (tmp_path / "refused" / "checkpoints").exists()
+
+    result = invoke(*args, "--out", tmp_path / "forced", "--force")
+    assert result.exit_code == 0, result.output
+    steps = [json.loads(line) for line in (tmp_path / "forced" / "metrics.jsonl").read_text().splitlines()]
+    keys = set(steps[0])
+    assert {"loss_qfl", "loss_ld_main", "loss_ld_vlr", "loss_kd_main", "loss_feature_gt_boxes"} <= keys
+    run = json.loads((tmp_path / "forced" / "run.json").read_text())
+    assert run["teacher"]["path"].endswith("best.safetensors") and "AP" in run["teacher"]["val"]

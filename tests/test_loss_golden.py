@@ -1,0 +1,323 @@
+"""Golden values of the distillation kernels and losses, computed by hand on tiny literal tensors.
+
+Useful identities for checking the comments: softmax([a, 0]) = (sigmoid(a), sigmoid(-a)), so a
+2-bin softmax KL equals a one-class binary KL; softmax([ln 3, 0]) = (3/4, 1/4).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor
+
+from distill.losses import (
+    DistillInputs,
+    binary_kl,
+    create_loss,
+    kd_rows,
+    ld_rows,
+    mimic_rows,
+    resample_bins,
+    softmax_kl,
+    weighted_sum,
+)
+from distill.structures import Assignment, DenseOutputs
+
+LN3 = math.log(3.0)
+
+
+def unflatten(flat: Tensor, level_sizes: list[tuple[int, int]]) -> list[Tensor]:
+    """(B, N, D) -> per level (B, D, H_l, W_l)."""
+    maps, start = [], 0
+    for h, w in level_sizes:
+        maps.append(flat[:, start : start + h * w].transpose(1, 2).reshape(flat.shape[0], flat.shape[2], h, w))
+        start += h * w
+    return maps
+
+
+def side(level_sizes, cls: Tensor | None = None, reg: Tensor | None = None, feat: Tensor | None = None,
+         assignment: Assignment | None = None) -> DistillInputs:
+    """DistillInputs from flat literals: cls (B, N, C), reg (B, N, 4, K), feat (B, N, F)."""
+    outputs = None
+    if cls is not None or reg is not None:
+        b, n = (cls if cls is not None else reg).shape[:2]
+        cls = cls if cls is not None else torch.zeros(b, n, 1)
+        reg = reg if reg is not None else torch.zeros(b, n, 4, 2)
+        outputs = DenseOutputs(
+            cls_logits=unflatten(cls, level_sizes),
+            reg_logits=unflatten(reg.flatten(2), level_sizes),
+            points=torch.zeros(n, 2),
+            strides=torch.ones(n),
+            level_sizes=level_sizes,
+            reg_max=reg.shape[-1] - 1,
+        )
+    features = unflatten(feat, level_sizes) if feat is not None else None
+    return DistillInputs(outputs=outputs, features=features, assignment=assignment)
+
+
+def quality_assignment(quality: Tensor) -> Assignment:
+    """Assignment whose positives are the locations with quality > 0; quality (B, N)."""
+    pos = quality > 0
+    b, n = quality.shape
+    return Assignment(
+        labels=torch.zeros(b, n, dtype=torch.long),
+        pos_mask=pos,
+        matched_boxes=torch.zeros(b, n, 4),
+        valid_mask=torch.ones(b, n, dtype=torch.bool),
+        quality_weight=quality,
+    )
+
+
+# --- kernels ----------------------------------------------------------------------------------
+
+
+def test_softmax_kl_two_bins():
+    s = torch.tensor([[LN3, 0.0]])
+    t = torch.tensor([[0.0, 0.0]])
+    # T = 1: q = (3/4, 1/4), p = (1/2, 1/2).
+    # KL = 1/2 ln((1/2)/(3/4)) + 1/2 ln((1/2)/(1/4)) = 1/2 ln(4/3) = 0.143841; mean over 2 bins = 0.0719205
+    assert softmax_kl(s, t, 1.0).item() == pytest.approx(0.5 * math.log(4 / 3) / 2, rel=1e-6)
+    assert softmax_kl(s, t, 1.0).item() == pytest.approx(0.0719205, rel=1e-5)
+    # T = 2: q = softmax(ln(3)/2, 0) = (sqrt3, 1) / (1 + sqrt3) = (0.633975, 0.366025)
+    # KL = 1/2 ln(0.5/0.633975) + 1/2 ln(0.5/0.366025) = 1/2 ln(1.077350) = 0.0372523; /2 bins x T^2 = 0.0745046
+    q0 = math.sqrt(3) / (1 + math.sqrt(3))
+    kl = 0.5 * math.log(0.5 / q0) + 0.5 * math.log(0.5 / (1 - q0))
+    assert softmax_kl(s, t, 2.0).item() == pytest.approx(4 * kl / 2, rel=1e-6)
+    assert softmax_kl(s, t, 2.0).item() == pytest.approx(0.0745046, rel=1e-5)
+
+
+def test_softmax_kl_three_bins():
+    t = torch.log(torch.tensor([[1.0, 2.0, 1.0]]))
+    s = torch.zeros(1, 3)
+    # T = 1: p = (1/4, 1/2, 1/4), q = 1/3 each.
+    # KL = 2 * 1/4 ln(3/4) + 1/2 ln(3/2) = 1/2 ln(9/8) = 0.0588915; mean over 3 bins = 0.0196305
+    assert softmax_kl(s, t, 1.0).item() == pytest.approx(0.5 * math.log(9 / 8) / 3, rel=1e-6)
+    # T = 2: p proportional to (1, sqrt2, 1) = (0.292893, 0.414214, 0.292893); q uniform.
+    # KL = sum p ln(3p) = 2 * 0.292893 * ln(0.878680) + 0.414214 * ln(1.242641) = 0.0142206
+    # mean /3 = 0.0047402; x T^2 = 0.0189608
+    p = [1 / (2 + math.sqrt(2)), math.sqrt(2) / (2 + math.sqrt(2)), 1 / (2 + math.sqrt(2))]
+    expected = 4 * sum(pk * math.log(3 * pk) for pk in p) / 3
+    assert softmax_kl(s, t, 2.0).item() == pytest.approx(expected, rel=1e-5)
+    assert expected == pytest.approx(0.0189608, rel=1e-5)
+
+
+def test_binary_kl_two_classes():
+    # class 0: student ln 3 vs teacher 0; class 1 identical (contributes 0 to the mean over 2 classes)
+    s = torch.tensor([[LN3, 0.7]])
+    t = torch.tensor([[0.0, 0.7]])
+    # T = 1: p = sigmoid(0) = 1/2, q = sigmoid(ln 3) = 3/4: KL = 1/2 ln(4/3) = 0.143841; /2 classes = 0.0719205
+    assert binary_kl(s, t, 1.0).item() == pytest.approx(0.0719205, rel=1e-5)
+    # T = 2: q = sigmoid(ln(3)/2) = 0.633975: KL = 0.0372523; /2 classes x 4 = 0.0745046
+    assert binary_kl(s, t, 2.0).item() == pytest.approx(0.0745046, rel=1e-5)
+
+
+def test_weighted_sum_is_exactly_zero_without_weight():
+    assert weighted_sum(torch.tensor([1.0, 2.0]), torch.zeros(2), 0.0).item() == 0.0
+    assert weighted_sum(torch.zeros(0), torch.zeros(0), torch.tensor(0.0)).item() == 0.0
+    # (2 * 1 + 1 * 2) / 4 = 1
+    assert weighted_sum(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 1.0]), 4.0).item() == 1.0
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        lambda s, t, w: kd_rows(s, t, w, w.sum(), 2.0, "bce"),
+        lambda s, t, w: kd_rows(s, t, w, w.sum(), 2.0, "softmax"),
+        lambda s, t, w: ld_rows(s, t, w, w.sum(), 10.0),
+        lambda s, t, w: ld_rows(s, t[:, :3], w, w.sum(), 10.0, "distance"),
+        lambda s, t, w: mimic_rows(s, t, w, w.sum()),
+    ],
+    ids=["kd_bce", "kd_softmax", "ld", "ld_resampled", "mimic"],
+)
+def test_row_kernels_compute_in_fp32(kernel):
+    # The row kernels are public (a cached teacher feeds them gathered rows): fp16 rows must give the
+    # fp32 result of the same values, not an fp16 one.
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(6, 4, generator=g).half(), torch.randn(6, 4, generator=g).half()
+    w = torch.rand(6, generator=g)
+    value = kernel(s, t, w)
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, kernel(s.float(), t.float(), w), rtol=1e-6, atol=0)
+
+
+# --- kd ---------------------------------------------------------------------------------------
+
+
+def kd_case():
+    """Levels [(1, 2), (1, 1)]: locations 0, 1 on level 0, location 2 on level 1; 2 classes.
+
+    Per-row binary KL at T = 1 (mean over the 2 classes), with a = 1/2 ln(4/3) / 2 = 0.0719205:
+    loc 0: s = (ln3, 0), t = (0, 0) -> a;  loc 1: s = t -> 0;  loc 2: s = (ln3, ln3), t = 0 -> 2a.
+    """
+    levels = [(1, 2), (1, 1)]
+    s = torch.tensor([[[LN3, 0.0], [0.4, -0.3], [LN3, LN3]]])
+    t = torch.tensor([[[0.0, 0.0], [0.4, -0.3], [0.0, 0.0]]])
+    return side(levels, cls=s), side(levels, cls=t)
+
+
+def test_kd_normalised_is_the_weighted_mean_over_rows():
+    student, teacher = kd_case()
+    a = 0.5 * math.log(4 / 3) / 2
+    loss = create_loss("kd", temperature=1.0)
+    # mask (1, 1, 1): (a + 0 + 2a) / 3 = a
+    assert loss(student, teacher, torch.ones(1, 3)).item() == pytest.approx(a, rel=1e-6)
+    # mask (0.5, 1, 0): (0.5 a + 0) / 1.5 = a / 3
+    assert loss(student, teacher, torch.tensor([[0.5, 1.0, 0.0]])).item() == pytest.approx(a / 3, rel=1e-6)
+
+
+def test_kd_legacy_sums_per_level_means():
+    student, teacher = kd_case()
+    a = 0.5 * math.log(4 / 3) / 2
+    loss = create_loss("kd", temperature=1.0, legacy=True)
+    # level 0: (a + 0) / 2; level 1: 2a / 1 -> 2.5 a = 0.1798013
+    assert loss(student, teacher, torch.ones(1, 3)).item() == pytest.approx(2.5 * a, rel=1e-6)
+
+
+def test_kd_softmax_mode_three_classes():
+    levels = [(1, 1)]
+    student = side(levels, cls=torch.tensor([[[math.log(2.0), 0.0, 0.0]]]))
+    teacher = side(levels, cls=torch.zeros(1, 1, 3))
+    # q = (1/2, 1/4, 1/4), p = 1/3 each: KL = 1/3 ln(2/3) + 2/3 ln(4/3) = 0.056633; mean /3 = 0.018878
+    expected = (math.log(2 / 3) / 3 + 2 * math.log(4 / 3) / 3) / 3
+    value = create_loss("kd", temperature=1.0, mode="softmax")(student, teacher, torch.ones(1, 1))
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+# --- ld ---------------------------------------------------------------------------------------
+
+
+def ld_case():
+    """One level (1, 2), reg_max 2 (3 bins). Teacher edges: logits ln(1, 2, 1) everywhere.
+
+    Student location 0: zero logits on every edge -> row KL at T = 1 is
+    c = 1/2 ln(9/8) / 3 = 0.0196305 (see test_softmax_kl_three_bins); location 1 equals the teacher.
+    Student quality weights w = (0.5, 1.0), both positives.
+    """
+    levels = [(1, 2)]
+    t = torch.log(torch.tensor([1.0, 2.0, 1.0])).expand(1, 2, 4, 3).clone()
+    s = t.clone()
+    s[0, 0] = 0.0
+    assignment = quality_assignment(torch.tensor([[0.5, 1.0]]))
+    return side(levels, reg=s, assignment=assignment), side(levels, reg=t)
+
+
+C_LD = 0.5 * math.log(9 / 8) / 3
+
+
+def test_ld_main_normalised_by_the_sum_of_row_weights():
+    student, teacher = ld_case()
+    mask = torch.ones(1, 2)
+    # rows: 4 edges x w = 0.5 with KL c, 4 edges x w = 1 with KL 0: (4 * 0.5 c) / (4 * 0.5 + 4 * 1) = c / 3
+    assert create_loss("ld", temperature=1.0)(student, teacher, mask).item() == pytest.approx(C_LD / 3, rel=1e-6)
+    # without quality weights: 4 c / 8 = c / 2
+    value = create_loss("ld", temperature=1.0, weight_by_quality=False)(student, teacher, mask)
+    assert value.item() == pytest.approx(C_LD / 2, rel=1e-6)
+
+
+def test_ld_main_legacy_divides_by_four():
+    student, teacher = ld_case()
+    # reference Main LD: sum of w * KL over edges / 4 = 4 * 0.5 * c / 4 = 0.5 c = 0.00981525
+    value = create_loss("ld", temperature=1.0, legacy=True)(student, teacher, torch.ones(1, 2))
+    assert value.item() == pytest.approx(0.5 * C_LD, rel=1e-6)
+
+
+def test_ld_vlr_weights_by_the_mask_and_legacy_divides_by_sixteen():
+    student, teacher = ld_case()
+    mask = torch.tensor([[0.3, 0.0]])  # VLR weight = IoU 0.3 at location 0 only
+    # normalised: (4 * 0.3 c) / (4 * 0.3) = c
+    normalised = create_loss("ld", region="vlr", temperature=1.0)(student, teacher, mask)
+    assert normalised.item() == pytest.approx(C_LD, rel=1e-6)
+    # legacy: 4 * 0.3 c / 16 = 0.075 c
+    legacy = create_loss("ld", region="vlr", temperature=1.0, legacy=True)(student, teacher, mask)
+    assert legacy.item() == pytest.approx(0.075 * C_LD, rel=1e-6)
+
+
+def test_ld_temperature_two_and_default_ten():
+    student, teacher = ld_case()
+    mask = torch.tensor([[1.0, 0.0]])
+    # T = 2: row KL = 0.0189608 (test_softmax_kl_three_bins); all rows equal, so the weighted mean is it
+    p = [1 / (2 + math.sqrt(2)), math.sqrt(2) / (2 + math.sqrt(2)), 1 / (2 + math.sqrt(2))]
+    expected_t2 = 4 * sum(pk * math.log(3 * pk) for pk in p) / 3
+    assert create_loss("ld", temperature=2.0)(student, teacher, mask).item() == pytest.approx(expected_t2, rel=1e-5)
+    # T = 10 (default): p proportional to (1, 2^0.1, 1); 100 * mean_k p_k ln(3 p_k)
+    z = 2 + 2**0.1
+    p = [1 / z, 2**0.1 / z, 1 / z]
+    expected_t10 = 100 * sum(pk * math.log(3 * pk) for pk in p) / 3
+    assert create_loss("ld")(student, teacher, mask).item() == pytest.approx(expected_t10, rel=1e-4)
+
+
+# --- bin resampling ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "probs, num_bins, mode, expected",
+    [
+        # 3 -> 2 bins by distance: bins 0, 1 stay; bin 2 (distance 2) is beyond the student's range -> bin 1
+        ([0.25, 0.5, 0.25], 2, "distance", [0.25, 0.75]),
+        # 3 -> 2 by scale: positions 0, 0.5, 1 -> bin 0 gets 0.25 + 0.5/2, bin 1 gets 0.5/2 + 0.25
+        ([0.25, 0.5, 0.25], 2, "scale", [0.5, 0.5]),
+        # 2 -> 3 by distance: the student's bin 2 gets no mass
+        ([0.3, 0.7], 3, "distance", [0.3, 0.7, 0.0]),
+        # 2 -> 3 by scale: positions 0 and 2
+        ([0.3, 0.7], 3, "scale", [0.3, 0.0, 0.7]),
+        # 3 -> 4 by scale: positions 0, 1.5, 3 -> 0.25, 0.5/2, 0.5/2, 0.25
+        ([0.25, 0.5, 0.25], 4, "scale", [0.25, 0.25, 0.25, 0.25]),
+    ],
+)
+def test_resample_bins(probs, num_bins, mode, expected):
+    out = resample_bins(torch.tensor([probs]), num_bins, mode)
+    torch.testing.assert_close(out, torch.tensor([expected]))
+
+
+def test_ld_rows_with_resampled_teacher():
+    # teacher 3 bins ln(1, 2, 1) at T = 1 -> p = (1/4, 1/2, 1/4) -> by distance (1/4, 3/4);
+    # student 2 bins, zero logits -> q = (1/2, 1/2).
+    # KL = 1/4 ln(1/2) + 3/4 ln(3/2) = 0.130812; mean over 2 bins = 0.065406
+    t = torch.log(torch.tensor([[1.0, 2.0, 1.0]]))
+    s = torch.zeros(1, 2)
+    expected = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2
+    value = ld_rows(s, t, torch.ones(1), 1.0, temperature=1.0, resample="distance")
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+
+
+# --- feature ----------------------------------------------------------------------------------
+
+
+def feature_case():
+    """Levels [(1, 2), (1, 1)], 2 channels. Squared errors per location:
+    loc 0: (1, 2) vs (0, 1) -> 1 + 1 = 2;  loc 1: (3, 0) vs (1, 0) -> 4;  loc 2: (0, 0) vs (3, 0) -> 9."""
+    levels = [(1, 2), (1, 1)]
+    s = torch.tensor([[[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]]])
+    t = torch.tensor([[[0.0, 1.0], [1.0, 0.0], [3.0, 0.0]]])
+    return side(levels, feat=s), side(levels, feat=t)
+
+
+def test_feature_mse_per_masked_location_and_channel():
+    student, teacher = feature_case()
+    mask = torch.tensor([[1.0, 0.5, 1.0]])
+    # (1 * 2 + 0.5 * 4 + 1 * 9) / (2 channels * (1 + 0.5 + 1)) = 13 / 5
+    assert create_loss("feature")(student, teacher, mask).item() == pytest.approx(13 / 5, rel=1e-6)
+    # level 0 only: (2 + 2) / (2 * 1.5) = 4 / 3
+    assert create_loss("feature", level_indices=[0])(student, teacher, mask).item() == pytest.approx(4 / 3, rel=1e-6)
+
+
+def test_feature_legacy_sums_per_level_means():
+    student, teacher = feature_case()
+    mask = torch.tensor([[1.0, 0.5, 1.0]])
+    # level 0: 4 / 3; level 1: 9 / (2 * 1) = 4.5 -> 35 / 6
+    value = create_loss("feature", legacy=True)(student, teacher, mask)
+    assert value.item() == pytest.approx(4 / 3 + 4.5, rel=1e-6)
+
+
+def test_feature_adapter_is_a_per_location_linear_map():
+    levels = [(1, 2)]
+    loss = create_loss("feature", student_channels=1, teacher_channels=2)
+    with torch.no_grad():
+        loss.adapter.weight.copy_(torch.tensor([[[[2.0]]], [[[-1.0]]]]))  # (C_t, C_s, 1, 1)
+        loss.adapter.bias.copy_(torch.tensor([0.0, 1.0]))
+    # student 1 -> (2, 0) = teacher (2, 0): error 0; student 3 -> (6, -2) vs teacher (5, -2): error 1
+    student = side(levels, feat=torch.tensor([[[1.0], [3.0]]]))
+    teacher = side(levels, feat=torch.tensor([[[2.0, 0.0], [5.0, -2.0]]]))
+    # (0 + 1) / (2 channels * 2 locations) = 0.25
+    assert loss(student, teacher, torch.ones(1, 2)).item() == pytest.approx(0.25, rel=1e-6)
