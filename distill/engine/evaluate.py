@@ -66,7 +66,7 @@ def evaluate_detector(model: nn.Module, dataset, batch_size: int = 16, progress=
     done = 0
     try:
         for batch in iter_eval_batches(dataset, batch_size):
-            outputs = model(batch.images)
+            outputs = model.head(model.features(batch.images))  # the contract, not forward()
             detections = model.postprocess(outputs, batch.image_sizes)
             results.extend(to_coco_results(batch, detections, dataset.cat_ids))
             done += len(batch)

@@ -40,7 +40,7 @@ StepFn = Callable[[nn.Module, Batch], dict[str, Tensor]]
 
 def detector_step(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
     """Plain supervised step: the detector's own losses."""
-    outputs = model(batch.images)
+    outputs = model.head(model.features(batch.images))
     losses, _ = model.loss(outputs, batch.targets, batch.image_sizes)
     return losses
 
