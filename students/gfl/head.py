@@ -1,0 +1,112 @@
+"""GFL (Generalized Focal Loss V1) head and the location grid it predicts on."""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["GFLHead", "Scale", "gn_groups", "dense_points"]
+
+
+def gn_groups(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups for a tower of width ``channels``.
+
+    The largest divisor of ``channels`` that is at most ``max_groups`` (32, the GN paper and mmdet
+    default) and leaves at least 2 channels per group: 256 -> 32, 64 -> 32, 48 -> 24, 32 -> 16,
+    8 -> 4. One channel per group would turn GroupNorm into InstanceNorm, which discards the
+    per-location contrast between channels that the towers rely on at tiny widths.
+    """
+    if channels < 2:
+        return 1
+    return max(g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= 2)
+
+
+class Scale(nn.Module):
+    """A learnable scalar (init 1.0) multiplying the regression logits of one pyramid level."""
+
+    def __init__(self, init: float = 1.0) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale
+
+
+class GFLHead(nn.Module):
+    """Shared-weight GFL head: separate cls / reg towers applied to every pyramid level.
+
+    Each tower: ``num_convs`` x (3x3 conv without bias, GroupNorm(``gn_groups(width)``), ReLU).
+    ``cls_out`` predicts C joint class-quality logits (sigmoid, bias = prior ``prior_prob``);
+    ``reg_out`` predicts 4 x (reg_max + 1) bin logits per location, edges (left, top, right, bottom),
+    multiplied by a per-level learnable ``Scale``. Init as mmdet's GFLHead: every conv N(0, 0.01).
+
+    ``forward([P3..P7]) -> (cls_logits, reg_logits)``: per level (B, C, H_l, W_l) and
+    (B, 4 * (reg_max + 1), H_l, W_l); regression logits are float32 even under autocast.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        num_levels: int = 5,
+        num_convs: int = 4,
+        reg_max: int = 16,
+        prior_prob: float = 0.01,
+    ) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.reg_max = reg_max
+        self.cls_tower = _tower(in_channels, num_convs)
+        self.reg_tower = _tower(in_channels, num_convs)
+        self.cls_out = nn.Conv2d(in_channels, num_classes, 3, padding=1)
+        self.reg_out = nn.Conv2d(in_channels, 4 * (reg_max + 1), 3, padding=1)
+        self.scales = nn.ModuleList(Scale(1.0) for _ in range(num_levels))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        # Start every class at sigmoid = prior_prob so the many negatives do not swamp QFL at step 0.
+        nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        cls_logits, reg_logits = [], []
+        for x, scale in zip(feats, self.scales):
+            cls_logits.append(self.cls_out(self.cls_tower(x)))
+            reg_logits.append(scale(self.reg_out(self.reg_tower(x))).float())
+        return cls_logits, reg_logits
+
+
+def _tower(channels: int, num_convs: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers += [
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.GroupNorm(gn_groups(channels), channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+@lru_cache(maxsize=32)
+def dense_points(
+    level_sizes: tuple[tuple[int, int], ...], strides: tuple[int, ...], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Location centres of a pyramid, flattened level by level, row-major.
+
+    Cell (i, j) of a stride-s level has centre ((j + 0.5) * s, (i + 0.5) * s).
+    Returns points (N, 2) xy and strides (N,), both float32. Cached per (sizes, strides, device):
+    the returned tensors are shared and must not be modified in place. They are built outside
+    inference mode even when first requested under it, so that training can reuse them later.
+    """
+    points, point_strides = [], []
+    with torch.inference_mode(False):
+        for (h, w), s in zip(level_sizes, strides):
+            ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
+            xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
+            points.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
+            point_strides.append(torch.full((h * w,), float(s), device=device))
+        return torch.cat(points), torch.cat(point_strides)

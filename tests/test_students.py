@@ -1,0 +1,166 @@
+"""Registry behaviour and the detector contract, checked for every registered student (timm style)."""
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+
+from distill.errors import ConfigError
+from distill.structures import Assignment, DenseOutputs, Detections, Target
+from students import create_student, list_students, register_student
+from students.registry import student_entrypoint
+
+TINY = dict(num_classes=3, fpn_channels=16, head_convs=1, pretrained=None)
+SIZE = 64
+# Pyramid of a 64 x 64 input: strides 8..128 -> 8x8, 4x4, 2x2, 1x1, 1x1 = 64 + 16 + 4 + 1 + 1 locations.
+LEVEL_SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+NUM_LOCATIONS = 86
+
+
+def _targets() -> list[Target]:
+    """Image 0 empty, image 1 one GT, image 2 several GTs (input pixels of a 64 x 64 image)."""
+    several = Target(
+        boxes=torch.tensor([[2.0, 3.0, 30.0, 40.0], [20.0, 20.0, 62.0, 60.0], [40.0, 5.0, 60.0, 20.0]]),
+        labels=torch.tensor([0, 2, 1]),
+    )
+    one = Target(boxes=torch.tensor([[8.0, 8.0, 56.0, 48.0]]), labels=torch.tensor([1]))
+    return [Target.empty(), one, several]
+
+
+@pytest.fixture(scope="module", params=list_students())
+def student(request):
+    torch.manual_seed(0)
+    return create_student(request.param, **TINY)
+
+
+# --------------------------------------------------------------------------------------------- registry
+def test_registry_lists_gfl_family():
+    names = list_students()
+    assert {"gfl", "gfl_resnet18", "gfl_mobilenetv2", "gfl_efficientnet_lite0"} <= set(names)
+    assert names == sorted(names)
+    assert list_students("gfl_*") == [n for n in names if n.startswith("gfl_")]
+    assert list_students("*mobilenet*") == ["gfl_mobilenetv2"]
+    assert list_students(["gfl", "gfl_res*"]) == ["gfl", "gfl_resnet18"]
+    assert list_students("gfl*", exclude_filters=["*mobile*", "*efficient*"]) == ["gfl", "gfl_resnet18"]
+    assert list_students("nothing*") == []
+
+
+def test_unknown_student_lists_known_names():
+    with pytest.raises(ConfigError, match=r"unknown student 'gfl_resnet19'.*gfl_resnet18"):
+        create_student("gfl_resnet19")
+
+
+def test_unknown_kwarg_names_the_key():
+    with pytest.raises(ConfigError, match=r"'gfl_resnet18' has no parameter 'fpn_chanels'"):
+        create_student("gfl_resnet18", fpn_chanels=32)
+
+
+def test_invalid_value_is_a_config_error():
+    with pytest.raises(ConfigError, match="fpn_channels"):
+        create_student("gfl", fpn_channels=0)
+    with pytest.raises(ConfigError, match="timm backbone 'not_a_backbone'"):
+        create_student("gfl", backbone="not_a_backbone")
+
+
+def test_preset_sets_defaults_and_kwargs_override():
+    signature = inspect.signature(student_entrypoint("gfl_mobilenetv2"))
+    assert signature.parameters["backbone"].default == "mobilenetv2_100"
+    model = create_student("gfl_resnet18", **{**TINY, "fpn_channels": 24, "dfl_weight": 0.0})
+    assert model.fpn_channels == 24 and model.dfl_weight == 0.0
+    assert model.config["name"] == "gfl_resnet18"
+    assert model.config["params"]["backbone"] == "resnet18"  # preset default recorded
+    assert model.config["params"]["fpn_channels"] == 24
+
+
+def test_config_is_json_and_rebuilds_the_same_model(tmp_path):
+    model = create_student("gfl_resnet18", **TINY)
+    params = json.loads(json.dumps(model.config))["params"]
+    # norm_eval is stored resolved (False for random init), not as the "auto" None.
+    assert params["norm_eval"] is False
+    rebuilt = create_student(model.config["name"], **params)
+    rebuilt.load_state_dict(model.state_dict())  # strict: identical architecture
+    assert rebuilt.config == model.config
+
+
+def test_register_rejects_duplicates_and_variadic_factories():
+    with pytest.raises(ValueError, match="already registered"):
+
+        def gfl():  # noqa: F811 - deliberately clashes with the registered name
+            return torch.nn.Identity()
+
+        register_student(gfl)
+    with pytest.raises(ValueError, match=r"\*\*kwargs"):
+
+        def loose_student(**kwargs):
+            return torch.nn.Identity()
+
+        register_student(loose_student)
+    assert "loose_student" not in list_students()
+
+
+# --------------------------------------------------------------------------------------------- contract
+def test_attributes(student):
+    assert student.strides == (8, 16, 32, 64, 128)
+    assert (student.num_classes, student.reg_max, student.fpn_channels) == (3, 16, 16)
+    assert set(student.config) == {"name", "params"}
+
+
+def test_head_and_flat_shapes(student):
+    images = torch.randn(2, 3, SIZE, SIZE)
+    feats = student.features(images)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, h, w) for h, w in LEVEL_SIZES]
+    out = student.head(feats)
+    assert isinstance(out, DenseOutputs)
+    assert [tuple(c.shape) for c in out.cls_logits] == [(2, 3, h, w) for h, w in LEVEL_SIZES]
+    assert [tuple(r.shape) for r in out.reg_logits] == [(2, 68, h, w) for h, w in LEVEL_SIZES]
+    assert out.level_sizes == LEVEL_SIZES and out.reg_max == 16
+    assert out.points.shape == (NUM_LOCATIONS, 2) and out.strides.shape == (NUM_LOCATIONS,)
+    assert out.flat_cls().shape == (2, NUM_LOCATIONS, 3)
+    assert out.flat_reg().shape == (2, NUM_LOCATIONS, 4, 17)
+
+
+def test_loss_finite_for_empty_one_and_several_gts(student):
+    student.train()
+    student.zero_grad()
+    out = student(torch.randn(3, 3, SIZE, SIZE))
+    sizes = torch.tensor([[SIZE, SIZE]] * 3)
+    losses, assignment = student.loss(out, _targets(), sizes)
+    assert set(losses) == {"loss_qfl", "loss_giou", "loss_dfl"}
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
+    assert losses["loss_giou"] > 0 and losses["loss_dfl"] > 0
+    assert isinstance(assignment, Assignment)
+    pos = assignment.pos_mask.sum(dim=1)
+    assert pos[0] == 0 and pos[1] > 0 and pos[2] >= 3  # every GT of image 2 gets a positive
+    sum(losses.values()).backward()
+    missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+    # The head's outputs really are trained (not only connected by zero gradients).
+    assert student.dense_head.cls_out.weight.grad.abs().sum() > 0
+    assert student.dense_head.reg_out.weight.grad.abs().sum() > 0
+
+
+def test_postprocess_types_and_ranges(student):
+    student.eval()
+    sizes = torch.tensor([[SIZE, SIZE], [40, 56]])
+    with torch.no_grad():
+        out = student(torch.randn(2, 3, SIZE, SIZE))
+    old = student.score_thresh
+    student.score_thresh = 0.0  # a random head scores ~0.01: keep everything to exercise NMS and capping
+    try:
+        dets = student.postprocess(out, sizes)
+    finally:
+        student.score_thresh = old
+    assert len(dets) == 2 and all(isinstance(d, Detections) for d in dets)
+    for d, (h, w) in zip(dets, sizes.tolist()):
+        k = d.boxes.shape[0]
+        assert 0 < k <= student.max_detections
+        assert d.boxes.shape == (k, 4) and d.scores.shape == (k,) and d.labels.shape == (k,)
+        assert d.labels.dtype == torch.int64 and d.boxes.dtype == torch.float32
+        assert ((d.labels >= 0) & (d.labels < 3)).all()
+        assert ((d.scores > 0) & (d.scores <= 1)).all()
+        assert (d.scores[:-1] >= d.scores[1:]).all()  # sorted by score
+        assert (d.boxes[:, 0::2] >= 0).all() and (d.boxes[:, 0::2] <= w).all()
+        assert (d.boxes[:, 1::2] >= 0).all() and (d.boxes[:, 1::2] <= h).all()
+        assert (d.boxes[:, 2:] >= d.boxes[:, :2]).all()
