@@ -297,9 +297,22 @@ def test_feature_mse_per_masked_location_and_channel():
     student, teacher = feature_case()
     mask = torch.tensor([[1.0, 0.5, 1.0]])
     # (1 * 2 + 0.5 * 4 + 1 * 9) / (2 channels * (1 + 0.5 + 1)) = 13 / 5
-    assert create_loss("feature")(student, teacher, mask).item() == pytest.approx(13 / 5, rel=1e-6)
+    assert create_loss("feature", relative=False)(student, teacher, mask).item() == pytest.approx(13 / 5, rel=1e-6)
+
+
+def test_feature_relative_error_divides_by_teacher_energy():
+    student, teacher = feature_case()
+    mask = torch.tensor([[1.0, 0.5, 1.0]])
+    # teacher energy ||t||^2 per location: 1, 1, 9 -> 1 * 1 + 0.5 * 1 + 1 * 9 = 10.5
+    # weighted squared error as above: 13 -> 13 / 10.5
+    assert create_loss("feature")(student, teacher, mask).item() == pytest.approx(13 / 10.5, rel=1e-6)
+    # scale-free: multiplying both sides by 100 leaves the value unchanged
+    levels = [(1, 2), (1, 1)]
+    big_s = side(levels, feat=100 * torch.tensor([[[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]]]))
+    big_t = side(levels, feat=100 * torch.tensor([[[0.0, 1.0], [1.0, 0.0], [3.0, 0.0]]]))
+    assert create_loss("feature")(big_s, big_t, mask).item() == pytest.approx(13 / 10.5, rel=1e-5)
     # level 0 only: (2 + 2) / (2 * 1.5) = 4 / 3
-    assert create_loss("feature", level_indices=[0])(student, teacher, mask).item() == pytest.approx(4 / 3, rel=1e-6)
+    assert create_loss("feature", level_indices=[0], relative=False)(student, teacher, mask).item() == pytest.approx(4 / 3, rel=1e-6)
 
 
 def test_feature_legacy_sums_per_level_means():
@@ -312,7 +325,7 @@ def test_feature_legacy_sums_per_level_means():
 
 def test_feature_adapter_is_a_per_location_linear_map():
     levels = [(1, 2)]
-    loss = create_loss("feature", student_channels=1, teacher_channels=2)
+    loss = create_loss("feature", student_channels=1, teacher_channels=2, relative=False)
     with torch.no_grad():
         loss.adapter.weight.copy_(torch.tensor([[[[2.0]]], [[[-1.0]]]]))  # (C_t, C_s, 1, 1)
         loss.adapter.bias.copy_(torch.tensor([0.0, 1.0]))

@@ -38,7 +38,7 @@ def user_errors(fn: Callable) -> Callable:
 
 def _register_commands() -> None:
     # Imported for their @app.command side effects; kept here so ``app`` is complete on import.
-    from distill.cli import data_cmds, demo_cmd, distill_cmd, info_cmds, train_cmds  # noqa: F401
+    from distill.cli import cache_cmd, data_cmds, demo_cmd, distill_cmd, info_cmds, train_cmds  # noqa: F401
 
 
 _register_commands()

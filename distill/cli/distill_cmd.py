@@ -21,6 +21,7 @@ def distill_command(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     force: bool = typer.Option(False, "--force", help="Distill even from a teacher whose val AP is below teacher.min_ap."),
     resume: Path = typer.Option(None, "--resume", help="Continue the distillation run in this folder."),
+    cache: Path = typer.Option(None, "--cache", help="Teacher cache from 'detkd cache' for this teacher and data: the teacher is not run in training steps."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """Distill a student from a frozen teacher (student losses + the recipe's KD / LD / feature terms)."""
@@ -31,7 +32,9 @@ def distill_command(
         info = read_run_info(resume)
         data = data or Path(info["data"])
         teacher = teacher or Path(info["teacher"]["path"])
+        recorded = info["teacher"].get("cache")
+        cache = cache or (Path(recorded["path"]) if recorded else None)
         out = resume
     if teacher is None or data is None or out is None:
         raise ConfigError("detkd distill needs --teacher, --data and --out (or --resume RUN)")
-    distill_run(resolved, teacher, data, out, force=force, resume=resume is not None, show_progress=progress)
+    distill_run(resolved, teacher, data, out, force=force, resume=resume is not None, show_progress=progress, cache=cache)

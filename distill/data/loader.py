@@ -33,17 +33,22 @@ SPEC_KEYS = ("root",) + SPLITS
 SPLIT_KEYS = ("ann_file", "image_root")
 
 
-def collate(samples: list[Sample], size_divisor: int = 32) -> Batch:
+def collate(samples: list[Sample], size_divisor: int = 32, pad_to: tuple[int, int] | None = None) -> Batch:
     """Stack samples into a :class:`Batch`, zero-padding at the bottom / right.
 
-    The padded size is the largest height / width in the batch rounded up to ``size_divisor``;
-    ``image_sizes`` keeps each image's unpadded ``(h, w)``.
+    The padded size is the largest height / width in the batch rounded up to ``size_divisor``, or
+    the fixed canvas ``pad_to`` (height, width) when given; ``image_sizes`` keeps each image's
+    unpadded ``(h, w)``.
     """
     if not samples:
         raise ValueError("collate needs at least one sample")
     sizes = [tuple(s.image.shape[1:]) for s in samples]
     pad_h = math.ceil(max(h for h, _ in sizes) / size_divisor) * size_divisor
     pad_w = math.ceil(max(w for _, w in sizes) / size_divisor) * size_divisor
+    if pad_to is not None:
+        if pad_h > pad_to[0] or pad_w > pad_to[1]:
+            raise ValueError(f"collate: images need a {pad_h}x{pad_w} canvas, larger than pad_to {pad_to[0]}x{pad_to[1]}")
+        pad_h, pad_w = int(pad_to[0]), int(pad_to[1])
     images = samples[0].image.new_zeros(len(samples), 3, pad_h, pad_w)  # (B, 3, H, W)
     for b, (sample, (h, w)) in enumerate(zip(samples, sizes)):
         images[b, :, :h, :w] = sample.image
@@ -90,14 +95,16 @@ def build_loader(
 ) -> DataLoader:
     """A :class:`DataLoader` over ``dataset`` yielding :class:`Batch` objects.
 
-    Shuffling comes from an :class:`EpochSampler`; call :func:`set_epoch` every epoch.
+    Shuffling comes from an :class:`EpochSampler`; call :func:`set_epoch` every epoch. A dataset
+    with a ``pad_to`` attribute (height, width) is collated on that fixed canvas instead of the
+    batch's own padded size: a teacher cache holds rows computed on one canvas (``teachers.cache``).
     """
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=EpochSampler(len(dataset), shuffle, seed),
         num_workers=num_workers,
-        collate_fn=functools.partial(collate, size_divisor=size_divisor),
+        collate_fn=functools.partial(collate, size_divisor=size_divisor, pad_to=getattr(dataset, "pad_to", None)),
         drop_last=drop_last,
         persistent_workers=False,  # workers must be rebuilt to see the dataset's new epoch
     )

@@ -10,6 +10,9 @@
               distill.create_loss("kd", weight=0.5, region="main")]
     d = distill.Distiller(student, teacher, losses, recipe)
     d.fit(train_set, val_set, "runs/student")
+
+With ``cache=teachers.TeacherCache.open(path)`` the teacher's rows come from a cache built once by
+``detkd cache`` instead of running the teacher every step (the online path is unchanged otherwise).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from distill.engine.evaluate import evaluate_detector
 from distill.engine.trainer import FitResult, Trainer
 from distill.losses import DistillInputs, DistillLoss
 from distill.structures import Batch
+from teachers.cache import CacheMissError, TeacherCache
 from teachers.frozen import FrozenTeacher
 
 
@@ -44,9 +48,14 @@ class Distiller:
     The student keeps its own losses (``student.loss``); each distillation term is logged
     separately. The teacher is never registered anywhere the optimizer, DDP or the student
     checkpoint could find it.
+
+    ``cache``: a :class:`~teachers.cache.TeacherCache` of this teacher on the training split; the
+    teacher is then not run in :meth:`step` (it is still used by :meth:`evaluate` and the checks).
     """
 
-    def __init__(self, student: nn.Module, teacher: FrozenTeacher, losses: Sequence[DistillLoss], recipe: Recipe | None = None) -> None:
+    def __init__(
+        self, student: nn.Module, teacher: FrozenTeacher, losses: Sequence[DistillLoss], recipe: Recipe | None = None, cache: TeacherCache | None = None
+    ) -> None:
         if not isinstance(teacher, FrozenTeacher):
             teacher = FrozenTeacher(teacher)
         self.student = student
@@ -56,6 +65,7 @@ class Distiller:
         self.keys = loss_keys(self.losses)
         self.needs_head = any("head" in loss.needs for loss in self.losses)
         self.needs_features = any("features" in loss.needs for loss in self.losses)
+        self.cache = cache
 
     def to(self, device: torch.device | str) -> "Distiller":
         self.student.to(device)
@@ -76,20 +86,32 @@ class Distiller:
         terms, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
         if not self.losses:
             return terms
-        t_features, t_outputs = self.teacher.run(batch.images, head=self.needs_head)
         s_in = DistillInputs(outputs=outputs, features=features if self.needs_features else None, assignment=assignment)
-        t_in = DistillInputs(outputs=t_outputs, features=t_features if self.needs_features else None)
+        t_in = self.teacher_inputs(batch, outputs)
         masks: dict[Any, Tensor] = {}  # regions are hashable: compute each distinct mask once
         for key, loss in zip(self.keys, self.losses):
             if loss.region not in masks:
                 masks[loss.region] = loss.region(outputs.points, outputs.strides, batch.targets, assignment)
-            terms[key] = loss(s_in, t_in, masks[loss.region])
+            try:
+                terms[key] = loss(s_in, t_in, masks[loss.region])
+            except CacheMissError as exc:
+                raise CacheMissError(f"{key}: {exc}") from None
         return terms
+
+    def teacher_inputs(self, batch: Batch, outputs) -> DistillInputs:
+        """The teacher side of a batch: rows from the cache, or the online teacher's outputs."""
+        if self.cache is not None:
+            return self.cache.inputs(batch, outputs, features=self.needs_features)
+        t_features, t_outputs = self.teacher.run(batch.images, head=self.needs_head)
+        return DistillInputs(outputs=t_outputs, features=t_features if self.needs_features else None)
 
     def fit(self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True) -> FitResult:
         if self.recipe is None:
             raise ValueError("Distiller.fit needs a recipe (its train/eval settings)")
         meta = {"student": self.student.config, "classes": list(train_set.classes), "cat_ids": list(train_set.cat_ids), "image_size": self.recipe.data.image_size, **(meta or {})}
+        if self.cache is not None:  # refuse a cache that does not fit, then draw only cached variants
+            self.cache.check_run(self.teacher, train_set, self.losses, self.recipe.data.size_divisor, self.student)
+            train_set = self.cache.training_set(train_set)
         trainer = Trainer(self.student, self.recipe, train_set, val_set, out, meta, step_fn=self.step, extra_modules=self.trainable_extras, show_progress=show_progress)
         return trainer.fit(resume=resume)
 

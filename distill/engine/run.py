@@ -77,12 +77,26 @@ def check_teacher_quality(teacher, val_set, recipe: Recipe, force: bool, show_pr
     return metrics
 
 
-def distill_run(recipe: Recipe, teacher_path: str | Path, data: str | Path, out: str | Path, force: bool = False, resume: bool = False, show_progress: bool = True) -> FitResult:
-    """Distill ``recipe``'s student from the teacher checkpoint on ``data``; writes into ``out``."""
+def distill_run(
+    recipe: Recipe,
+    teacher_path: str | Path,
+    data: str | Path,
+    out: str | Path,
+    force: bool = False,
+    resume: bool = False,
+    show_progress: bool = True,
+    cache: str | Path | None = None,
+) -> FitResult:
+    """Distill ``recipe``'s student from the teacher checkpoint on ``data``; writes into ``out``.
+
+    ``cache``: a teacher cache built by ``detkd cache`` for this teacher and data; the teacher rows
+    then come from it and the teacher is not run in training steps. A cache that does not fit the
+    teacher, data, transform, regions or flips is refused before anything else runs.
+    """
     import torch
 
     from distill.engine.distiller import Distiller
-    from teachers import load_teacher
+    from teachers import TeacherCache, load_teacher
     from teachers.checks import check_pair, class_index_for
 
     out = Path(out)
@@ -98,11 +112,17 @@ def distill_run(recipe: Recipe, teacher_path: str | Path, data: str | Path, out:
         teacher.class_index = torch.tensor(index, dtype=torch.long)
     losses = build_losses(recipe, student, teacher)
     check_pair(student, teacher, losses)
+    teacher_cache = None
+    if cache is not None:
+        teacher_cache = TeacherCache.open(cache)  # sizes and sha256 of every shard
+        teacher_cache.check_run(teacher, train_set, losses, recipe.data.size_divisor, student)
     teacher_metrics = check_teacher_quality(teacher, val_set, recipe, force, show_progress)
     meta = run_meta(student, train_set, recipe, data)
     meta["teacher"] = {"path": teacher.meta.get("path"), "val": teacher_metrics}
+    if teacher_cache is not None:
+        meta["teacher"]["cache"] = {"path": str(cache), "key": teacher_cache.manifest["key"]}
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_text(out / "run.json", json.dumps({**meta, "kind": "distill"}, indent=2, sort_keys=True) + "\n")
-    distiller = Distiller(student, teacher, losses, recipe)
+    distiller = Distiller(student, teacher, losses, recipe, cache=teacher_cache)
     return distiller.fit(train_set, val_set, out, meta=meta, resume=resume, show_progress=show_progress)

@@ -10,6 +10,12 @@ gathered rows only.
 Normalisation: ``sum_rows m * ||s - t||^2 / (C_t * sum_rows m)`` — the mean squared error per masked
 location and channel over all chosen levels; batch-size independent. ``legacy=True`` reproduces the
 official LD ``IMLoss``: an element-wise mean per level, summed over levels.
+
+``relative=True`` (default) divides instead by the teacher's own energy on the same rows,
+``sum m * ||t||^2``: a scale-free relative squared error. FPN activations of different backbones
+differ in scale by orders of magnitude (an ImageNet EfficientNet teacher's P3 has an RMS near 40),
+so a plain MSE either swamps the detection losses or vanishes; the relative form keeps one weight
+meaningful across pairs. ``relative=False`` gives the plain MSE of the LD paper.
 """
 from __future__ import annotations
 
@@ -48,6 +54,7 @@ class FeatureMimic(DistillLoss):
         student_channels: int | None = None,
         teacher_channels: int | None = None,
         level_indices: Sequence[int] | None = None,
+        relative: bool = True,
         legacy: bool = False,
     ):
         super().__init__(weight=weight, region=region, region_params=region_params)
@@ -64,6 +71,7 @@ class FeatureMimic(DistillLoss):
         self.teacher_channels = teacher_channels
         self.level_indices = None if level_indices is None else sorted(set(level_indices))
         self.legacy = bool(legacy)
+        self.relative = bool(relative) and not self.legacy
         needs_adapter = None not in (student_channels, teacher_channels) and student_channels != teacher_channels
         self.adapter: nn.Module = nn.Conv2d(student_channels, teacher_channels, 1) if needs_adapter else nn.Identity()
 
@@ -98,7 +106,12 @@ class FeatureMimic(DistillLoss):
             rows_t.append(t_rows.float())
             weights.append(w)
         s_all, t_all, w_all = torch.cat(rows_s), torch.cat(rows_t), torch.cat(weights)
-        normalizer = 1.0 if self.legacy else w_all.sum() * t_all.shape[-1]
+        if self.legacy:
+            normalizer = 1.0
+        elif self.relative:  # teacher energy on the same rows; detached like the teacher itself
+            normalizer = (w_all * t_all.detach().pow(2).sum(dim=-1)).sum().clamp(min=_TINY)
+        else:
+            normalizer = w_all.sum() * t_all.shape[-1]
         return mimic_rows(s_all, t_all, w_all, normalizer)
 
     def _levels(self, num_levels: int) -> list[int]:
@@ -124,4 +137,4 @@ class FeatureMimic(DistillLoss):
             )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, level_indices={self.level_indices}, legacy={self.legacy}"
+        return f"{super().extra_repr()}, level_indices={self.level_indices}, relative={self.relative}, legacy={self.legacy}"

@@ -1,0 +1,217 @@
+"""Does distillation beat plain training? Teacher, baseline student and every distill recipe on scenes.
+
+    python benchmarks/distill_gain.py            # full profile (about an hour on 2 CPU cores)
+    python benchmarks/distill_gain.py --quick    # minutes: smaller data, shorter schedules, 1 seed
+
+Steps (each skipped when its run folder already has a summary.json, so an interrupted benchmark
+resumes): generate the scenes data; train the teacher (``gfl-teacher``); train the baseline student
+(``gfl-student``) and distill with each recipe (same student architecture and schedule), for every
+seed; then time one training step of the student alone, of distillation with the online teacher, and
+of the distillation losses alone. Prints a table and writes ``distill_gain.json`` in the output folder.
+
+Gap closed = (recipe AP - baseline AP) / (teacher AP - baseline AP), on the mean over seeds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from distill.data import generate_scenes
+from distill.engine.run import distill_run, train_run
+from recipes import load_recipe
+
+PROFILES = {
+    "full": {"train": 600, "val": 150, "size": 128, "teacher_epochs": 24, "student_epochs": 12, "seeds": [0, 1]},
+    "quick": {"train": 160, "val": 48, "size": 128, "teacher_epochs": 8, "student_epochs": 4, "seeds": [0]},
+}
+# (row name, recipe, extra --set overrides)
+VARIANTS = [
+    ("baseline (no KD)", "gfl-student", []),
+    ("Main LD", "ld-main", []),
+    ("Main KD + Main LD", "ld-main-kd", []),
+    ("Main KD + Main LD + VLR LD", "ld-full", []),
+    ("  same, tau 1 (ablation)", "ld-full", ["losses.0.params.temperature=1", "losses.2.params.temperature=1"]),
+    ("  + feature mimicking", "ld-full-feat", []),
+]
+QUICK_VARIANTS = [VARIANTS[0], VARIANTS[3]]
+
+console = Console()
+
+
+def run_folder_done(run: Path) -> dict | None:
+    summary = run / "summary.json"
+    return json.loads(summary.read_text()) if summary.is_file() else None
+
+
+def slug(name: str, recipe: str, overrides: list[str]) -> str:
+    return recipe + ("-tau1" if any("temperature=1" in o for o in overrides) else "")
+
+
+def train_all(out: Path, profile: dict, variants, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    data = out / "data"
+    if not (data / "val.json").is_file():
+        generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    size = [f"data.image_size={profile['size']}"]
+    teacher = out / "teacher"
+    if run_folder_done(teacher) is None:
+        recipe = load_recipe("gfl-teacher", size + [f"train.epochs={profile['teacher_epochs']}"])
+        train_run(recipe, data, teacher, resume=(teacher / "train_state.safetensors").is_file())
+    results = {"teacher": run_folder_done(teacher), "runs": {}}
+    for name, recipe_name, overrides in variants:
+        for seed in profile["seeds"]:
+            run = out / f"{slug(name, recipe_name, overrides)}-s{seed}"
+            if run_folder_done(run) is None:
+                if run.exists():  # an interrupted run: start it again rather than mixing two runs
+                    import shutil
+
+                    shutil.rmtree(run)
+                sets = size + overrides + [f"train.epochs={profile['student_epochs']}", f"train.seed={seed}"]
+                recipe = load_recipe(recipe_name, sets)
+                console.print(f"[bold]{name}[/] seed {seed} -> {run}")
+                if recipe.kind == "distill":
+                    distill_run(recipe, teacher, data, run)
+                else:
+                    train_run(recipe, data, run)
+            results["runs"].setdefault(name, []).append({"seed": seed, "run": str(run), **run_folder_done(run)})
+    return results
+
+
+def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        start = time.perf_counter()
+        fn()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measure_cost(out: Path, profile: dict, threads: int) -> dict:
+    """Median step times: student alone, distillation with the online teacher, distillation losses alone."""
+    from distill.data import DetectionTransform, collate, load_dataset
+    from distill.engine.build import build_detector
+    from distill.engine.distiller import Distiller
+    from distill.engine.run import build_losses
+    from distill.engine.trainer import build_optimizer, detector_step
+    from distill.losses import DistillInputs
+    from teachers import load_teacher
+
+    torch.set_num_threads(threads)
+    recipe = load_recipe("ld-full", [f"data.image_size={profile['size']}"])
+    dataset = load_dataset(out / "data", "train", DetectionTransform(recipe.data.image_size))
+    batch = collate([dataset[i] for i in range(recipe.train.batch_size)])
+    student = build_detector(recipe, len(dataset.classes)).train()
+    teacher = load_teacher(out / "teacher")
+    losses = build_losses(recipe, student, teacher)
+    distiller = Distiller(student, teacher, losses, recipe)
+    optimizer = build_optimizer(list(student.named_parameters()), recipe)
+
+    def train_step(step_fn):
+        def run():
+            terms = step_fn(student, batch)
+            optimizer.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            optimizer.step()
+
+        return run
+
+    student_step = median_time(train_step(detector_step))
+    distill_step = median_time(train_step(distiller.step))
+
+    # The distillation terms alone: masks + losses forward + their backward to the head outputs.
+    features = student.features(batch.images)
+    outputs = student.head(features)
+    _, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
+    t_features, t_outputs = teacher.run(batch.images)
+    leaf_cls = [x.detach().requires_grad_() for x in outputs.cls_logits]
+    leaf_reg = [x.detach().requires_grad_() for x in outputs.reg_logits]
+    leaf_outputs = type(outputs)(leaf_cls, leaf_reg, outputs.points, outputs.strides, outputs.level_sizes, outputs.reg_max)
+    leaf_features = [f.detach().requires_grad_() for f in features]
+    s_in = DistillInputs(outputs=leaf_outputs, features=leaf_features, assignment=assignment)
+    t_in = DistillInputs(outputs=t_outputs, features=t_features)
+
+    def losses_only():
+        masks = {}
+        total = 0
+        for loss in losses:
+            if loss.region not in masks:
+                masks[loss.region] = loss.region(outputs.points, outputs.strides, batch.targets, assignment)
+            total = total + loss(s_in, t_in, masks[loss.region])
+        total.backward()
+
+    loss_time = median_time(losses_only)
+    return {
+        "batch_size": recipe.train.batch_size,
+        "image_size": recipe.data.image_size,
+        "threads": threads,
+        "student_step_s": student_step,
+        "distill_online_step_s": distill_step,
+        "online_over_student": distill_step / student_step,
+        "distill_losses_s": loss_time,
+        "losses_over_student_step": loss_time / student_step,
+    }
+
+
+def summarise(results: dict, cost: dict | None) -> dict:
+    teacher_ap = results["teacher"]["best_AP"]
+    rows = {}
+    for name, runs in results["runs"].items():
+        aps = [r["final"]["AP"] for r in runs]
+        rows[name] = {"AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0, "APs": aps,
+                      "AP50_mean": statistics.mean(r["final"]["AP50"] for r in runs), "seeds": [r["seed"] for r in runs]}
+    base = rows[VARIANTS[0][0]]["AP_mean"]
+    for row in rows.values():
+        row["gap_closed"] = (row["AP_mean"] - base) / (teacher_ap - base) if teacher_ap > base else None
+    return {"teacher_AP": teacher_ap, "teacher_final": results["teacher"]["final"], "rows": rows, "cost": cost}
+
+
+def print_table(summary: dict, profile_name: str) -> None:
+    table = Table(title=f"distill_gain ({profile_name}): COCO AP on scenes val, final epoch")
+    for column in ("setting", "AP (mean)", "± std", "AP50", "gap closed", "seeds"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    table.add_row("teacher (gfl-teacher)", f"{summary['teacher_AP']:.4f}", "", f"{summary['teacher_final']['AP50']:.4f}", "", "0")
+    for name, row in summary["rows"].items():
+        gap = "-" if row["gap_closed"] is None else f"{100 * row['gap_closed']:.0f}%"
+        table.add_row(name, f"{row['AP_mean']:.4f}", f"{row['AP_std']:.4f}", f"{row['AP50_mean']:.4f}", gap, ",".join(map(str, row["seeds"])))
+    console.print(table)
+    cost = summary.get("cost")
+    if cost:
+        costs = Table(title=f"cost per training step (batch {cost['batch_size']}, {cost['image_size']} px, {cost['threads']} threads, median)")
+        for column in ("student alone", "distill, online teacher", "ratio", "distill losses alone", "share of student step"):
+            costs.add_column(column, justify="right")
+        costs.add_row(f"{1000 * cost['student_step_s']:.0f} ms", f"{1000 * cost['distill_online_step_s']:.0f} ms", f"{cost['online_over_student']:.2f}x",
+                      f"{1000 * cost['distill_losses_s']:.1f} ms", f"{100 * cost['losses_over_student_step']:.1f}%")
+        console.print(costs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="minutes instead of an hour: less data, shorter schedules, 1 seed")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/distill_gain-<profile>)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-cost", action="store_true", help="skip the step-time measurements")
+    args = parser.parse_args(argv)
+    profile_name = "quick" if args.quick else "full"
+    profile = PROFILES[profile_name]
+    out = args.out or Path(__file__).parent / "results" / f"distill_gain-{profile_name}"
+    out.mkdir(parents=True, exist_ok=True)
+    results = train_all(out, profile, QUICK_VARIANTS if args.quick else VARIANTS, args.threads)
+    cost = None if args.no_cost else measure_cost(out, profile, args.threads)
+    summary = summarise(results, cost)
+    summary.update(profile=profile_name, settings=profile, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
+    (out / "distill_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    print_table(summary, profile_name)
+    console.print(f"written to {out / 'distill_gain.json'}")
+
+
+if __name__ == "__main__":
+    main()

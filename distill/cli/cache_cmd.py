@@ -1,0 +1,151 @@
+"""``detkd cache``: run a frozen teacher once over a split and store what the losses read."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import typer
+
+from distill.cli.app import app, user_errors
+from distill.cli.train_cmds import SET_HELP
+from distill.errors import ConfigError
+
+REGION_SYNTAX = re.compile(r"([A-Za-z_]\w*)(?:\((.*)\))?")
+
+
+def split_top_level(text: str) -> list[str]:
+    """``"main,vlr(gamma=0.5, metric=diou)"`` -> ``["main", "vlr(gamma=0.5, metric=diou)"]``."""
+    items, depth, current = [], 0, []
+    for ch in text:
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+            continue
+        depth += (ch == "(") - (ch == ")")
+        current.append(ch)
+    items.append("".join(current))
+    return [item.strip() for item in items if item.strip()]
+
+
+def parse_regions(text: str, option: str = "--regions") -> tuple:
+    """Region names with optional options, as ``detkd`` prints them: ``main,vlr(gamma=0.5)``."""
+    import yaml
+
+    from distill.regions import create_region
+
+    regions = []
+    for item in split_top_level(text):
+        match = REGION_SYNTAX.fullmatch(item)
+        if match is None:
+            raise ConfigError(f"{option}: cannot read {item!r}; write a region name or name(key=value, ...)")
+        params = {}
+        for part in split_top_level(match.group(2) or ""):
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise ConfigError(f"{option}: option {part!r} of region {match.group(1)!r} needs key=value")
+            params[key.strip()] = yaml.safe_load(value.strip())
+        regions.append(create_region(match.group(1), **params))
+    if not regions:
+        raise ConfigError(f"{option}: no region given")
+    return tuple(regions)
+
+
+def parse_variants(text: str | None) -> tuple[str, ...] | None:
+    from teachers.cache_format import VARIANTS
+
+    if text is None:
+        return None
+    variants = tuple(split_top_level(text))
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ConfigError(f"--variants: unknown variant {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
+    return variants
+
+
+def resolve_spec(recipe, variants: str | None, regions: str | None, features: bool | None, feature_regions: str | None, dense: bool):
+    """The CacheSpec from the recipe (if any) and the explicit options, which win."""
+    from distill.regions import create_region
+    from teachers.cache_format import VARIANTS
+    from teachers.cache_select import CacheSpec, spec_from_recipe
+
+    chosen = parse_variants(variants)
+    if recipe is not None:
+        base = spec_from_recipe(recipe, variants=chosen)
+    else:
+        base = CacheSpec(chosen or VARIANTS)
+    head = parse_regions(regions) if regions else base.head_regions
+    if features is None:
+        features = bool(base.feature_regions) or feature_regions is not None
+    feats = (parse_regions(feature_regions, "--feature-regions") if feature_regions else base.feature_regions or head) if features else ()
+    if dense:
+        head = (create_region("all"),) if head else ()
+        feats = (create_region("all"),) if feats else ()
+    return CacheSpec(chosen or base.variants, tuple(head), tuple(feats), base.size_divisor, base.atss_topk)
+
+
+@app.command("cache")
+@user_errors
+def cache_command(
+    teacher: Path = typer.Argument(..., help="Teacher checkpoint file or run folder."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder or dataset YAML."),
+    out: Path = typer.Option(..., "--out", help="Cache folder to create, or to resume an interrupted build in."),
+    split: str = typer.Option("train", "--split", help="Split to cache."),
+    recipe: str = typer.Option(None, "--recipe", help="Distillation recipe: input size, class map, ATSS topk, flips, and the regions its losses read."),
+    set_: list[str] = typer.Option([], "--set", help=SET_HELP),
+    variants: str = typer.Option(None, "--variants", help="Deterministic variants to cache: none,hflip (default: those the recipe draws, else both)."),
+    regions: str = typer.Option(None, "--regions", help="Regions of the class / bin-logit rows, e.g. main,vlr or 'vlr(gamma=0.5)' (default: the recipe's KD/LD regions, else main,vlr)."),
+    features: bool = typer.Option(None, "--features/--no-features", help="Also cache FPN feature rows (default: when a recipe loss reads features)."),
+    feature_regions: str = typer.Option(None, "--feature-regions", help="Regions of the feature rows (default: the recipe's, else --regions)."),
+    dense: bool = typer.Option(False, "--dense", help="Every valid location (region 'all') instead of a selection."),
+    image_size: int = typer.Option(None, "--image-size", help="Input size (default: the recipe's, else the teacher's)."),
+    shard_size: int = typer.Option(None, "--shard-size", help="Images per shard (default 256)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Teacher batch size (default 16)."),
+    workers: int = typer.Option(0, "--workers", help="Data loader workers."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run the frozen teacher once over a split; store its logits (and features) at the distilled locations, fp16."""
+    import torch
+
+    from distill.config import DataSpec
+    from distill.data import DetectionTransform, load_dataset
+    from distill.engine.report import console, key_value_table
+    from recipes import load_recipe
+    from teachers import build_cache, class_index_for, load_teacher
+
+    if set_ and recipe is None:
+        raise ConfigError("--set changes a recipe: pass --recipe too")
+    resolved = load_recipe(recipe, set_) if recipe else None
+    frozen = load_teacher(teacher)
+    where = str(frozen.meta.get("path", teacher))
+    size = image_size or (resolved.data.image_size if resolved else frozen.meta.get("image_size"))
+    if size is None:
+        raise ConfigError(f"{where}: checkpoint metadata has no image_size; pass --image-size or --recipe")
+    data_spec = resolved.data if resolved else DataSpec()
+    dataset = load_dataset(data, split, DetectionTransform(size, hflip_prob=0.0), invalid_boxes=data_spec.invalid_boxes)
+    class_map = resolved.teacher.class_map if resolved and resolved.teacher else {}
+    index = class_index_for(dataset.classes, frozen.classes, class_map, where=where)
+    if index is not None:
+        frozen.class_index = torch.tensor(index, dtype=torch.long)
+    spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
+    source = {"teacher": where, "data": str(data), "split": split, "recipe": recipe}
+    summary = build_cache(
+        frozen, dataset, out, spec, shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
+    )
+    if summary.get("already_complete"):
+        console.print(f"{out}: cache already complete (nothing to do)")
+    rows = {
+        "images": summary["images"],
+        "variants": ",".join(summary["variants"]),
+        "head regions": ", ".join(map(str, spec.head_regions)) or "-",
+        "feature regions": ", ".join(map(str, spec.feature_regions)) or "-",
+        "shards": summary["shards"],
+        "built this run (images x variants)": summary["built_entries"],
+        "seconds": summary["seconds"],
+        "images x variants / s": summary["entries_per_s"],
+        "bytes": summary["bytes"],
+        "bytes per image variant": summary["bytes_per_entry"],
+        "dense fp16 bytes per image variant": summary["dense_fp16_bytes_per_entry"],
+        "fraction of dense": summary["fraction_of_dense"],
+    }
+    console.print(key_value_table(f"teacher cache {out}", rows))
+    console.print(f"manifest and summary.json in {out}; use it with: detkd distill RECIPE --teacher {teacher} --data {data} --cache {out}")

@@ -1,0 +1,253 @@
+"""Build a teacher cache: run the frozen teacher once over a split, store the rows the losses need.
+
+    spec = spec_from_recipe(load_recipe("ld-tiny"))
+    summary = build_cache(teacher, train_set, "caches/ld-tiny", spec)
+
+Images are processed in shards of ``shard_size`` dataset images (every variant of an image lives
+in the same shard), each padded to the cache canvas and run in batches of ``batch_size``. After
+each shard the shard file and then the manifest are written atomically, so rerunning the same build
+resumes after the last complete shard — and writes the same bytes as an uninterrupted build — while
+a folder holding a cache with another fingerprint is refused.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from distill.data.loader import collate
+from distill.engine.report import console, make_progress
+from distill.errors import CheckpointError
+from teachers.cache_format import (
+    FORMAT, MANIFEST, SUMMARY, VERSION, check_shard, json_sha256, read_manifest, variant_code, write_json, write_manifest, write_shard,
+)
+from teachers.cache_select import CacheSpec, fingerprint, flat_features, teacher_rows
+
+DEFAULT_SHARD_SIZE = 256
+DEFAULT_BATCH_SIZE = 16
+
+
+class EntryDataset(Dataset):
+    """(dataset index, variant) pairs -> the exact deterministic sample ``dataset.get(i, flip)``."""
+
+    def __init__(self, dataset, pairs: list[tuple[int, str]]) -> None:
+        self.dataset, self.pairs = dataset, pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, j: int):
+        index, variant = self.pairs[j]
+        return self.dataset.get(index, variant == "hflip")
+
+
+def shard_pairs(num_images: int, variants: tuple[str, ...], shard_size: int, k: int) -> list[tuple[int, str]]:
+    """The (index, variant) entries of shard ``k``, image-major."""
+    stop = min(num_images, (k + 1) * shard_size)
+    return [(i, v) for i in range(k * shard_size, stop) for v in variants]
+
+
+def entry_loader(dataset, shards: list[list[tuple[int, str]]], batch_size: int, canvas: tuple[int, int], num_workers: int = 0) -> DataLoader:
+    """Batches of canvas-padded samples that never cross a shard boundary, in shard order."""
+    pairs = [p for shard in shards for p in shard]
+    batches, start = [], 0
+    for shard in shards:
+        batches += [list(range(start + i, start + min(i + batch_size, len(shard)))) for i in range(0, len(shard), batch_size)]
+        start += len(shard)
+    return DataLoader(
+        EntryDataset(dataset, pairs), batch_sampler=batches, num_workers=num_workers,
+        collate_fn=functools.partial(collate, pad_to=canvas),
+    )
+
+
+@torch.inference_mode()
+def probe_layout(teacher, canvas: tuple[int, int], spec: CacheSpec) -> tuple[dict[str, Any], Tensor, Tensor]:
+    """Level sizes, classes, bins and channels on the canvas, from one blank image.
+
+    Returns (layout for the manifest, points (N, 2), strides (N,)) of the canvas grid.
+    """
+    from students.gfl.head import dense_points
+
+    model = teacher.model
+    device = next(model.parameters()).device
+    features = model.features(torch.zeros(1, 3, *canvas, device=device))
+    level_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+    layout: dict[str, Any] = {"canvas": list(canvas), "level_sizes": [list(s) for s in level_sizes], "num_locations": sum(h * w for h, w in level_sizes)}
+    if spec.head_regions:
+        outputs = model.head(features)
+        points, strides = outputs.points.clone(), outputs.strides.clone()
+        classes = outputs.num_classes if teacher.class_index is None else len(teacher.class_index)
+        layout.update(num_classes=int(classes), bins=int(outputs.reg_max) + 1)
+    else:
+        points, strides = dense_points(tuple(level_sizes), tuple(teacher.strides), device)
+    if spec.feature_regions:
+        layout["feature_channels"] = int(flat_features(features).shape[-1])
+    return layout, points, strides
+
+
+def shard_tensors(keys: list[tuple[int, int]], rows: list[dict[str, Tensor]], layout: dict[str, Any]) -> dict[str, Tensor]:
+    """Concatenate the rows of a shard's entries (``keys``: image id, variant code) into its tensors."""
+    table, starts = [], {"head": 0, "feat": 0}
+    for (image_id, code), entry in zip(keys, rows):
+        counts = {part: len(entry[f"{part}.loc"]) if f"{part}.loc" in entry else 0 for part in starts}
+        table.append([image_id, code, starts["head"], counts["head"], starts["feat"], counts["feat"]])
+        for part in starts:
+            starts[part] += counts[part]
+    tensors = {"entries": torch.tensor(table, dtype=torch.int64).reshape(-1, 6)}
+    for name in ("head.loc", "head.cls", "head.reg", "feat.loc", "feat.rows"):
+        if name in rows[0]:
+            tensors[name] = torch.cat([entry[name] for entry in rows]).contiguous()
+    return tensors
+
+
+def dense_bytes_per_entry(layout: dict[str, Any]) -> int:
+    """fp16 bytes of the dense teacher maps of one image on the canvas, for the stored parts."""
+    n = layout["num_locations"]
+    head = n * (layout["num_classes"] + 4 * layout["bins"]) * 2 if "num_classes" in layout else 0
+    return head + n * layout.get("feature_channels", 0) * 2
+
+
+def build_cache(
+    teacher,
+    dataset,
+    out: str | Path,
+    spec: CacheSpec,
+    *,
+    shard_size: int | None = None,
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    show_progress: bool = True,
+    on_shard: Callable[[int, dict[str, Any]], None] | None = None,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Build (or resume) the cache of ``teacher`` (FrozenTeacher) on ``dataset`` (CocoDetection) in ``out``.
+
+    ``on_shard(k, record)`` runs after shard ``k`` and the manifest are on disk (tests interrupt
+    builds with it). ``source`` (paths, split) is stored in the manifest for people; it is not part
+    of the fingerprint. Returns the summary also written to ``out/summary.json``.
+    """
+    out = Path(out)
+    fp = fingerprint(teacher, dataset, spec)
+    canvas = tuple(fp["input"]["canvas"])
+    layout, points, strides = probe_layout(teacher, canvas, spec)
+    manifest = _start_or_resume(out, fp, layout, dataset, shard_size, batch_size, source)
+    shard_size, batch_size = manifest["build"]["shard_size"], manifest["build"]["batch_size"]
+    first = len(manifest["shards"])
+    if manifest["complete"]:
+        return {**summarize(out, manifest), "already_complete": True}
+    todo = [shard_pairs(len(dataset), spec.variants, shard_size, k) for k in range(first, manifest["num_shards"])]
+    device = points.device
+    started = time.perf_counter()
+    with make_progress(show_progress) as bar:
+        task = bar.add_task("teacher cache", total=sum(map(len, todo)), info=f"shard {first}/{manifest['num_shards']}")
+        keys: list[tuple[int, int]] = []
+        rows: list[dict[str, Tensor]] = []
+        k = first
+        for batch in entry_loader(dataset, todo, batch_size, canvas, num_workers):
+            rows += teacher_rows(teacher, batch.to(device), spec, points, strides, [tuple(s) for s in layout["level_sizes"]])
+            keys += [(int(i), variant_code(bool(f))) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
+            bar.update(task, advance=len(batch))
+            if len(keys) == len(todo[k - first]):  # the shard is complete: write it, then the manifest
+                record = write_shard(out, k, shard_tensors(keys, rows, layout), manifest["key"])
+                record.update(entries=len(keys), head_rows=sum(len(r.get("head.loc", ())) for r in rows), feature_rows=sum(len(r.get("feat.loc", ())) for r in rows))
+                manifest["shards"].append(record)
+                manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
+                write_manifest(out, manifest)
+                keys, rows, k = [], [], k + 1
+                bar.update(task, info=f"shard {k}/{manifest['num_shards']}")
+                if on_shard is not None:
+                    on_shard(k - 1, record)
+    seconds = time.perf_counter() - started
+    if not manifest["complete"]:  # a dataset of 0 images has no shard to write
+        manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
+        write_manifest(out, manifest)
+    summary = summarize(out, manifest, seconds=seconds, built_entries=sum(map(len, todo)), resumed_at=first)
+    write_json(out / SUMMARY, summary, indent=2)
+    return summary
+
+
+def summarize(out: Path, manifest: dict[str, Any], seconds: float = 0.0, built_entries: int = 0, resumed_at: int = 0) -> dict[str, Any]:
+    """Sizes and rates of a cache (what ``detkd cache`` prints and writes to summary.json)."""
+    shards = manifest["shards"]
+    entries = sum(s["entries"] for s in shards)
+    total = sum(s["bytes"] for s in shards)
+    dense = dense_bytes_per_entry(manifest["layout"])
+    per_entry = total / max(entries, 1)
+    return {
+        "cache": str(out),
+        "key": manifest["key"],
+        "images": len(manifest["image_ids"]),
+        "variants": manifest["fingerprint"]["variants"],
+        "entries": entries,
+        "shards": len(shards),
+        "resumed_at_shard": resumed_at,
+        "built_entries": built_entries,
+        "seconds": round(seconds, 3),
+        "entries_per_s": round(built_entries / seconds, 2) if seconds > 0 else None,
+        "bytes": total,
+        "bytes_per_entry": round(per_entry, 1),
+        "dense_fp16_bytes_per_entry": dense,
+        "fraction_of_dense": round(per_entry / dense, 4) if dense else None,
+        "head_rows_per_entry": round(sum(s["head_rows"] for s in shards) / max(entries, 1), 2),
+        "feature_rows_per_entry": round(sum(s["feature_rows"] for s in shards) / max(entries, 1), 2),
+        "locations_per_entry": manifest["layout"]["num_locations"],
+    }
+
+
+def _start_or_resume(out: Path, fp: dict, layout: dict, dataset, shard_size: int | None, batch_size: int | None, source: dict | None) -> dict[str, Any]:
+    """A fresh manifest, or the one of an interrupted build with the same fingerprint (checked shards)."""
+    key = json_sha256(fp)
+    if (out / MANIFEST).exists():
+        manifest = read_manifest(out)
+        if manifest["key"] != key:
+            from teachers.cache import describe_difference
+
+            raise CheckpointError(
+                f"{out}: holds a teacher cache with another fingerprint ({describe_difference(manifest['fingerprint'], fp)}); "
+                "choose another --out or delete it"
+            )
+        for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
+            if value is not None and value != manifest["build"][name]:
+                raise CheckpointError(f"{out}: this cache is built with {name} {manifest['build'][name]}; resume it with the same value")
+        _drop_bad_shards(out, manifest)
+        _remove_temporaries(out)
+        return manifest
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: folder exists and is not a teacher cache; choose a new --out")
+    shard_size = shard_size or DEFAULT_SHARD_SIZE
+    batch_size = batch_size or DEFAULT_BATCH_SIZE
+    if shard_size < 1 or batch_size < 1:
+        raise CheckpointError(f"shard size and batch size must be >= 1, got {shard_size} and {batch_size}")
+    manifest = {
+        "format": FORMAT, "version": VERSION, "key": key, "fingerprint": fp, "layout": layout,
+        "build": {"shard_size": shard_size, "batch_size": batch_size},
+        "image_ids": [int(i) for i in dataset.image_ids],
+        "num_shards": math.ceil(len(dataset) / shard_size), "shards": [], "complete": False, "source": source or {},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_manifest(out, manifest)
+    return manifest
+
+
+def _drop_bad_shards(out: Path, manifest: dict[str, Any]) -> None:
+    """Keep the shards that are intact; a damaged one (and every later one) is rebuilt."""
+    for k, record in enumerate(manifest["shards"]):
+        try:
+            check_shard(out, record)
+        except CheckpointError as exc:
+            console.print(f"[yellow]warning:[/] {exc}; rebuilding from shard {k}", highlight=False)
+            manifest["shards"] = manifest["shards"][:k]
+            manifest["complete"] = False
+            break
+
+
+def _remove_temporaries(out: Path) -> None:
+    # atomic_write's names: ".<file>.<random>.tmp"; an interrupted build can leave one behind.
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,221 @@
+"""What a teacher cache holds: the spec, its fingerprint, and the rows selected for each image.
+
+Which locations: the regions of the distillation losses depend only on the ground truth, the
+location grid and the student's ATSS assignment — ATSS ranks square anchors (side 8 x stride) by
+centre distance and IoU with the GT, never the predictions — so for a fixed input canvas they are
+fixed per (image, variant). The cache stores the teacher's rows at the union of the recipe's
+regions (``head`` rows for KD / LD, ``features`` rows for feature imitation), or at every valid
+location (region ``all``, ``--dense``). The quality weight of Main LD is the *student's* score and
+is computed at train time; it needs no caching.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from distill.errors import ConfigError
+from distill.ops.atss import atss_assign
+from distill.ops.boxes import square_anchors
+from distill.regions import Region, create_region
+from distill.structures import Assignment, Batch, DenseOutputs, Target
+from teachers.cache_format import ASSIGNER, FORMAT, VARIANTS, VERSION, canvas_for, file_sha256, regions_json, state_sha256
+
+_WEIGHT_HASHES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What to cache. Input size, normalisation and box policy come from the dataset's transform.
+
+    variants:        deterministic variants, a subset of ("none", "hflip").
+    head_regions:    regions whose class / bin logits are stored (empty: no head rows).
+    feature_regions: regions whose FPN feature vectors are stored (empty: no features).
+    size_divisor:    the canvas is the input size rounded up to it (the recipe's data.size_divisor).
+    atss_topk:       the student's ATSS candidates per level (GFL ``atss_topk``).
+    """
+
+    variants: tuple[str, ...] = VARIANTS
+    head_regions: tuple[Region, ...] = (create_region("main"), create_region("vlr"))
+    feature_regions: tuple[Region, ...] = ()
+    size_divisor: int = 32
+    atss_topk: int = 9
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown or not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ConfigError(f"cache variants must be distinct names from {', '.join(VARIANTS)}, got {', '.join(self.variants) or 'none'}")
+        if not self.head_regions and not self.feature_regions:
+            raise ConfigError("a teacher cache needs head regions, feature regions, or both")
+        # Canonical order, so that the same request always gives the same fingerprint.
+        object.__setattr__(self, "variants", tuple(v for v in VARIANTS if v in self.variants))
+
+
+def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: bool = False) -> CacheSpec:
+    """The cache a distillation recipe needs: its losses' regions per part, its flips, its ATSS topk."""
+    from distill.losses import create_loss
+
+    head, feats = [], []
+    for i, spec in enumerate(recipe.losses):
+        try:
+            loss = create_loss(spec.name, weight=spec.weight, region=spec.region, region_params=spec.region_params, **spec.params)
+        except ConfigError as exc:
+            raise ConfigError(f"recipe {recipe.name}: losses[{i}]: {exc}") from None
+        (head if "head" in loss.needs else []).append(loss.region)
+        (feats if "features" in loss.needs else []).append(loss.region)
+    if not head and not feats:
+        raise ConfigError(f"recipe {recipe.name} has no distillation losses: there is nothing to cache")
+    if dense:
+        head = [create_region("all")] if head else []
+        feats = [create_region("all")] if feats else []
+    if variants is None:
+        p = recipe.data.hflip_prob
+        variants = tuple(v for v, drawn in (("none", p < 1.0), ("hflip", p > 0.0)) if drawn)
+    topk = int(recipe.student.params.get("atss_topk", 9))
+    return CacheSpec(variants, tuple(head), tuple(feats), recipe.data.size_divisor, topk)
+
+
+def teacher_sha256(model: nn.Module) -> str:
+    """:func:`state_sha256` of a (frozen) teacher, computed once per model object."""
+    if model not in _WEIGHT_HASHES:
+        _WEIGHT_HASHES[model] = state_sha256(model)
+    return _WEIGHT_HASHES[model]
+
+
+def annotations_sha256(path: Path) -> str:
+    """sha256 of an annotation file, computed once per (path, size, mtime): COCO train is ~450 MB."""
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(Path(path))
+    return _FILE_HASHES[key]
+
+
+def fingerprint(teacher, dataset, spec: CacheSpec) -> dict[str, Any]:
+    """Everything the cached rows depend on. ``teacher``: FrozenTeacher; ``dataset``: CocoDetection.
+
+    Sections ``teacher``, ``data`` and ``input`` must equal the run's; ``selection`` and ``variants``
+    must cover what the run asks for. Paths are not part of it: a moved dataset stays valid.
+    """
+    transform = dataset.transform
+    index = teacher.class_index
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "dtype": "float16",
+        "teacher": {
+            "weights_sha256": teacher_sha256(teacher.model),
+            "num_classes": int(teacher.num_classes),
+            "reg_max": getattr(teacher.model, "reg_max", None),
+            "strides": [int(s) for s in teacher.strides],
+            "fpn_channels": getattr(teacher.model, "fpn_channels", None),
+            "class_index": None if index is None else [int(i) for i in index.tolist()],
+        },
+        "data": {
+            "annotations_sha256": annotations_sha256(dataset.ann_file),
+            "classes": list(dataset.classes),
+            "images": len(dataset),
+            "invalid_boxes": dataset.invalid_boxes,
+        },
+        "input": {
+            "size": transform.size,
+            "mean": list(transform.mean),
+            "std": list(transform.std),
+            "size_divisor": spec.size_divisor,
+            "canvas": list(canvas_for(transform.size, spec.size_divisor)),
+        },
+        "selection": {
+            "head": regions_json(list(spec.head_regions)),
+            "features": regions_json(list(spec.feature_regions)),
+            "assigner": {**ASSIGNER, "topk": spec.atss_topk},
+        },
+        "variants": list(spec.variants),
+    }
+
+
+def fixed_assignment(
+    points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]], batch: Batch, num_classes: int, topk: int
+) -> Assignment:
+    """The prediction-independent part of the student's GFL assignment (``GFL.assign``).
+
+    points (N, 2), strides (N,). Labels, positives, valid mask and ATSS thresholds are exact;
+    ``matched_boxes`` and ``quality_weight`` (which no region reads) are zeros.
+    """
+    from students.gfl.postprocess import valid_locations
+
+    valid = valid_locations(points, batch.image_sizes)  # (B, N)
+    anchors = square_anchors(points, strides, ASSIGNER["anchor_scale"])
+    per_level = [h * w for h, w in level_sizes]
+    results = [
+        atss_assign(anchors, per_level, t.boxes.to(points), t.labels.to(points.device), num_classes, valid=valid[b], topk=topk)
+        for b, t in enumerate(batch.targets)
+    ]
+    pos = torch.stack([r.pos_mask for r in results])
+    zeros = points.new_zeros(pos.shape)
+    return Assignment(
+        labels=torch.stack([r.labels for r in results]),
+        pos_mask=pos,
+        matched_boxes=points.new_zeros(*pos.shape, 4),
+        valid_mask=valid,
+        quality_weight=zeros,
+        pos_thresholds=[r.pos_thresholds for r in results],
+    )
+
+
+def selection(regions: tuple[Region, ...], points: Tensor, strides: Tensor, targets: list[Target], assignment: Assignment) -> Tensor:
+    """(B, N) bool: the union of the regions' non-zero locations."""
+    mask = torch.zeros_like(assignment.valid_mask)
+    for region in dict.fromkeys(regions):  # equal regions once
+        mask |= region(points, strides, targets, assignment) > 0
+    return mask
+
+
+def flat_features(features: list[Tensor]) -> Tensor:
+    """Per level (B, C_f, H_l, W_l) -> (B, N, C_f) in DenseOutputs flatten order."""
+    channels = {f.shape[1] for f in features}
+    if len(channels) != 1:
+        raise ConfigError(f"caching teacher features needs the same channel count on every FPN level, got {sorted(channels)}")
+    return torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
+
+
+def split_rows(select: Tensor, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """select (B, N) bool, tensors (B, N, ...) -> per image (loc (n_b,) int32, rows (n_b, ...) fp16, ...)."""
+    b_idx, n_idx = select.nonzero(as_tuple=True)  # row-major: image by image, locations ascending
+    gathered = [t[b_idx, n_idx].half() for t in tensors]
+    for t in gathered:
+        if not torch.isfinite(t).all():
+            raise ConfigError("teacher outputs overflow float16 (|value| > 65504); the cache cannot store them")
+    sizes = select.sum(dim=1).tolist()
+    parts = [n_idx.to(torch.int32).split(sizes)] + [t.split(sizes) for t in gathered]
+    return [tuple(p[b] for p in parts) for b in range(select.shape[0])]
+
+
+@torch.inference_mode()
+def teacher_rows(teacher, batch: Batch, spec: CacheSpec, points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+    """Run the teacher on a canvas-padded batch; per image the selected rows (CPU, fp16).
+
+    Each dict may hold ``head.loc`` (n,) int32, ``head.cls`` (n, C), ``head.reg`` (n, 4, K),
+    ``feat.loc`` (m,) int32 and ``feat.rows`` (m, C_f).
+    """
+    model = teacher.model
+    features = model.features(batch.images)
+    assignment = fixed_assignment(points, strides, level_sizes, batch, int(teacher.num_classes), spec.atss_topk)
+    rows: list[dict[str, Tensor]] = [{} for _ in range(len(batch))]
+    if spec.head_regions:
+        outputs: DenseOutputs = model.head(features)
+        cls = outputs.flat_cls()  # (B, N, C_t)
+        if teacher.class_index is not None:  # columns in the student's class order, as FrozenTeacher.run
+            cls = cls.index_select(2, teacher.class_index.to(cls.device))
+        select = selection(spec.head_regions, points, strides, batch.targets, assignment)
+        for entry, (loc, c, r) in zip(rows, split_rows(select, cls, outputs.flat_reg())):
+            entry.update({"head.loc": loc.cpu(), "head.cls": c.cpu(), "head.reg": r.cpu()})
+    if spec.feature_regions:
+        select = selection(spec.feature_regions, points, strides, batch.targets, assignment)
+        for entry, (loc, f) in zip(rows, split_rows(select, flat_features(features))):
+            entry.update({"feat.loc": loc.cpu(), "feat.rows": f.cpu()})
+    return rows

@@ -1,0 +1,389 @@
+"""Teacher cache: exact rows for every loss and region, fingerprints, checksums, resume, variants, CLI."""
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import distill
+from distill.cli.app import app
+from distill.cli.cache_cmd import parse_regions
+from distill.data import DetectionTransform, build_loader, collate, generate_scenes, load_dataset, set_epoch
+from distill.engine.checkpoint import save_checkpoint
+from distill.errors import CheckpointError, DataError
+from distill.losses import DistillInputs
+from distill.regions import create_region
+from distill.structures import DenseOutputs
+from students import create_student
+from teachers import CacheMissError, CacheSpec, TeacherCache, build_cache, load_teacher
+
+runner = CliRunner()
+SIZE = 64
+SMALL = ["--set", f"data.image_size={SIZE}", "--set", "train.batch_size=4", "--no-progress"]
+SELECTED = (create_region("main"), create_region("vlr"), create_region("gt_boxes"))
+ALL = (create_region("all"),)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:")
+    return lines[0]
+
+
+def make_teacher(path, classes, seed=0, channels=16):
+    """A random GFL saved as a teacher checkpoint; head weights spread so logits differ per location."""
+    torch.manual_seed(seed)
+    model = create_student("gfl", backbone="resnet10t", num_classes=len(classes), fpn_channels=channels, head_convs=1)
+    with torch.no_grad():
+        for p in model.dense_head.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    save_checkpoint(path, model, {"student": model.config, "classes": list(classes), "image_size": SIZE})
+    return path
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache")
+    generate_scenes(root / "data", num_train=8, num_val=4, size=SIZE, seed=1)
+    generate_scenes(root / "other_data", num_train=8, num_val=4, size=SIZE, seed=2)
+    train = load_dataset(root / "data", "train", DetectionTransform(SIZE))
+    make_teacher(root / "teacher.safetensors", train.classes)
+    make_teacher(root / "other_teacher.safetensors", train.classes, seed=5)
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_set(root):
+    return load_dataset(root / "data", "train", DetectionTransform(SIZE, hflip_prob=0.5))
+
+
+@pytest.fixture(scope="module")
+def teacher(root):
+    return load_teacher(root / "teacher.safetensors")
+
+
+@pytest.fixture(scope="module")
+def caches(root, teacher, train_set):
+    """A selection cache (main, vlr, gt_boxes) and a dense one, both parts, both variants, 3 shards."""
+    for name, regions in (("selected", SELECTED), ("dense", ALL)):
+        build_cache(teacher, train_set, root / name, CacheSpec(head_regions=regions, feature_regions=regions), shard_size=3, batch_size=2, show_progress=False)
+    return {"selected": TeacherCache.open(root / "selected"), "dense": TeacherCache.open(root / "dense")}
+
+
+def student_side(batch, channels=8):
+    torch.manual_seed(1)
+    student = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=channels, head_convs=1)
+    features = student.features(batch.images)
+    outputs = student.head(features)
+    _, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
+    return DistillInputs(outputs=outputs, features=features, assignment=assignment)
+
+
+def fp16_rounded(features, outputs) -> DistillInputs:
+    half = lambda xs: [x.half().float() for x in xs]  # noqa: E731
+    rounded = DenseOutputs(half(outputs.cls_logits), half(outputs.reg_logits), outputs.points, outputs.strides, outputs.level_sizes, outputs.reg_max)
+    return DistillInputs(outputs=rounded, features=half(features))
+
+
+LOSS_PARAMS = {"kd": [{}, {"legacy": True}, {"mode": "softmax"}], "ld": [{}, {"legacy": True}], "feature": [{"student_channels": 8, "teacher_channels": 16}, {"student_channels": 8, "teacher_channels": 16, "relative": False}, {"student_channels": 8, "teacher_channels": 16, "legacy": True}]}
+
+
+@pytest.mark.parametrize("flips", [(False,) * 4, (True,) * 4, (False, True, True, False)], ids=["none", "hflip", "mixed"])
+def test_losses_from_the_cache_equal_the_online_teacher(caches, teacher, train_set, flips):
+    canvas = caches["selected"].canvas
+    batch = collate([train_set.get(i, f) for i, f in enumerate(flips)], pad_to=canvas)
+    s_in = student_side(batch)
+    t_features, t_outputs = teacher.run(batch.images)
+    online, rounded = DistillInputs(outputs=t_outputs, features=t_features), fp16_rounded(t_features, t_outputs)
+    assert set(LOSS_PARAMS) == set(distill.list_losses())
+    for name in distill.list_losses():
+        for region in distill.list_regions():
+            cache = caches["dense" if region == "all" else "selected"]
+            cached = cache.inputs(batch, s_in.outputs, features=True)
+            for params in LOSS_PARAMS[name]:
+                loss = distill.create_loss(name, region=region, **params)
+                mask = loss.region(s_in.outputs.points, s_in.outputs.strides, batch.targets, s_in.assignment)
+                assert (mask > 0).sum() > 0, region
+                where = f"{name} {params} region {region}"
+                value = loss(s_in, cached, mask)
+                assert value.requires_grad and float(value.detach()) > 0, where  # reaches the student
+                value, expected = float(value.detach()), float(loss(s_in, online, mask).detach())
+                assert value == pytest.approx(expected, rel=2e-3), where  # fp16 storage
+                assert value == pytest.approx(float(loss(s_in, rounded, mask).detach()), rel=2e-4, abs=1e-7), where
+
+
+def test_rows_are_the_teachers_rows_rounded_to_fp16(caches, teacher, train_set):
+    batch = collate([train_set.get(i, i % 2 == 1) for i in range(4)], pad_to=caches["dense"].canvas)
+    s_in = student_side(batch)
+    t_features, t_outputs = teacher.run(batch.images)
+    cached = caches["dense"].inputs(batch, s_in.outputs, features=True)
+    select = s_in.assignment.valid_mask
+    torch.testing.assert_close(cached.cls_rows(select), t_outputs.flat_cls()[select].half().float(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(cached.reg_rows(select), t_outputs.flat_reg()[select].half().float(), atol=2e-3, rtol=1e-3)
+    level0 = select[:, : t_features[0].shape[-2] * t_features[0].shape[-1]]
+    expected = t_features[0].flatten(2).transpose(1, 2)[level0].half().float()
+    torch.testing.assert_close(cached.feature_rows(0, level0), expected, atol=2e-3, rtol=1e-3)
+    assert cached.outputs.num_classes == 10 and cached.outputs.reg_max == 16
+    with pytest.raises(TypeError, match="cls_rows"):
+        cached.outputs.flat_cls()
+
+
+def test_class_mapping_is_stored_like_the_online_teacher(root, train_set, tmp_path):
+    mapped = load_teacher(root / "teacher.safetensors")
+    mapped.class_index = torch.tensor([3, 1, 4, 0, 2, 9, 8, 7, 6, 5])
+    build_cache(mapped, train_set, tmp_path / "c", CacheSpec(head_regions=ALL), show_progress=False)
+    cache = TeacherCache.open(tmp_path / "c")
+    batch = collate([train_set.get(i, False) for i in range(2)], pad_to=cache.canvas)
+    s_in = student_side(batch)
+    _, t_outputs = mapped.run(batch.images)
+    select = s_in.assignment.valid_mask
+    torch.testing.assert_close(cache.inputs(batch, s_in.outputs).cls_rows(select), t_outputs.flat_cls()[select].half().float())
+    assert cache.fingerprint["teacher"]["class_index"] == [3, 1, 4, 0, 2, 9, 8, 7, 6, 5]
+    with pytest.raises(CheckpointError, match="another teacher.*class_index"):
+        cache.check_run(load_teacher(root / "teacher.safetensors"), train_set, [], 32)
+
+
+def test_a_region_the_cache_does_not_hold_is_a_clear_error(caches, teacher, train_set):
+    cache = caches["selected"]
+    batch = collate([train_set.get(i, False) for i in range(2)], pad_to=cache.canvas)
+    s_in = student_side(batch)
+    loss = distill.create_loss("kd", region="all")
+    mask = loss.region(s_in.outputs.points, s_in.outputs.strides, batch.targets, s_in.assignment)
+    with pytest.raises(CacheMissError, match=r"image id \d+ \(none\) at level \d row \d+ col \d+.*gt_boxes, main, vlr.*--dense"):
+        loss(s_in, cache.inputs(batch, s_in.outputs), mask)
+    with pytest.raises(CheckpointError, match=r"loss 'kd' reads teacher head in region all, but the cache holds head rows for gt_boxes, main, vlr"):
+        cache.check_run(teacher, train_set, [loss], 32)
+    cache.check_run(teacher, train_set, [distill.create_loss("ld", region="vlr", region_params={"gamma": 0.25})], 32)  # defaults spelled out
+    with pytest.raises(CheckpointError, match="region vlr.*gamma"):
+        cache.check_run(teacher, train_set, [distill.create_loss("ld", region="vlr", region_params={"gamma": 0.5})], 32)
+    caches["dense"].check_run(teacher, train_set, [loss], 32)  # 'all' covers every region
+
+
+def test_other_teacher_data_or_transform_are_refused(root, caches, train_set):
+    cache = caches["selected"]
+    with pytest.raises(CheckpointError, match="another teacher .teacher.weights_sha256"):
+        cache.check_run(load_teacher(root / "other_teacher.safetensors"), train_set, [], 32)
+    teacher = load_teacher(root / "teacher.safetensors")
+    other = load_dataset(root / "other_data", "train", DetectionTransform(SIZE))
+    with pytest.raises(CheckpointError, match="other training data .data.annotations_sha256"):
+        cache.check_run(teacher, other, [], 32)
+    resized = load_dataset(root / "data", "train", DetectionTransform(96))
+    with pytest.raises(CheckpointError, match="another input transform .input.canvas"):
+        cache.check_run(teacher, resized, [], 32)
+
+
+def copy_cache(caches, tmp_path):
+    return shutil.copytree(caches["selected"].folder, tmp_path / "copy")
+
+
+def test_a_corrupted_shard_is_found_and_named(caches, tmp_path):
+    folder = copy_cache(caches, tmp_path)
+    shard = folder / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"shard-00001\.safetensors: cache shard checksum mismatch"):
+        TeacherCache.open(folder)
+    lazy = TeacherCache.open(folder, verify=False)  # sizes only; each shard's sha256 before first use
+    lazy.rows(lazy.manifest["image_ids"][0], False)
+    with pytest.raises(CheckpointError, match=r"shard-00001\.safetensors: cache shard checksum mismatch"):
+        lazy.rows(lazy.manifest["image_ids"][3], False)
+
+
+def test_a_truncated_or_missing_shard_is_named(caches, tmp_path):
+    folder = copy_cache(caches, tmp_path)
+    shard = folder / "shard-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"shard-00002\.safetensors: cache shard is \d+ bytes, the manifest says \d+ \(truncated"):
+        TeacherCache.open(folder, verify=False)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"shard-00002\.safetensors: cache shard is missing"):
+        TeacherCache.open(folder)
+    (folder / "manifest.json").write_text("{")
+    with pytest.raises(CheckpointError, match="unreadable cache manifest"):
+        TeacherCache.open(folder)
+
+
+def test_an_interrupted_build_resumes_to_the_same_bytes(root, teacher, train_set, tmp_path):
+    spec = CacheSpec(head_regions=SELECTED, feature_regions=(create_region("gt_boxes"),))
+    build_cache(teacher, train_set, tmp_path / "whole", spec, shard_size=3, batch_size=2, show_progress=False)
+
+    def stop_after_first(k, record):
+        if k == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(teacher, train_set, tmp_path / "resumed", spec, shard_size=3, batch_size=2, show_progress=False, on_shard=stop_after_first)
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["manifest.json", "shard-00000.safetensors"]
+    with pytest.raises(CheckpointError, match=r"incomplete \(1/3 shards\); rerun"):
+        TeacherCache.open(tmp_path / "resumed")
+    (tmp_path / "resumed" / ".shard-00001.safetensors.x1.tmp").write_bytes(b"half a shard")  # a killed write
+    summary = build_cache(teacher, train_set, tmp_path / "resumed", spec, show_progress=False)
+    assert summary["resumed_at_shard"] == 1 and summary["built_entries"] == 10  # images 3..7, both variants
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.name != "summary.json")
+    assert names == sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.name != "summary.json")
+    for name in names:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    assert build_cache(teacher, train_set, tmp_path / "resumed", spec, show_progress=False)["already_complete"]
+
+    with pytest.raises(CheckpointError, match="another fingerprint .selection.features"):
+        build_cache(teacher, train_set, tmp_path / "resumed", CacheSpec(head_regions=SELECTED), show_progress=False)
+    with pytest.raises(CheckpointError, match="shard_size 3"):
+        build_cache(teacher, train_set, tmp_path / "resumed", spec, shard_size=4, show_progress=False)
+
+
+def test_training_draws_only_cached_variants(root, teacher, tmp_path):
+    no_flip = load_dataset(root / "data", "train", DetectionTransform(SIZE, hflip_prob=0.0))
+    build_cache(teacher, no_flip, tmp_path / "c", CacheSpec(variants=("none",), head_regions=SELECTED), show_progress=False)
+    cache = TeacherCache.open(tmp_path / "c")
+    flipping = load_dataset(root / "data", "train", DetectionTransform(SIZE, hflip_prob=0.5))
+    with pytest.raises(CheckpointError, match=r"draws variant hflip \(data.hflip_prob 0.5\).*--set data.hflip_prob=0"):
+        cache.check_run(teacher, flipping, [], 32)
+    cache.check_run(teacher, no_flip, [], 32)
+    loader = build_loader(cache.training_set(no_flip), batch_size=4, shuffle=True, seed=0)
+    for epoch in range(3):
+        set_epoch(loader, epoch)
+        for batch in loader:
+            assert not batch.flipped.any() and batch.images.shape[-2:] == cache.canvas
+    with pytest.raises(DataError, match="drawn flipped, but the cache holds variants none only"):
+        [cache.training_set(flipping)[i] for i in range(len(flipping))]
+
+
+def test_both_variants_are_drawn_and_served(root, caches, teacher, train_set):
+    cache = caches["selected"]
+    cache.check_run(teacher, train_set, [], 32)
+    flip_only = load_dataset(root / "data", "train", DetectionTransform(SIZE, hflip_prob=1.0))
+    cache.check_run(teacher, flip_only, [], 32)  # every draw is cached
+    loader = build_loader(cache.training_set(train_set), batch_size=4, shuffle=True, seed=0)
+    seen = set()
+    for epoch in range(3):
+        set_epoch(loader, epoch)
+        for batch in loader:
+            seen |= set(batch.flipped.tolist())
+            s_in = student_side(batch)
+            cache.inputs(batch, s_in.outputs, features=True).cls_rows(s_in.assignment.pos_mask)
+    assert seen == {False, True}
+
+
+def test_parse_regions_reads_printed_regions():
+    assert parse_regions("main, vlr(gamma=0.5, metric='diou_iof_legacy'),gt_boxes") == (
+        create_region("main"), create_region("vlr", gamma=0.5, metric="diou_iof_legacy"), create_region("gt_boxes"))
+    with pytest.raises(distill.errors.ConfigError, match="unknown distillation region 'nope'"):
+        parse_regions("main,nope")
+
+
+# ----------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def cli_cache(root):
+    """The ld-tiny cache of a gfl-tiny-sized teacher, built through the CLI."""
+    train = load_dataset(root / "data", "train", DetectionTransform(SIZE))
+    make_teacher(root / "tiny_teacher.safetensors", train.classes, seed=3, channels=32)
+    out = root / "cli_cache"
+    result = invoke("cache", root / "tiny_teacher.safetensors", "--data", root / "data", "--out", out, "--recipe", "ld-tiny", *SMALL[:2], "--shard-size", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "fraction of dense" in result.output
+    return out
+
+
+def distill_args(root, cache, teacher="tiny_teacher.safetensors", data="data"):
+    return ["distill", "ld-tiny", "--teacher", root / teacher, "--data", root / data, "--cache", cache, "--force", "--epochs", 1, *SMALL]
+
+
+def test_cli_cache_then_distill_matches_the_online_teacher(root, cli_cache):
+    manifest = json.loads((cli_cache / "manifest.json").read_text())
+    assert manifest["fingerprint"]["variants"] == ["none", "hflip"] and manifest["complete"]
+    assert [r["name"] for r in manifest["fingerprint"]["selection"]["head"]] == ["main", "vlr"]
+    assert [r["name"] for r in manifest["fingerprint"]["selection"]["features"]] == ["gt_boxes"]
+    assert json.loads((cli_cache / "summary.json").read_text())["fraction_of_dense"] < 1
+
+    runs = {}
+    for name, extra in (("cached", []), ("online", None)):
+        args = distill_args(root, cli_cache)
+        if extra is None:
+            args = [a for a in args if a != cli_cache and a != "--cache"]
+        result = invoke(*args, "--out", root / name)
+        assert result.exit_code == 0, result.output
+        runs[name] = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(runs["cached"]) == 2
+    first_cached, first_online = runs["cached"][0], runs["online"][0]
+    for key in ("loss_ld_main", "loss_ld_vlr", "loss_kd_main", "loss_feature_gt_boxes", "loss_qfl"):
+        assert first_cached[key] == pytest.approx(first_online[key], rel=2e-3), key
+    run = json.loads((root / "cached" / "run.json").read_text())
+    assert run["teacher"]["cache"]["key"] == manifest["key"]
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"teacher": "other_teacher.safetensors"}, "another teacher (teacher.weights_sha256"),
+        ({"data": "other_data"}, "other training data (data.annotations_sha256"),
+        ({"set": "data.image_size=96"}, "another input transform (input.canvas"),
+    ],
+    ids=["teacher", "data", "transform"],
+)
+def test_cli_distill_refuses_a_cache_that_does_not_fit(root, cli_cache, change, expected, tmp_path):
+    if "teacher" in change:
+        make_teacher(root / change["teacher"].replace("other", "other_tiny"), load_dataset(root / "data", "train", DetectionTransform(SIZE)).classes, seed=9, channels=32)
+        change = {"teacher": change["teacher"].replace("other", "other_tiny")}
+    args = distill_args(root, cli_cache, teacher=change.get("teacher", "tiny_teacher.safetensors"), data=change.get("data", "data"))
+    if "set" in change:
+        args += ["--set", change["set"]]
+    line = one_error_line(invoke(*args, "--out", tmp_path / "r"))
+    assert expected in line and str(cli_cache) in line, line
+    assert not (tmp_path / "r").exists()
+
+
+def test_cli_distill_names_a_corrupted_shard_and_a_missing_region(root, cli_cache, tmp_path):
+    broken = shutil.copytree(cli_cache, tmp_path / "broken")
+    shard = broken / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    line = one_error_line(invoke(*distill_args(root, broken), "--out", tmp_path / "r1"))
+    assert "shard-00001.safetensors: cache shard checksum mismatch" in line
+
+    main_only = tmp_path / "main_only"
+    result = invoke("cache", root / "tiny_teacher.safetensors", "--data", root / "data", "--out", main_only, "--recipe", "ld-tiny", *SMALL[:2], "--regions", "main", "--no-features", "--no-progress")
+    assert result.exit_code == 0, result.output
+    line = one_error_line(invoke(*distill_args(root, main_only), "--out", tmp_path / "r2"))
+    assert "loss 'ld' reads teacher head in region vlr(gamma=0.25), but the cache holds head rows for main only" in line
+
+    line = one_error_line(invoke("cache", root / "tiny_teacher.safetensors", "--data", root / "data", "--out", main_only, "--recipe", "ld-tiny", *SMALL[:2], "--no-progress"))
+    assert "another fingerprint" in line
+
+
+def test_a_cached_distiller_never_runs_the_teacher(caches, teacher, train_set, monkeypatch):
+    from distill.engine.distiller import Distiller
+
+    cache = caches["selected"]
+    losses = [distill.create_loss("ld", region="main"), distill.create_loss("kd", region="vlr"),
+              distill.create_loss("feature", region="gt_boxes", student_channels=8, teacher_channels=16)]
+    torch.manual_seed(1)
+    student = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=8, head_convs=1)
+    batch = collate([train_set.get(i, i == 1) for i in range(3)], pad_to=cache.canvas)
+    online = Distiller(student, teacher, losses).step(student, batch)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher ran")
+
+    monkeypatch.setattr(teacher.model, "features", refuse)
+    cached = Distiller(student, teacher, losses, cache=cache).step(student, batch)
+    for key, value in online.items():
+        assert float(cached[key].detach()) == pytest.approx(float(value.detach()), rel=2e-3), key
+    with pytest.raises(CheckpointError, match=r"location grid .*\(canvas 64x64\)"):
+        Distiller(student, teacher, losses, cache=cache).step(student, collate([train_set.get(0, False)], pad_to=(96, 96)))
+
+
+def test_the_cached_training_set_survives_worker_processes(caches, train_set):
+    loader = build_loader(caches["selected"].training_set(train_set), batch_size=4, shuffle=True, seed=0, num_workers=1)
+    set_epoch(loader, 1)
+    batches = list(loader)
+    assert len(batches) == 2 and all(b.images.shape[-2:] == (64, 64) for b in batches)
+    assert [b.flipped.tolist() for b in batches] == [[train_set.flip_for(i, 1) for i in ids] for ids in [list(s) for s in torch.tensor(list(loader.sampler)).split(4)]]
