@@ -4,10 +4,9 @@ import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from cli_helpers import invoke, one_error_line
 
 import distill
-from distill.cli.app import app
 from distill.cli.cache_cmd import parse_regions
 from distill.data import DetectionTransform, build_loader, collate, generate_scenes, load_dataset, set_epoch
 from distill.engine.checkpoint import save_checkpoint
@@ -18,23 +17,10 @@ from distill.structures import DenseOutputs
 from students import create_student
 from teachers import CacheMissError, CacheSpec, TeacherCache, build_cache, load_teacher
 
-runner = CliRunner()
 SIZE = 64
 SMALL = ["--set", f"data.image_size={SIZE}", "--set", "train.batch_size=4", "--no-progress"]
 SELECTED = (create_region("main"), create_region("vlr"), create_region("gt_boxes"))
 ALL = (create_region("all"),)
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:")
-    return lines[0]
 
 
 def make_teacher(path, classes, seed=0, channels=16):

@@ -2,24 +2,10 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
+from cli_helpers import invoke, one_error_line
 
-from distill.cli.app import app
 
-runner = CliRunner()
 SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error:")
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +126,12 @@ def test_distill_refuses_a_useless_teacher_then_runs_with_force(trained, data, t
     assert {"loss_qfl", "loss_ld_main", "loss_ld_vlr", "loss_kd_main", "loss_feature_gt_boxes"} <= keys
     run = json.loads((tmp_path / "forced" / "run.json").read_text())
     assert run["teacher"]["path"].endswith("best.safetensors") and "AP" in run["teacher"]["val"]
+
+
+def test_demo_generates_trains_evaluates_and_draws(tmp_path):
+    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", 1, "--train", 16, "--val", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "demo" / "data" / "train.json").is_file()
+    assert (tmp_path / "demo" / "run" / "checkpoints" / "best.safetensors").is_file()
+    assert len(list((tmp_path / "demo" / "predictions").glob("*.pred.png"))) == 4
+    assert "val AP" in result.output
