@@ -22,6 +22,7 @@ from distill.losses import (
     softmax_kl,
     weighted_sum,
 )
+from distill.errors import ConfigError
 from distill.structures import Assignment, DenseOutputs
 
 LN3 = math.log(3.0)
@@ -334,3 +335,30 @@ def test_feature_adapter_is_a_per_location_linear_map():
     teacher = side(levels, feat=torch.tensor([[[2.0, 0.0], [5.0, -2.0]]]))
     # (0 + 1) / (2 channels * 2 locations) = 0.25
     assert loss(student, teacher, torch.ones(1, 2)).item() == pytest.approx(0.25, rel=1e-6)
+
+
+def test_ld_count_normalisation_is_mean_of_weighted_rows():
+    # Two locations selected with weights 0.5 and 1 (as main LD's quality weights would be), T = 1.
+    # Student bins uniform q = (1/2, 1/2); teacher rows p = (1/4, 3/4) on every edge of location 0 and
+    # p = q on location 1 (KL 0). Row KL of location 0 = (1/4 ln(1/2) + 3/4 ln(3/2)) / 2 bins.
+    kl0 = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) / 2
+    rows_w = torch.tensor([0.5] * 4 + [1.0] * 4)
+    s = torch.zeros(8, 2)
+    t = torch.log(torch.tensor([[1.0, 3.0]] * 4 + [[1.0, 1.0]] * 4))
+    # "weight": sum w*KL / sum w = 4 * 0.5 * kl0 / 6;  "count": sum w*KL / 8 rows = 4 * 0.5 * kl0 / 8
+    assert ld_rows(s, t, rows_w, rows_w.sum(), temperature=1.0).item() == pytest.approx(2 * kl0 / 6, rel=1e-6)
+    assert ld_rows(s, t, rows_w, 8.0, temperature=1.0).item() == pytest.approx(2 * kl0 / 8, rel=1e-6)
+
+
+def test_ld_count_mode_uses_the_number_of_distilled_edges():
+    with pytest.raises(ConfigError, match="normalize must be"):
+        create_loss("ld", normalize="sum")
+    student, teacher = ld_case()
+    # main LD, count mode: (4 edges * w 0.5 * c + 4 * 1.0 * 0) / 8 distilled edges = c / 4
+    value = create_loss("ld", temperature=1.0, normalize="count")(student, teacher, torch.ones(1, 2))
+    assert value.item() == pytest.approx(C_LD / 4, rel=1e-6)
+    # halving every quality weight halves the value (the warm-up), unlike the default weighted mean
+    half, _ = ld_case()
+    half.assignment.quality_weight.mul_(0.5)
+    assert create_loss("ld", temperature=1.0, normalize="count")(half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 8, rel=1e-6)
+    assert create_loss("ld", temperature=1.0)(half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 3, rel=1e-6)

@@ -12,6 +12,10 @@ By default quality weighting is on for the ``main`` region, as in the reference,
 Normalisation:
 - default: ``sum_rows weight * KL / sum_rows weight`` — the weighted mean over distilled edges, as GFL
   normalises DFL by ``sum w``. Duplicating the batch leaves it unchanged.
+- ``normalize="count"``: ``sum_rows weight * KL / (number of rows with a positive mask)`` — the mean
+  over distilled edges of ``w * KL``. Still batch-size independent, but, like the reference, the
+  term stays small while the student's quality scores ``w`` are small (early training) and grows
+  as the student becomes confident: a built-in warm-up. ``normalize="weight"`` is the default above.
 - ``legacy=True``: the reference's ``sum_rows weight * KL / avg_factor`` with a constant avg_factor
   (4 for Main LD, 16 for VLR LD; ``legacy_avg_factor`` overrides). This grows linearly with the number
   of images per device — a known bug of the reference (HikariTJU/LD#78) kept only for comparison.
@@ -103,6 +107,7 @@ class LocalizationDistillation(DistillLoss):
         legacy: bool = False,
         legacy_avg_factor: float | None = None,
         resample_bins: str | bool = "off",
+        normalize: str = "weight",
     ):
         super().__init__(weight=weight, region=region, region_params=region_params)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -125,6 +130,9 @@ class LocalizationDistillation(DistillLoss):
         self.legacy = bool(legacy)
         self.legacy_avg_factor = float(legacy_avg_factor or LEGACY_AVG_FACTOR.get(self.region.name, 4.0))
         self.resample_bins = resample_bins
+        if normalize not in ("weight", "count"):
+            raise ConfigError(f"loss 'ld': normalize must be 'weight' or 'count', got {normalize!r}")
+        self.normalize = normalize
 
     def loss(self, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
         s_out, t_out = student.require_outputs("box-bin logits"), teacher.require_outputs("box-bin logits")
@@ -140,7 +148,12 @@ class LocalizationDistillation(DistillLoss):
         select = weights > 0  # (B, N)
         s_rows, t_rows = student.reg_rows(select), teacher.reg_rows(select)  # (M, 4, K_s), (M, 4, K_t)
         row_weights = weights[select].repeat_interleave(4)  # (M * 4,): one weight per edge
-        normalizer = self.legacy_avg_factor if self.legacy else row_weights.sum()
+        if self.legacy:
+            normalizer = self.legacy_avg_factor
+        elif self.normalize == "count":
+            normalizer = torch.tensor(float(row_weights.numel()), device=row_weights.device).clamp(min=1.0)
+        else:
+            normalizer = row_weights.sum()
         return ld_rows(
             s_rows.flatten(0, 1), t_rows.flatten(0, 1), row_weights, normalizer, self.temperature, self.resample_bins
         )
