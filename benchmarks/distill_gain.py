@@ -55,13 +55,15 @@ def slug(name: str, recipe: str, overrides: list[str]) -> str:
     return recipe + ("-tau1" if any("temperature=1" in o for o in overrides) else "")
 
 
-def train_all(out: Path, profile: dict, variants, threads: int) -> dict:
+def train_all(out: Path, profile: dict, variants, threads: int, student_sets: list[str], reuse: Path | None = None) -> dict:
+    """Train (or reuse) data, teacher and every variant x seed; ``reuse``: a benchmark folder whose
+    data and teacher are taken as they are (same scenes, same teacher, another student)."""
     torch.set_num_threads(threads)
-    data = out / "data"
+    data = (reuse or out) / "data"
     if not (data / "val.json").is_file():
         generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
-    size = [f"data.image_size={profile['size']}"]
-    teacher = out / "teacher"
+    size = [f"data.image_size={profile['size']}", f"train.threads={threads}"]
+    teacher = (reuse or out) / "teacher"
     if run_folder_done(teacher) is None:
         recipe = load_recipe("gfl-teacher", size + [f"train.epochs={profile['teacher_epochs']}"])
         train_run(recipe, data, teacher, resume=(teacher / "train_state.safetensors").is_file())
@@ -74,7 +76,7 @@ def train_all(out: Path, profile: dict, variants, threads: int) -> dict:
                     import shutil
 
                     shutil.rmtree(run)
-                sets = size + overrides + [f"train.epochs={profile['student_epochs']}", f"train.seed={seed}"]
+                sets = size + student_sets + overrides + [f"train.epochs={profile['student_epochs']}", f"train.seed={seed}"]
                 recipe = load_recipe(recipe_name, sets)
                 console.print(f"[bold]{name}[/] seed {seed} -> {run}")
                 if recipe.kind == "distill":
@@ -199,15 +201,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/distill_gain-<profile>)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-cost", action="store_true", help="skip the step-time measurements")
+    parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override applied to every student and distill recipe, e.g. student.params.backbone=mobilenetv2_100")
+    parser.add_argument("--reuse", type=Path, default=None, help="benchmark folder whose data and teacher to reuse")
+    parser.add_argument("--only", default=None, help="comma-separated recipes to run (default: all of the profile)")
     args = parser.parse_args(argv)
     profile_name = "quick" if args.quick else "full"
     profile = PROFILES[profile_name]
     out = args.out or Path(__file__).parent / "results" / f"distill_gain-{profile_name}"
     out.mkdir(parents=True, exist_ok=True)
-    results = train_all(out, profile, QUICK_VARIANTS if args.quick else VARIANTS, args.threads)
-    cost = None if args.no_cost else measure_cost(out, profile, args.threads)
+    variants = QUICK_VARIANTS if args.quick else VARIANTS
+    if args.only:
+        wanted = args.only.split(",")
+        variants = [v for v in variants if v[1] in wanted and (v[2] == [] or "tau1" in wanted)]
+    results = train_all(out, profile, variants, args.threads, args.student_set, args.reuse)
+    cost = None if args.no_cost else measure_cost(args.reuse or out, profile, args.threads)
     summary = summarise(results, cost)
-    summary.update(profile=profile_name, settings=profile, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
+    summary.update(profile=profile_name, settings=profile, student_sets=args.student_set, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
     (out / "distill_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print_table(summary, profile_name)
     console.print(f"written to {out / 'distill_gain.json'}")
