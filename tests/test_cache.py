@@ -130,7 +130,9 @@ def test_class_mapping_is_stored_like_the_online_teacher(root, train_set, tmp_pa
     s_in = student_side(batch)
     _, t_outputs = mapped.run(batch.images)
     select = s_in.assignment.valid_mask
-    torch.testing.assert_close(cache.inputs(batch, s_in.outputs).cls_rows(select), t_outputs.flat_cls()[select].half().float())
+    # one fp16 ulp of tolerance: the build ran the teacher on another batch size, whose fp32 sums may
+    # round to the neighbouring fp16 value
+    torch.testing.assert_close(cache.inputs(batch, s_in.outputs).cls_rows(select), t_outputs.flat_cls()[select].half().float(), atol=2e-3, rtol=1e-3)
     assert cache.fingerprint["teacher"]["class_index"] == [3, 1, 4, 0, 2, 9, 8, 7, 6, 5]
     with pytest.raises(CheckpointError, match="another teacher.*class_index"):
         cache.check_run(load_teacher(root / "teacher.safetensors"), train_set, [], 32)
