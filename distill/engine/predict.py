@@ -12,6 +12,7 @@ from distill.errors import DataError
 from distill.structures import Detections, Target
 
 # Distinct, colour-blind-friendly hues (Okabe-Ito), cycled over classes.
+MIN_DRAW_SIDE = 384
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167), (255, 255, 255)]
 
 
@@ -24,14 +25,19 @@ def read_image(path: Path) -> Image.Image:
 
 
 def draw_detections(image: Image.Image, det: Detections, classes: list[str], score_thresh: float) -> Image.Image:
-    """A copy of ``image`` with boxes and 'label score' tags for detections above the threshold."""
-    canvas = image.copy()
+    """A copy of ``image`` with boxes and 'label score' tags for detections above the threshold.
+
+    Small images (the 128 px scenes) are enlarged first so that the tags stay readable.
+    """
+    zoom = max(1, -(-MIN_DRAW_SIDE // max(image.size)))  # ceil division
+    canvas = image.resize((image.width * zoom, image.height * zoom), Image.NEAREST) if zoom > 1 else image.copy()
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    width = max(1, round(max(image.size) / 200))
+    width = max(1, round(max(canvas.size) / 200))
     for box, score, label in zip(det.boxes.tolist(), det.scores.tolist(), det.labels.tolist()):
         if score < score_thresh:
             continue
+        box = [v * zoom for v in box]
         color = PALETTE[label % len(PALETTE)]
         draw.rectangle(box, outline=color, width=width)
         text = f"{classes[label]} {score:.2f}"

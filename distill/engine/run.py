@@ -23,18 +23,28 @@ def read_run_info(run: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def train_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False, show_progress: bool = True) -> FitResult:
-    """Train ``recipe``'s detector on ``data``; writes everything into ``out``."""
+def prepare_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool):
+    """What every run starts with: a fresh (or resumed) folder, threads, datasets, the student."""
     out = Path(out)
     if not resume:
         check_fresh_run_dir(out)
     apply_threads(recipe)
     train_set, val_set = build_datasets(recipe, data)
     model = build_detector(recipe, num_classes=len(train_set.classes))
-    meta = run_meta(model, train_set, recipe, data)
+    return out, train_set, val_set, model
+
+
+def write_run_info(out: Path, meta: dict, kind: str, resume: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_text(out / "run.json", json.dumps({**meta, "kind": "train"}, indent=2, sort_keys=True) + "\n")
+    if not resume:  # a resumed run keeps the run.json it started with
+        atomic_write_text(out / "run.json", json.dumps({**meta, "kind": kind}, indent=2, sort_keys=True) + "\n")
+
+
+def train_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False, show_progress: bool = True) -> FitResult:
+    """Train ``recipe``'s detector on ``data``; writes everything into ``out``."""
+    out, train_set, val_set, model = prepare_run(recipe, data, out, resume)
+    meta = run_meta(model, train_set, recipe, data)
+    write_run_info(out, meta, "train", resume)
     trainer = Trainer(model, recipe, train_set, val_set, out, meta, show_progress=show_progress)
     return trainer.fit(resume=resume)
 
@@ -99,12 +109,7 @@ def distill_run(
     from teachers import TeacherCache, load_teacher
     from teachers.checks import check_pair, class_index_for
 
-    out = Path(out)
-    if not resume:
-        check_fresh_run_dir(out)
-    apply_threads(recipe)
-    train_set, val_set = build_datasets(recipe, data)
-    student = build_detector(recipe, num_classes=len(train_set.classes))
+    out, train_set, val_set, student = prepare_run(recipe, data, out, resume)
     teacher = load_teacher(teacher_path)
     class_map = recipe.teacher.class_map if recipe.teacher else {}
     index = class_index_for(train_set.classes, teacher.classes, class_map, where=str(teacher.meta.get("path", teacher_path)))
@@ -121,8 +126,6 @@ def distill_run(
     meta["teacher"] = {"path": teacher.meta.get("path"), "val": teacher_metrics}
     if teacher_cache is not None:
         meta["teacher"]["cache"] = {"path": str(cache), "key": teacher_cache.manifest["key"]}
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_text(out / "run.json", json.dumps({**meta, "kind": "distill"}, indent=2, sort_keys=True) + "\n")
+    write_run_info(out, meta, "distill", resume)
     distiller = Distiller(student, teacher, losses, recipe, cache=teacher_cache)
     return distiller.fit(train_set, val_set, out, meta=meta, resume=resume, show_progress=show_progress)

@@ -169,7 +169,7 @@ class Trainer:
         result = FitResult(epochs=spec.epochs, steps=step, best_ap=max(best_ap, 0.0), final_metrics=metrics, seconds=seconds)
         summary = {"recipe": self.recipe.name, "epochs": spec.epochs, "steps": step, "best_AP": result.best_ap, "final": metrics, "seconds": round(seconds, 2), "seed": spec.seed}
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
-        if self.show_progress and metrics:
+        if metrics:  # the closing table, with or without the progress bar
             console.print(metrics_table(f"{self.recipe.name}: val metrics after {spec.epochs} epochs", {"final": metrics}, ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]))
         return result
 
