@@ -77,7 +77,8 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
         p = recipe.data.hflip_prob
         variants = tuple(v for v, drawn in (("none", p < 1.0), ("hflip", p > 0.0)) if drawn)
     topk = int(recipe.student.params.get("atss_topk", 9))
-    return CacheSpec(variants, tuple(head), tuple(feats), recipe.data.size_divisor, topk)
+    # several losses often share a region (Main LD and Main KD): store and fingerprint it once
+    return CacheSpec(variants, tuple(dict.fromkeys(head)), tuple(dict.fromkeys(feats)), recipe.data.size_divisor, topk)
 
 
 def teacher_sha256(model: nn.Module) -> str:
