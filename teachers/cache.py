@@ -224,7 +224,13 @@ class TeacherCache:
         """Refuse (one CheckpointError line) a run this cache does not fit; call before training.
 
         teacher: FrozenTeacher (its class_index set as the run sets it); dataset: the training split.
+        ``distill_run`` checks before evaluating the teacher and ``Distiller.fit`` checks again for API
+        users; the second call on the same objects returns at once (the fingerprint hashes the
+        teacher's weights and the annotation file, which on COCO takes seconds).
         """
+        key = (id(teacher), id(dataset), tuple(id(loss) for loss in losses), size_divisor, id(student))
+        if getattr(self, "_checked", None) == key:
+            return
         spec = CacheSpec(self.variants, self._regions("head"), self._regions("features"), size_divisor, self._topk())
         current = fingerprint(teacher, dataset, spec)
         for section, what in (("format", "another format"), ("teacher", "another teacher"), ("data", "other training data"), ("input", "another input transform")):
@@ -250,6 +256,7 @@ class TeacherCache:
                 f"{self.folder}: training draws variant {', '.join(missing)} (data.hflip_prob {dataset.transform.hflip_prob}) but the cache "
                 f"holds {', '.join(self.variants)} only; rebuild it with --variants none,hflip or pass --set data.hflip_prob={keep}"
             )
+        self._checked = key
 
     def _regions(self, part: str) -> tuple[Region, ...]:
         return tuple(region_from_json(r) for r in (self.head_regions if part == "head" else self.feature_regions))
