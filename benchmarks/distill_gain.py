@@ -32,16 +32,17 @@ PROFILES = {
     "full": {"train": 600, "val": 150, "size": 128, "teacher_epochs": 24, "student_epochs": 12, "seeds": [0, 1]},
     "quick": {"train": 160, "val": 48, "size": 128, "teacher_epochs": 8, "student_epochs": 4, "seeds": [0]},
 }
-# (row name, recipe, extra --set overrides)
+# (row name, run-folder slug, recipe, extra --set overrides); --only selects by slug
+TAU1 = ["losses.0.params.temperature=1", "losses.2.params.temperature=1"]
 VARIANTS = [
-    ("baseline (no KD)", "gfl-student", []),
-    ("Main LD", "ld-main", []),
-    ("Main KD + Main LD", "ld-main-kd", []),
-    ("Main KD + Main LD + VLR LD", "ld-full", []),
-    ("  same, tau 1 (ablation)", "ld-full", ["losses.0.params.temperature=1", "losses.2.params.temperature=1"]),
-    ("  + feature mimicking", "ld-full-feat", []),
+    ("baseline (no KD)", "gfl-student", "gfl-student", []),
+    ("Main LD", "ld-main", "ld-main", []),
+    ("Main KD + Main LD", "ld-main-kd", "ld-main-kd", []),
+    ("Main KD + Main LD + VLR LD", "ld-full", "ld-full", []),
+    ("  same, tau 1 (ablation)", "ld-full-tau1", "ld-full", TAU1),
+    ("  same, tau 1, + feature mimicking", "ld-full-feat", "ld-full-feat", []),
 ]
-QUICK_VARIANTS = [VARIANTS[0], VARIANTS[3]]
+QUICK_VARIANTS = [VARIANTS[0], VARIANTS[5]]
 
 console = Console()
 
@@ -49,10 +50,6 @@ console = Console()
 def run_folder_done(run: Path) -> dict | None:
     summary = run / "summary.json"
     return json.loads(summary.read_text()) if summary.is_file() else None
-
-
-def slug(name: str, recipe: str, overrides: list[str]) -> str:
-    return recipe + ("-tau1" if any("temperature=1" in o for o in overrides) else "")
 
 
 def train_all(out: Path, profile: dict, variants, threads: int, student_sets: list[str], reuse: Path | None = None) -> dict:
@@ -68,9 +65,9 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
         recipe = load_recipe("gfl-teacher", size + [f"train.epochs={profile['teacher_epochs']}"])
         train_run(recipe, data, teacher, resume=(teacher / "train_state.safetensors").is_file())
     results = {"teacher": run_folder_done(teacher), "runs": {}}
-    for name, recipe_name, overrides in variants:
+    for name, slug, recipe_name, overrides in variants:
         for seed in profile["seeds"]:
-            run = out / f"{slug(name, recipe_name, overrides)}-s{seed}"
+            run = out / f"{slug}-s{seed}"
             if run_folder_done(run) is None:
                 if run.exists():  # an interrupted run: start it again rather than mixing two runs
                     import shutil
@@ -97,8 +94,9 @@ def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def measure_cost(out: Path, profile: dict, threads: int) -> dict:
-    """Median step times: student alone, distillation with the online teacher, distillation losses alone."""
+def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]) -> dict:
+    """Median step times of the recommended recipe (``ld-full-feat``, the heaviest: head and feature
+    losses): student alone, distillation with the online teacher, distillation losses alone."""
     from distill.data import DetectionTransform, collate, load_dataset
     from distill.engine.build import build_detector
     from distill.engine.distiller import Distiller
@@ -108,7 +106,7 @@ def measure_cost(out: Path, profile: dict, threads: int) -> dict:
     from teachers import load_teacher
 
     torch.set_num_threads(threads)
-    recipe = load_recipe("ld-full", [f"data.image_size={profile['size']}"])
+    recipe = load_recipe("ld-full-feat", [f"data.image_size={profile['size']}", *student_sets])
     dataset = load_dataset(out / "data", "train", DetectionTransform(recipe.data.image_size))
     batch = collate([dataset[i] for i in range(recipe.train.batch_size)])
     student = build_detector(recipe, len(dataset.classes)).train()
@@ -155,6 +153,8 @@ def measure_cost(out: Path, profile: dict, threads: int) -> dict:
         "batch_size": recipe.train.batch_size,
         "image_size": recipe.data.image_size,
         "threads": threads,
+        "recipe": recipe.name,
+        "student_sets": student_sets,
         "student_step_s": student_step,
         "distill_online_step_s": distill_step,
         "online_over_student": distill_step / student_step,
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every student and distill recipe, e.g. student.params.backbone=mobilenetv2_100")
     parser.add_argument("--reuse", type=Path, default=None, help="benchmark folder whose data and teacher to reuse")
-    parser.add_argument("--only", default=None, help="comma-separated recipes to run (default: all of the profile)")
+    parser.add_argument("--only", default=None, help="comma-separated rows to run, by slug: " + ",".join(v[1] for v in VARIANTS))
     args = parser.parse_args(argv)
     profile_name = "quick" if args.quick else "full"
     profile = PROFILES[profile_name]
@@ -213,9 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     if args.only:
         wanted = args.only.split(",")
-        variants = [v for v in variants if v[1] in wanted and (v[2] == [] or "tau1" in wanted)]
+        unknown = set(wanted) - {v[1] for v in VARIANTS}
+        if unknown:
+            parser.error(f"--only: unknown {sorted(unknown)}; choose from {[v[1] for v in VARIANTS]}")
+        variants = [v for v in VARIANTS if v[1] in wanted]
     results = train_all(out, profile, variants, args.threads, args.student_set, args.reuse)
-    cost = None if args.no_cost else measure_cost(args.reuse or out, profile, args.threads)
+    cost = None if args.no_cost else measure_cost(args.reuse or out, profile, args.threads, args.student_set)
     summary = summarise(results, cost)
     summary.update(profile=profile_name, settings=profile, student_sets=args.student_set, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
     (out / "distill_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

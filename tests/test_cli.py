@@ -74,6 +74,15 @@ def test_eval_prints_table_and_writes_json(trained, data, tmp_path):
     assert record["images"] == 4 and 0.0 <= record["metrics"]["AP"] <= 1.0
 
 
+def test_eval_class_agnostic_writes_its_own_json(trained, data):
+    result = invoke("eval", trained, "--data", data, "--class-agnostic", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "class-agnostic" in result.output
+    written = sorted((trained / "checkpoints").glob("*.eval-val-agnostic.json"))
+    assert len(written) == 1
+    assert json.loads(written[0].read_text())["class_agnostic"] is True
+
+
 def test_predict_draws_pngs(trained, data, tmp_path):
     image = sorted((data / "images").glob("val_*.png"))[0]
     result = invoke("predict", trained, image, "--out", tmp_path / "preds", "--score-thresh", 0.0)

@@ -58,6 +58,9 @@ def eval_command(
     split: str = typer.Option("val", "--split", help="Split to evaluate."),
     out: Path = typer.Option(None, "--out", help="JSON file for the metrics (default: next to the checkpoint)."),
     batch_size: int = typer.Option(16, "--batch-size"),
+    class_agnostic: bool = typer.Option(
+        False, "--class-agnostic", help="Match boxes regardless of class: separates class confusion from localization."
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     """COCO metrics of a checkpoint on a dataset split."""
@@ -73,10 +76,14 @@ def eval_command(
     check_same_classes(meta["classes"], dataset.classes, what=str(path), where=str(data))
     with make_progress(progress) as bar:
         task = bar.add_task("eval", total=len(dataset), info=split)
-        metrics = evaluate_detector(model, dataset, batch_size, progress=lambda done, total: bar.update(task, completed=done))
-    console.print(key_value_table(f"{path.name} on {data} [{split}]", metrics))
-    out = out or path.with_name(f"{path.stem}.eval-{split}.json")
-    record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset), "metrics": metrics}
+        metrics = evaluate_detector(
+            model, dataset, batch_size, progress=lambda done, total: bar.update(task, completed=done), class_agnostic=class_agnostic
+        )
+    suffix = "-agnostic" if class_agnostic else ""
+    console.print(key_value_table(f"{path.name} on {data} [{split}{', class-agnostic' if class_agnostic else ''}]", metrics))
+    out = out or path.with_name(f"{path.stem}.eval-{split}{suffix}.json")
+    record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset),
+              "class_agnostic": class_agnostic, "metrics": metrics}
     atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
     console.print(f"metrics written to {out}")
 

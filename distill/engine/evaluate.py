@@ -38,8 +38,14 @@ def to_coco_results(batch: Batch, detections: list[Detections], cat_ids: list[in
     return results
 
 
-def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: list[int] | None = None) -> dict[str, float]:
-    """The 12 standard COCO box metrics as fractions in [0, 1] (no detections: all zero)."""
+def coco_metrics(
+    coco_gt: COCO, results: list[dict[str, Any]], image_ids: list[int] | None = None, class_agnostic: bool = False
+) -> dict[str, float]:
+    """The 12 standard COCO box metrics as fractions in [0, 1] (no detections: all zero).
+
+    ``class_agnostic=True`` matches detections to ground truth regardless of class (pycocotools'
+    ``useCats=0``): the gap between the two tells classification errors from localization and ranking.
+    """
     if not results:
         return {name: 0.0 for name in METRIC_NAMES}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its own tables
@@ -47,6 +53,7 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: list[i
         evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
         if image_ids is not None:
             evaluator.params.imgIds = list(image_ids)
+        evaluator.params.useCats = 0 if class_agnostic else 1
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -55,10 +62,13 @@ def coco_metrics(coco_gt: COCO, results: list[dict[str, Any]], image_ids: list[i
 
 
 @torch.no_grad()
-def evaluate_detector(model: nn.Module, dataset, batch_size: int = 16, progress=None) -> dict[str, float]:
+def evaluate_detector(
+    model: nn.Module, dataset, batch_size: int = 16, progress=None, class_agnostic: bool = False
+) -> dict[str, float]:
     """COCO metrics of ``model`` on ``dataset`` (a ``distill.data.CocoDetection``).
 
-    ``progress`` is an optional callable ``(done, total)`` for a progress bar.
+    ``progress`` is an optional callable ``(done, total)`` for a progress bar; ``class_agnostic`` as in
+    :func:`coco_metrics`.
     """
     was_training = model.training
     model.eval()
@@ -74,4 +84,4 @@ def evaluate_detector(model: nn.Module, dataset, batch_size: int = 16, progress=
                 progress(done, len(dataset))
     finally:
         model.train(was_training)
-    return coco_metrics(dataset.coco, results, image_ids=dataset.image_ids)
+    return coco_metrics(dataset.coco, results, image_ids=dataset.image_ids, class_agnostic=class_agnostic)

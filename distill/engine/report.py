@@ -6,6 +6,7 @@ from typing import Any, Mapping
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 console = Console(stderr=False)
 
@@ -45,8 +46,9 @@ def fmt(value: Any) -> str:
 
 
 def key_value_table(title: str, values: Mapping[str, Any]) -> Table:
-    """One metric per row: fits a terminal of any width."""
-    table = Table(title=title)
+    """One metric per row: fits a terminal of any width. The title is plain text (paths and
+    ``[split]`` are not read as rich markup)."""
+    table = Table(title=Text(title))
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in values.items():
