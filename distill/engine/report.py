@@ -28,7 +28,7 @@ def make_progress(enabled: bool = True) -> Progress:
 def metrics_table(title: str, rows: Mapping[str, Mapping[str, Any]], columns: list[str] | None = None) -> Table:
     """A table with one row per entry of ``rows`` (row name -> {column: value})."""
     columns = columns or sorted({c for r in rows.values() for c in r})
-    table = Table(title=title)
+    table = Table(title=Text(title))
     table.add_column("")
     for c in columns:
         table.add_column(c, justify="right")
