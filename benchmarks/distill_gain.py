@@ -84,14 +84,17 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
     return results
 
 
-def median_time(fn, repeats: int = 7, warmup: int = 2) -> float:
-    times = []
+def interleaved_medians(fns: dict, repeats: int = 15, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each function, run in turn within every repeat: a shared, noisy machine then
+    slows all of them alike and their ratios stay meaningful."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + repeats):
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]) -> dict:
@@ -124,9 +127,6 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
 
         return run
 
-    student_step = median_time(train_step(detector_step))
-    distill_step = median_time(train_step(distiller.step))
-
     # The distillation terms alone: masks + losses forward + their backward to the head outputs.
     features = student.features(batch.images)
     outputs = student.head(features)
@@ -148,7 +148,8 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
             total = total + loss(s_in, t_in, masks[loss.region])
         total.backward()
 
-    loss_time = median_time(losses_only)
+    medians = interleaved_medians({"student": train_step(detector_step), "distill": train_step(distiller.step), "losses": losses_only})
+    student_step, distill_step, loss_time = medians["student"], medians["distill"], medians["losses"]
     return {
         "batch_size": recipe.train.batch_size,
         "image_size": recipe.data.image_size,

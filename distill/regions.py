@@ -95,29 +95,37 @@ def vlr_region(
             f"{len(assignment.pos_thresholds)} for {len(targets)} images; use a detector with an ATSS-style assigner"
         )
     anchors = square_anchors(points.float(), strides.float(), 8.0)  # (N, 4), as ATSS ranks them
-    rows = [
-        _vlr_one_image(anchors, target.boxes.to(anchors), alpha.to(anchors), gamma, VLR_METRICS[metric])
-        for target, alpha in zip(targets, assignment.pos_thresholds)
-    ]
-    mask = torch.stack(rows) if rows else anchors.new_zeros(assignment.valid_mask.shape)
-    mask = mask * assignment.valid_mask
+    mask = _vlr_batch(anchors, targets, assignment.pos_thresholds, gamma, VLR_METRICS[metric])
+    mask = mask.reshape(assignment.valid_mask.shape) * assignment.valid_mask
     if exclude_pos:
         mask = mask * ~assignment.pos_mask
     return mask
 
 
-def _vlr_one_image(anchors: Tensor, boxes: Tensor, alpha: Tensor, gamma: float, metric: Callable) -> Tensor:
-    """anchors (N, 4), boxes (G, 4), alpha (G,) -> (N,) IoU with the chosen GT, 0 outside the band."""
+def _vlr_batch(anchors: Tensor, targets: list[Target], thresholds: list[Tensor], gamma: float, metric: Callable) -> Tensor:
+    """anchors (N, 4) -> (B, N): per image, the IoU with the chosen GT, 0 outside the band.
+
+    The GTs of all images are scored against the anchors in one (N, G_total) call — one pair of
+    IoU kernels per step instead of one per image — and each image then keeps its own columns.
+    """
+    for b, (target, alpha) in enumerate(zip(targets, thresholds)):
+        if alpha.shape[0] != target.boxes.shape[0]:
+            raise ValueError(f"vlr: image {b} has {alpha.shape[0]} ATSS thresholds for {target.boxes.shape[0]} GT boxes")
+    num_images = len(targets)
+    boxes = torch.cat([t.boxes.to(anchors) for t in targets]) if targets else anchors.new_zeros((0, 4))
     if boxes.shape[0] == 0:
-        return anchors.new_zeros(anchors.shape[0])
-    if alpha.shape[0] != boxes.shape[0]:
-        raise ValueError(f"vlr: {alpha.shape[0]} ATSS thresholds for {boxes.shape[0]} GT boxes")
+        return anchors.new_zeros((num_images, anchors.shape[0]))
+    alpha = torch.cat([a.to(anchors) for a in thresholds])  # (G,)
+    owner = torch.repeat_interleave(
+        torch.arange(num_images, device=anchors.device), torch.tensor([t.boxes.shape[0] for t in targets], device=anchors.device)
+    )  # (G,) image of each GT
     score = metric(anchors, boxes)  # (N, G)
     in_band = (score >= gamma * alpha) & (score < alpha)
-    iou = box_iou(anchors, boxes)  # (N, G)
-    # Largest IoU among the GTs this anchor is VLR for; -1 marks "none" and is clamped away.
-    best = torch.where(in_band, iou, torch.full_like(iou, -1.0)).amax(dim=1)
-    return best.clamp(min=0)
+    # Largest IoU among the GTs of the same image this anchor is VLR for; -1 marks "none".
+    candidate = torch.where(in_band, box_iou(anchors, boxes), torch.full_like(score, -1.0))  # (N, G)
+    same_image = owner.unsqueeze(0) == torch.arange(num_images, device=anchors.device).unsqueeze(1)  # (B, G)
+    per_image = torch.where(same_image.unsqueeze(1), candidate.unsqueeze(0), torch.full_like(candidate, -1.0))  # (B, N, G)
+    return per_image.amax(dim=2).clamp(min=0)
 
 
 def _check_vlr_params(gamma: float, metric: str) -> None:

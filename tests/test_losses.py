@@ -387,3 +387,14 @@ def test_region_is_bound_and_hashable():
     same = create_loss("kd", region="vlr", region_params={"metric": "diou_iof_legacy", "gamma": 0.5})
     assert loss.region == same.region and len({loss.region, same.region}) == 1
     assert str(loss.region) == "vlr(gamma=0.5, metric='diou_iof_legacy')"
+
+
+def test_feature_rows_of_a_full_selection_match_the_gather_in_order():
+    feature = torch.arange(2 * 3 * 2 * 2, dtype=torch.float32).reshape(2, 3, 2, 2)  # (B, C, H, W)
+    inputs = DistillInputs(features=[feature])
+    full = inputs.feature_rows(0, torch.ones(2, 4, dtype=torch.bool))
+    expected = feature.flatten(2).transpose(1, 2).reshape(8, 3)  # batch-major, row-major locations
+    assert torch.equal(full, expected)
+    assert full[5].tolist() == [13.0, 17.0, 21.0]  # image 1, location 1: channels c * 4 + 1 + 12
+    partial = inputs.feature_rows(0, torch.tensor([[False, True, False, False], [False, True, False, False]]))
+    assert torch.equal(partial, expected[[1, 5]])

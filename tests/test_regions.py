@@ -163,3 +163,24 @@ def test_vlr_gamma_one_is_empty():
 def test_vlr_without_atss_thresholds_is_a_config_error():
     with pytest.raises(ConfigError, match="pos_thresholds"):
         vlr([GT], assignment(5, []))
+
+
+def test_vlr_batch_each_image_sees_only_its_own_gts():
+    # GT2 = GT shifted right by 6, so point offsets from its centre are -6, -4, -2, 0, 2 -> by the
+    # table's symmetry: IoU 1/7 (DIoU 0.0044, out), 1/3 (in), 0.6 (in), 1 (DIoU 1, out), 0.6 (in).
+    gt2 = Target(boxes=torch.tensor([[6.0, 0.0, 14.0, 8.0]]), labels=torch.tensor([1]))
+    targets = [GT, Target.empty(), gt2]
+    mask = vlr(targets, assignment(5, [torch.tensor([0.8]), torch.zeros(0), torch.tensor([0.8])]))
+    torch.testing.assert_close(mask, torch.tensor([
+        [0.0, 0.6, 1 / 3, 0.0, 0.0],
+        [0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.0, 1 / 3, 0.6, 0.0, 0.6],
+    ]))
+    for b, target in enumerate(targets):  # the same as one image at a time
+        alone = vlr([target], assignment(5, [assignment(5, [torch.tensor([0.8]), torch.zeros(0), torch.tensor([0.8])]).pos_thresholds[b]]))
+        torch.testing.assert_close(alone[0], mask[b])
+
+
+def test_vlr_batch_without_any_gt_is_all_zero():
+    mask = vlr([Target.empty(), Target.empty()], assignment(5, [torch.zeros(0), torch.zeros(0)]))
+    assert mask.shape == (2, 5) and (mask == 0).all()

@@ -46,7 +46,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
@@ -71,19 +71,29 @@ class DistillInputs:
     outputs: DenseOutputs | None = None
     features: list[Tensor] | None = None
     assignment: Assignment | None = None
+    # The levels concatenated once per step and shared by every loss (one cat and one backward
+    # through it instead of one per loss): "cls" -> (B, N, C), "reg" -> (B, N, 4, reg_max + 1).
+    _flat: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def cls_rows(self, select: Tensor) -> Tensor:
         """select (B, N) bool -> (M, C) class logits of the selected locations, batch-major."""
-        return self.require_outputs("class logits").flat_cls()[select]
+        if "cls" not in self._flat:
+            self._flat["cls"] = self.require_outputs("class logits").flat_cls()
+        return self._flat["cls"][select]
 
     def reg_rows(self, select: Tensor) -> Tensor:
         """select (B, N) bool -> (M, 4, reg_max + 1) bin logits of the selected locations."""
-        return self.require_outputs("box-bin logits").flat_reg()[select]
+        if "reg" not in self._flat:
+            self._flat["reg"] = self.require_outputs("box-bin logits").flat_reg()
+        return self._flat["reg"][select]
 
     def feature_rows(self, level: int, select: Tensor) -> Tensor:
         """select (B, H_l * W_l) bool -> (M, C_l) feature vectors of level ``level`` at the selection."""
         feature = self.require_features()[level]
-        return feature.flatten(2).transpose(1, 2)[select]  # (B, HW, C) -> (M, C)
+        rows = feature.flatten(2).transpose(1, 2)  # (B, HW, C)
+        if bool(select.all()):  # region "all": the same rows in the same order, without a gather/scatter
+            return rows.reshape(-1, rows.shape[-1])
+        return rows[select]  # (M, C)
 
     def feature_sizes(self) -> list[tuple[int, int]]:
         """(H_l, W_l) of every FPN level."""
