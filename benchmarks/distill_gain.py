@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.data import generate_scenes
+from distill.engine.demo import finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe
 
@@ -47,11 +48,6 @@ QUICK_VARIANTS = [VARIANTS[0], VARIANTS[5]]
 console = Console()
 
 
-def run_folder_done(run: Path) -> dict | None:
-    summary = run / "summary.json"
-    return json.loads(summary.read_text()) if summary.is_file() else None
-
-
 def train_all(out: Path, profile: dict, variants, threads: int, student_sets: list[str], reuse: Path | None = None) -> dict:
     """Train (or reuse) data, teacher and every variant x seed; ``reuse``: a benchmark folder whose
     data and teacher are taken as they are (same scenes, same teacher, another student)."""
@@ -61,14 +57,14 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
         generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
     size = [f"data.image_size={profile['size']}", f"train.threads={threads}"]
     teacher = (reuse or out) / "teacher"
-    if run_folder_done(teacher) is None:
+    if finished(teacher) is None:
         recipe = load_recipe("gfl-teacher", size + [f"train.epochs={profile['teacher_epochs']}"])
         train_run(recipe, data, teacher, resume=(teacher / "train_state.safetensors").is_file())
-    results = {"teacher": run_folder_done(teacher), "runs": {}}
+    results = {"teacher": finished(teacher), "runs": {}}
     for name, slug, recipe_name, overrides in variants:
         for seed in profile["seeds"]:
             run = out / f"{slug}-s{seed}"
-            if run_folder_done(run) is None:
+            if finished(run) is None:
                 if run.exists():  # an interrupted run: start it again rather than mixing two runs
                     import shutil
 
@@ -80,7 +76,7 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
                     distill_run(recipe, teacher, data, run)
                 else:
                     train_run(recipe, data, run)
-            results["runs"].setdefault(name, []).append({"seed": seed, "run": str(run), **run_folder_done(run)})
+            results["runs"].setdefault(name, []).append({"seed": seed, "run": str(run), **finished(run)})
     return results
 
 
@@ -173,7 +169,7 @@ def summarise(results: dict, cost: dict | None) -> dict:
                       "AP50_mean": statistics.mean(r["final"]["AP50"] for r in runs), "seeds": [r["seed"] for r in runs]}
     base = rows[VARIANTS[0][0]]["AP_mean"]
     for row in rows.values():
-        row["gap_closed"] = (row["AP_mean"] - base) / (teacher_ap - base) if teacher_ap > base else None
+        row["gap_closed"] = gap_closed(teacher_ap, base, row["AP_mean"])
     return {"teacher_AP": teacher_ap, "teacher_final": results["teacher"]["final"], "rows": rows, "cost": cost}
 
 

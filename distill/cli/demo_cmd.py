@@ -21,7 +21,7 @@ def demo_command(
     force: bool = typer.Option(False, "--force", help="Distill even from a teacher below the recipe's teacher.min_ap."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Train a teacher, the student alone, and the student distilled; compare them (about 15 min on 2 CPU cores)."""
+    """Train a teacher, the student alone, and the student distilled; compare them (about 9 min on 2 CPU cores)."""
     import json
 
     from distill.engine.demo import run_demo
