@@ -98,7 +98,7 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
     losses): student alone, distillation with the online teacher, distillation losses alone."""
     from distill.data import DetectionTransform, collate, load_dataset
     from distill.engine.build import build_detector
-    from distill.engine.distiller import Distiller
+    from distill.engine.distiller import Distiller, distillation_terms, loss_keys
     from distill.engine.run import build_losses
     from distill.engine.trainer import build_optimizer, detector_step
     from distill.losses import DistillInputs
@@ -136,13 +136,7 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
     t_in = DistillInputs(outputs=t_outputs, features=t_features)
 
     def losses_only():
-        masks = {}
-        total = 0
-        for loss in losses:
-            if loss.region not in masks:
-                masks[loss.region] = loss.region(outputs.points, outputs.strides, batch.targets, assignment)
-            total = total + loss(s_in, t_in, masks[loss.region])
-        total.backward()
+        sum(distillation_terms(losses, loss_keys(losses), s_in, t_in, batch.targets).values()).backward()
 
     medians = interleaved_medians({"student": train_step(detector_step), "distill": train_step(distiller.step), "losses": losses_only})
     student_step, distill_step, loss_time = medians["student"], medians["distill"], medians["losses"]

@@ -42,6 +42,25 @@ def loss_keys(losses: Sequence[DistillLoss]) -> list[str]:
     return keys
 
 
+def distillation_terms(
+    losses: Sequence[DistillLoss], keys: Sequence[str], student: DistillInputs, teacher: DistillInputs, targets
+) -> dict[str, Tensor]:
+    """Every distillation term of one batch, keyed by ``keys``; regions are hashable, so each distinct
+    mask is computed once and shared by the losses that use it. ``student`` carries the outputs and
+    assignment the regions are computed from."""
+    outputs, assignment = student.require_outputs("locations"), student.assignment
+    masks: dict[Any, Tensor] = {}
+    terms: dict[str, Tensor] = {}
+    for key, loss in zip(keys, losses):
+        if loss.region not in masks:
+            masks[loss.region] = loss.region(outputs.points, outputs.strides, targets, assignment)
+        try:
+            terms[key] = loss(student, teacher, masks[loss.region])
+        except CacheMissError as exc:
+            raise CacheMissError(f"{key}: {exc}") from None
+    return terms
+
+
 class Distiller:
     """A trainable student, a frozen teacher and weighted distillation losses.
 
@@ -88,14 +107,7 @@ class Distiller:
             return terms
         s_in = DistillInputs(outputs=outputs, features=features if self.needs_features else None, assignment=assignment)
         t_in = self.teacher_inputs(batch, outputs)
-        masks: dict[Any, Tensor] = {}  # regions are hashable: compute each distinct mask once
-        for key, loss in zip(self.keys, self.losses):
-            if loss.region not in masks:
-                masks[loss.region] = loss.region(outputs.points, outputs.strides, batch.targets, assignment)
-            try:
-                terms[key] = loss(s_in, t_in, masks[loss.region])
-            except CacheMissError as exc:
-                raise CacheMissError(f"{key}: {exc}") from None
+        terms.update(distillation_terms(self.losses, self.keys, s_in, t_in, batch.targets))
         return terms
 
     def teacher_inputs(self, batch: Batch, outputs) -> DistillInputs:

@@ -77,15 +77,17 @@ class DistillInputs:
 
     def cls_rows(self, select: Tensor) -> Tensor:
         """select (B, N) bool -> (M, C) class logits of the selected locations, batch-major."""
-        if "cls" not in self._flat:
-            self._flat["cls"] = self.require_outputs("class logits").flat_cls()
-        return self._flat["cls"][select]
+        return self._flattened("cls", "class logits")[select]
 
     def reg_rows(self, select: Tensor) -> Tensor:
         """select (B, N) bool -> (M, 4, reg_max + 1) bin logits of the selected locations."""
-        if "reg" not in self._flat:
-            self._flat["reg"] = self.require_outputs("box-bin logits").flat_reg()
-        return self._flat["reg"][select]
+        return self._flattened("reg", "box-bin logits")[select]
+
+    def _flattened(self, part: str, what: str) -> Tensor:
+        if part not in self._flat:
+            outputs = self.require_outputs(what)
+            self._flat[part] = outputs.flat_cls() if part == "cls" else outputs.flat_reg()
+        return self._flat[part]
 
     def feature_rows(self, level: int, select: Tensor) -> Tensor:
         """select (B, H_l * W_l) bool -> (M, C_l) feature vectors of level ``level`` at the selection."""
