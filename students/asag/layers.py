@@ -1,0 +1,152 @@
+"""Building blocks shared by the proposal block and the decoder stages.
+
+- :class:`PyramidFPN`: top-down FPN without extra levels (the P2-P5 / P3-P5 maps RoIAlign reads).
+- :func:`roi_features`: multi-level RoIAlign with the FPN level rule of Lin et al.
+- :func:`box_sine_embedding`: sinusoidal embedding of image-normalised boxes.
+- :func:`attention_mask`: additive self-attention mask = per-head bias + key padding + query groups.
+- :class:`MaskedSelfAttention`: MHSA + residual + LayerNorm with such a mask.
+- :func:`mlp_head`: ``n x [Linear - LayerNorm - ReLU]`` towers of the class and box heads.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from students.asag.box_ops import xyxy_to_cxcywh
+
+__all__ = ["PyramidFPN", "roi_features", "box_sine_embedding", "attention_mask", "iof_matrix", "MaskedSelfAttention", "mlp_head"]
+
+
+class PyramidFPN(nn.Module):
+    """Top-down FPN: 1x1 laterals, nearest-upsampled sums, 3x3 outputs; one output per input level.
+
+    ``forward([C_a, ..., C_b]) -> [P_a, ..., P_b]``, each (B, out_channels, H_l, W_l). Unlike the GFL
+    FPN it has no P6 / P7: every parameter is used by RoIAlign.
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        laterals = [conv(x) for conv, x in zip(self.lateral, feats)]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
+        return [conv(x) for conv, x in zip(self.output, laterals)]
+
+
+def roi_features(
+    features: list[Tensor],
+    strides: Sequence[int],
+    boxes: Tensor,
+    output_size: int = 7,
+    canonical_size: float = 224.0,
+    canonical_level: int = 4,
+    sampling_ratio: int = 2,
+) -> Tensor:
+    """RoIAlign of every box on its FPN level.
+
+    features: maps of strides ``strides`` (B, C, H_l, W_l); boxes (B, Q, 4) xyxy input pixels.
+    A box of side ``s = sqrt(w h)`` reads level ``floor(canonical_level + log2(s / canonical_size))``
+    (as a power of two of the stride), clamped to the levels given. Small inputs want a smaller
+    ``canonical_size`` so that their boxes spread over the levels.
+    Returns (B * Q, C, output_size, output_size), batch-major.
+    """
+    batch, num = boxes.shape[:2]
+    flat = boxes.reshape(-1, 4).float()
+    image = torch.arange(batch, device=boxes.device).repeat_interleave(num)
+    rois = torch.cat([image[:, None].to(flat.dtype), flat], dim=1)  # (B*Q, 5)
+    logs = [int(round(math.log2(s))) for s in strides]
+    side = xyxy_to_cxcywh(flat)[:, 2:].clamp(min=1e-3).prod(dim=1).sqrt()
+    level = torch.floor(canonical_level + torch.log2(side / canonical_size)).clamp(min(logs), max(logs))
+    out = flat.new_zeros(batch * num, features[0].shape[1], output_size, output_size).to(features[0].dtype)
+    for feat, stride, lg in zip(features, strides, logs):
+        index = (level == lg).nonzero(as_tuple=True)[0]
+        if len(index):
+            out[index] = roi_align(feat, rois[index].to(feat.dtype), output_size, 1.0 / stride, sampling_ratio, aligned=True)
+    return out
+
+
+def box_sine_embedding(boxes: Tensor, image_sizes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
+    """boxes (B, Q, 4) xyxy px, image_sizes (B, 2) -> (B, Q, dim) sine / cosine of (cx, cy, w, h) / (W, H, W, H) * 2 pi."""
+    if dim % 8:
+        raise ValueError(f"box embedding dim must be a multiple of 8, got {dim}")
+    h, w = image_sizes[:, 0].float(), image_sizes[:, 1].float()
+    norm = xyxy_to_cxcywh(boxes.float()) / torch.stack([w, h, w, h], dim=-1)[:, None, :]  # (B, Q, 4)
+    per = dim // 4
+    freq = temperature ** (2 * (torch.arange(per // 2, device=boxes.device, dtype=torch.float32)) / per)
+    angles = norm[..., None] * (2 * math.pi) / freq  # (B, Q, 4, per / 2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2)
+
+
+def iof_matrix(boxes: Tensor) -> Tensor:
+    """boxes (B, Q, 4) -> (B, Q, Q) intersection over the *query's* area: |b_i & b_j| / |b_i|."""
+    lt = torch.maximum(boxes[:, :, None, :2], boxes[:, None, :, :2])
+    rb = torch.minimum(boxes[:, :, None, 2:], boxes[:, None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    area = (boxes[..., 2:] - boxes[..., :2]).clamp(min=0).prod(dim=-1)
+    return inter / area[:, :, None].clamp(min=1e-6)
+
+
+def attention_mask(valid: Tensor, groups: Tensor | None, num_heads: int, bias: Tensor | None = None) -> Tensor:
+    """Additive mask (B * heads, Q, Q) for ``nn.MultiheadAttention``.
+
+    valid (B, Q) bool: invalid keys get -inf; groups (Q,) int64: keys of another group get -inf
+    (Group DETR's block-diagonal self-attention); bias (B, heads, Q, Q) is added. Every query may
+    always attend to itself, so no row is all -inf (padded queries give finite, unused outputs).
+    """
+    batch, num = valid.shape
+    allowed = valid[:, None, :].expand(batch, num, num)
+    if groups is not None:
+        allowed = allowed & (groups[:, None] == groups[None, :])[None]
+    allowed = allowed | torch.eye(num, dtype=torch.bool, device=valid.device)[None]
+    mask = torch.zeros(batch, num_heads, num, num, device=valid.device)
+    if bias is not None:
+        mask = mask + bias
+    mask = mask.masked_fill(~allowed[:, None], float("-inf"))
+    return mask.flatten(0, 1)
+
+
+class MaskedSelfAttention(nn.Module):
+    """``LN(x + MHSA(x + pos, x + pos, x, mask))`` (dropout 0); x (B, Q, D), pos (B, Q, D) or None."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.num_heads = num_heads
+
+    def forward(self, x: Tensor, mask: Tensor, pos: Tensor | None = None, residual_with_pos: bool = False) -> Tensor:
+        qk = x if pos is None else x + pos
+        out, _ = self.attn(qk, qk, qk if residual_with_pos else x, attn_mask=mask, need_weights=False)
+        return self.norm((qk if residual_with_pos else x) + out)
+
+
+def mlp_head(dim: int, layers: int, bias: bool = True) -> nn.Sequential:
+    """``layers`` x [Linear(dim, dim) - LayerNorm - ReLU] (empty when 0)."""
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks += [nn.Linear(dim, dim, bias=bias), nn.LayerNorm(dim), nn.ReLU(inplace=True)]
+    return nn.Sequential(*blocks)
+
+
+class FFN(nn.Module):
+    """``LN(x + Linear(ReLU(Linear(x))))``."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(x + self.net(x))
