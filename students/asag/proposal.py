@@ -149,7 +149,9 @@ class ProposalBlock(nn.Module):
         q = self.ffn(self.self_attn(q, mask, pos, residual_with_pos=True))
         logits = self.cls_out(self.cls_tower(q))  # (B, Q, C)
         delta = self.reg_out(self.reg_tower(q))  # (B, Q, 4)
-        xyzr = xyxy_to_xyzr(anchors)
+        # The update starts from the source's boxes as given: learned anchors get their gradient here
+        # (the proposal loss); a generator hands over detached anchors (spec §2.3), RoIAlign never differentiates them.
+        xyzr = xyxy_to_xyzr(queries.boxes)
         xy = xyzr[..., :2] + delta[..., :2] * torch.exp2(xyzr[..., 2:3])
         boxes = xyzr_to_xyxy(torch.cat([xy, xyzr[..., 2:] + delta[..., 2:]], dim=-1))
         return q, Predictions(logits, boxes, queries.valid)

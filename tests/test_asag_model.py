@@ -1,0 +1,211 @@
+"""Sparse detectors at the model level: shapes, valid masks, aux heads / stages, groups, query sources."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from distill.detector import Detector
+from distill.structures import Target
+from students import create_student
+from students.asag import LearnedAnchors, Queries, SparseDetector
+from asag_helpers import SIZE, TINY, image_sizes, images, targets
+
+
+def _model(name="asag_s", seed=0, **kw):
+    torch.manual_seed(seed)
+    return create_student(name, **{**TINY, **kw})
+
+
+def _flops(model, x, sizes) -> int:
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, sizes)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("name, num_aux", [("asag_s", 4), ("sparse_rcnn6", 6)])
+def test_training_shapes_valid_and_matches_with_0_1_3_gts(name, num_aux):
+    model = _model(name).train()
+    assert isinstance(model, Detector) and model.family == "sparse" and model.spec.family == "sparse"
+    x, sizes = images(), image_sizes()
+    pred = model.head(model.features(x), sizes)
+    assert pred.logits.shape == (3, 12, 3) and pred.boxes.shape == (3, 12, 4) and pred.valid.all()
+    assert len(pred.aux) == num_aux  # proposals + 3 parallel heads | proposals + 5 earlier stages
+    assert all(a.logits.shape == (3, 12, 3) and a.boxes.shape == (3, 12, 4) for a in pred.aux)
+    losses, matches = model.loss(pred, targets(), sizes)
+    assert all(torch.isfinite(v) and v.ndim == 0 for v in losses.values()), losses
+    assert [len(i) for i in matches.pred_index] == [0, 1, 3]
+    assert len(set(matches.pred_index[2].tolist())) == 3 and sorted(matches.gt_index[2].tolist()) == [0, 1, 2]
+    suffixes = {k.split("_", 2)[2] for k in losses if k.count("_") == 2}
+    assert suffixes == set(model.aux_names(num_aux))
+    assert model.match(pred, targets(), sizes).pred_index[2].tolist() == matches.pred_index[2].tolist()
+
+
+def test_batch_of_empty_images_trains():
+    model = _model().train()
+    x, sizes = images(2), image_sizes(2)
+    losses, matches = model.loss(model(x, sizes), [Target.empty(), Target.empty()], sizes)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(len(i) == 0 for i in matches.pred_index)
+
+
+def test_inference_runs_one_head_without_aux_at_the_cost_of_one():
+    model = _model().eval()
+    calls = []
+    for k, head in enumerate(model.heads):
+        head.register_forward_hook(lambda m, i, o, k=k: calls.append(k))
+    x, sizes = images(), image_sizes()
+    with torch.no_grad():
+        pred = model(x, sizes)
+    assert pred.aux == [] and calls == [3]  # the main head (last copy) only
+    single = _model(parallel_heads=1)
+    assert _flops(model, x, sizes) == _flops(single, x, sizes)
+    model.train()
+    calls.clear()
+    model(x, sizes)
+    assert calls == [0, 1, 2, 3]
+
+
+def test_postprocess_shapes_and_clipping():
+    model = _model().eval()
+    sizes = image_sizes()
+    with torch.no_grad():
+        detections = model.postprocess(model(images(), sizes), sizes)
+    assert len(detections) == 3
+    for det, (h, w) in zip(detections, sizes.tolist()):
+        assert det.boxes.shape == (36, 4) and det.scores.shape == (36,) and det.labels.shape == (36,)  # 12 x 3 <= 100
+        assert (det.boxes[:, 2] <= w).all() and (det.boxes[:, 3] <= h).all() and (det.boxes >= 0).all()
+        assert (det.scores[:-1] >= det.scores[1:]).all() and det.labels.max() < 3
+
+
+def test_groups_are_isolated_in_training():
+    model = _model(groups=3).train()
+    x, sizes = images(), image_sizes()
+    before = model(x, sizes)
+    assert before.logits.shape == (3, 36, 3) and before.queries.groups.tolist() == [0] * 12 + [1] * 12 + [2] * 12
+    with torch.no_grad():  # move group 1's queries: boxes and content
+        model.query_source.box_logits[12:24] += torch.randn(12, 4)
+        model.query_source.content[12:24] += torch.randn(12, 32)
+    after = model(x, sizes)
+    for b, a in zip([before, *before.aux], [after, *after.aux]):
+        for g in (slice(0, 12), slice(24, 36)):  # groups 0 and 2 unchanged
+            assert torch.allclose(b.logits[:, g], a.logits[:, g], atol=1e-5)
+            assert torch.allclose(b.boxes[:, g], a.boxes[:, g], atol=1e-4)
+        assert not torch.allclose(b.boxes[:, 12:24], a.boxes[:, 12:24], atol=1e-3)
+
+
+def test_groups_one_to_one_matching_per_group_and_group0_matches():
+    model = _model(groups=2).train()
+    sizes = image_sizes()
+    pred = model(images(), sizes)
+    losses, matches = model.loss(pred, targets(), sizes)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert [len(i) for i in matches.pred_index] == [0, 1, 3] and all((i < 12).all() for i in matches.pred_index)
+    full = model.criterion.matcher(pred, targets(), sizes, pred.queries.groups)
+    assert [len(i) for i in full.pred_index] == [0, 2, 6]  # one query per GT in each group
+
+
+def test_groups_inference_is_group0_at_the_same_cost():
+    grouped, single = _model(groups=3), _model(groups=1)
+    state = grouped.state_dict()
+    state["query_source.box_logits"] = state["query_source.box_logits"][:12]
+    state["query_source.content"] = state["query_source.content"][:12]
+    single.load_state_dict(state)
+    x, sizes = images(), image_sizes()
+    grouped.eval(), single.eval()
+    with torch.no_grad():
+        a, b = grouped(x, sizes), single(x, sizes)
+    assert a.logits.shape == (3, 12, 3)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.boxes, b.boxes, atol=1e-4)
+    assert _flops(grouped, x, sizes) == _flops(single, x, sizes)
+
+
+class PaddedSource(nn.Module):
+    """A stand-in for the ASAG generator: a variable number of anchors per image, padded, with a loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(0.3))
+        self.calls = []
+
+    def forward(self, features, image_sizes, targets=None):
+        self.calls.append(targets is not None)
+        batch = features[0].shape[0]
+        h, w = image_sizes[:, 0].float(), image_sizes[:, 1].float()
+        grid = torch.linspace(0.15, 0.85, 3)
+        cy, cx = torch.meshgrid(grid, grid, indexing="ij")
+        centres = torch.stack([cx.flatten(), cy.flatten()], -1)  # (9, 2) normalised
+        side = self.scale.detach()  # anchors are handed over detached, as the generator's are
+        boxes = torch.cat([centres - side / 2, centres + side / 2], -1)[None] * torch.stack([w, h, w, h], -1)[:, None]
+        valid = torch.zeros(batch, 9, dtype=torch.bool)
+        valid[:, :5] = True
+        valid[-1] = True  # the last image has all 9
+        return Queries(boxes, valid, extras={"scores": self.scale.expand(batch, 9)})
+
+    def loss(self, queries, targets, image_sizes):
+        return {"loss_anchor": (queries.extras["scores"] * queries.valid).sum() / queries.valid.sum()}
+
+
+def test_pluggable_query_source_with_padding():
+    model = _model()
+    source = PaddedSource()
+    model.set_query_source(source)
+    model.train()
+    sizes = image_sizes()
+    feats = model.features(images())
+    pred = model.head(feats, sizes, targets())
+    assert source.calls == [True] and pred.valid.sum(1).tolist() == [5, 5, 9]
+    assert all((a.valid == pred.valid).all() for a in pred.aux)
+    losses, matches = model.loss(pred, targets(), sizes)
+    assert "loss_anchor" in losses and all(torch.isfinite(v) for v in losses.values())
+    for b, index in enumerate(matches.pred_index):
+        assert pred.valid[b, index].all()  # padding is never matched
+    sum(losses.values()).backward()
+    assert source.scale.grad is not None
+    model.eval()
+    with torch.no_grad():
+        pred = model.head(model.features(images()), sizes)
+    model.max_detections = 1000
+    detections = model.postprocess(pred, sizes)
+    assert [len(d.scores) for d in detections] == [15, 15, 27]  # valid queries x 3 classes only
+
+
+def test_bins_head_carries_box_bins_and_starts_at_the_proposals():
+    model = _model(box_head="bins").train()
+    assert model.spec.bins == 17
+    sizes = image_sizes()
+    pred = model(images(), sizes)
+    assert pred.bins.logits.shape == (3, 12, 4, 17)
+    assert pred.bins.centers.shape == (3, 12, 2) and pred.bins.spacing.shape == (3, 12, 4)
+    assert torch.allclose(pred.bins.decode(), pred.boxes)
+    proposals = pred.aux[0].boxes
+    assert torch.allclose(pred.boxes, proposals, atol=1e-2 * SIZE)  # identity init, bin 4 of 17
+    losses, _ = model.loss(pred, targets(), sizes)
+    assert {"loss_dfl", "loss_dfl_head0"} <= set(losses) and torch.isfinite(losses["loss_dfl"])
+    assert _model().spec.bins is None
+
+
+def test_boxes_are_detached_between_stages():
+    model = _model("sparse_rcnn6").train()
+    with torch.no_grad():  # box outputs start at zero weight, which would block every gradient behind them
+        for stage in [*model.stages, *model.heads]:
+            stage.reg_out.weight.normal_(std=0.01)
+    sizes = image_sizes()
+    pred = model(images(), sizes)
+    losses, _ = model.loss(pred, targets(), sizes)
+    losses["loss_l1"].backward()  # the last stage's box loss only
+    assert model.stages[0].reg_out.weight.grad is None or model.stages[0].reg_out.weight.grad.abs().sum() == 0
+    assert model.heads[0].reg_out.weight.grad.abs().sum() > 0
+    assert model.stages[0].cls_out.weight.grad is None  # no path from the last box to an earlier head
+    assert model.stages[0].interact.params.weight.grad.abs().sum() > 0  # query features are not detached
+
+
+def test_invalid_arguments_are_config_errors():
+    from distill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="box_head"):
+        _model(box_head="points")
+    with pytest.raises(ConfigError, match="groups"):
+        _model(groups=0)
+    assert isinstance(_model(), SparseDetector) and isinstance(_model().query_source, LearnedAnchors)
