@@ -70,11 +70,15 @@ def roi_features(
     side = xyxy_to_cxcywh(flat)[:, 2:].clamp(min=1e-3).prod(dim=1).sqrt()
     level = torch.floor(canonical_level + torch.log2(side / canonical_size)).clamp(min(logs), max(logs))
     out = flat.new_zeros(batch * num, features[0].shape[1], output_size, output_size).to(features[0].dtype)
+    unused = []
     for feat, stride, lg in zip(features, strides, logs):
         index = (level == lg).nonzero(as_tuple=True)[0]
         if len(index):
             out[index] = roi_align(feat, rois[index].to(feat.dtype), output_size, 1.0 / stride, sampling_ratio, aligned=True)
-    return out
+        else:
+            unused.append(feat)
+    # A level no box reads still joins the graph with a zero gradient (DDP's unused-parameter check).
+    return out + sum(f.sum() * 0 for f in unused) if unused else out
 
 
 def box_sine_embedding(boxes: Tensor, image_sizes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
