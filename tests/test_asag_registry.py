@@ -62,3 +62,18 @@ def test_config_round_trip_rebuilds_the_same_model(student):
         a, b = student(images(), sizes), rebuilt(images(), sizes)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.boxes, b.boxes)
     assert rebuilt.spec == student.spec and rebuilt.spec.family == "sparse"
+
+
+@pytest.mark.parametrize("recipe_name", ["sparse6-tiny", "asag-s-tiny"])
+def test_sparse_recipes_build_and_train_one_step(recipe_name):
+    from recipes import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    torch.manual_seed(0)
+    model = create_student(recipe.student.name, num_classes=3, **recipe.student.params)
+    size = recipe.data.image_size
+    sizes = torch.tensor([[size, size]] * 2)
+    x = torch.randn(2, 3, size, size)
+    losses, _ = model.loss(model(x, sizes), targets()[1:], sizes)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
