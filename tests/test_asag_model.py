@@ -209,3 +209,27 @@ def test_invalid_arguments_are_config_errors():
     with pytest.raises(ConfigError, match="groups"):
         _model(groups=0)
     assert isinstance(_model(), SparseDetector) and isinstance(_model().query_source, LearnedAnchors)
+
+
+def test_folded_groups_equal_the_block_diagonal_mask():
+    from students.asag.layers import MaskedSelfAttention
+
+    torch.manual_seed(0)
+    attn = MaskedSelfAttention(16, 4, iof_bias=True).eval()
+    x, pos = torch.randn(2, 6, 16), torch.randn(2, 6, 16)
+    xy = torch.rand(2, 6, 2) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(2, 6, 2) * 30], -1)
+    valid = torch.tensor([[True, True, False, True, True, True], [True] * 6])
+    contiguous = torch.tensor([0, 0, 0, 1, 1, 1])  # folded into the batch
+    order = torch.tensor([0, 3, 1, 4, 2, 5])  # interleaved: groups [0, 1, 0, 1, 0, 1] -> block mask path
+    with torch.no_grad():
+        folded = attn(x, valid, contiguous, pos, boxes, residual_with_pos=True)
+        masked = attn(x[:, order], valid[:, order], contiguous[order], pos[:, order], boxes[:, order], residual_with_pos=True)
+    assert torch.allclose(folded[:, order], masked, atol=1e-5)
+
+
+def test_detach_detaches_the_queries_too():
+    model = _model().train()
+    pred = model(images(1), image_sizes(1)).detach()
+    assert pred.queries is not None and not pred.queries.content.requires_grad and not pred.logits.requires_grad
+    assert all(not a.boxes.requires_grad for a in pred.aux)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from distill.structures import BoxBins, Predictions
 from students.asag.box_ops import apply_deltas, bin_reference
-from students.asag.layers import FFN, MaskedSelfAttention, attention_mask, box_sine_embedding, mlp_head, roi_features
+from students.asag.layers import FFN, MaskedSelfAttention, box_sine_embedding, mlp_head, roi_features
 
 __all__ = ["DynamicStage", "DynamicConv"]
 
@@ -110,7 +110,7 @@ class DynamicStage(nn.Module):
         """features: FPN maps; boxes (B, Q, 4) xyxy px (detached); q (B, Q, D); valid (B, Q); groups (Q,) | None."""
         batch, num, dim = q.shape
         pos = self.pos(box_sine_embedding(boxes, image_sizes, dim)) if self.pos is not None else None
-        q = self.self_attn(q, attention_mask(valid, groups, self.num_heads), pos)
+        q = self.self_attn(q, valid, groups, pos)
         rois = roi_features(features, self.strides, boxes, self.roi_size, self.roi_canonical)  # (B*Q, C, S, S)
         q = self.norm(q + self.interact(q.reshape(batch * num, dim), rois).view(batch, num, dim))
         q = self.ffn(q)

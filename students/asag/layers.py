@@ -4,7 +4,8 @@
 - :func:`roi_features`: multi-level RoIAlign with the FPN level rule of Lin et al.
 - :func:`box_sine_embedding`: sinusoidal embedding of image-normalised boxes.
 - :func:`attention_mask`: additive self-attention mask = per-head bias + key padding + query groups.
-- :class:`MaskedSelfAttention`: MHSA + residual + LayerNorm with such a mask.
+- :class:`MaskedSelfAttention`: MHSA + residual + LayerNorm with such a mask (optional IoF bias;
+  query groups folded into the batch).
 - :func:`mlp_head`: ``n x [Linear - LayerNorm - ReLU]`` towers of the class and box heads.
 """
 from __future__ import annotations
@@ -19,7 +20,10 @@ from torchvision.ops import roi_align
 
 from students.asag.box_ops import xyxy_to_cxcywh
 
-__all__ = ["PyramidFPN", "roi_features", "box_sine_embedding", "attention_mask", "iof_matrix", "MaskedSelfAttention", "mlp_head"]
+__all__ = [
+    "PyramidFPN", "roi_features", "box_sine_embedding", "attention_mask", "iof_matrix", "contiguous_groups",
+    "fold_groups", "unfold_groups", "MaskedSelfAttention", "mlp_head", "FFN",
+]
 
 
 class PyramidFPN(nn.Module):
@@ -121,19 +125,66 @@ def attention_mask(valid: Tensor, groups: Tensor | None, num_heads: int, bias: T
     return mask.flatten(0, 1)
 
 
-class MaskedSelfAttention(nn.Module):
-    """``LN(x + MHSA(x + pos, x + pos, x, mask))`` (dropout 0); x (B, Q, D), pos (B, Q, D) or None."""
+def contiguous_groups(groups: Tensor | None) -> int | None:
+    """K when ``groups`` (Q,) is ``[0]*N + [1]*N + ... + [K-1]*N`` (the layout of learned groups), else None."""
+    if groups is None:
+        return 1
+    count = int(groups.max()) + 1
+    if groups.numel() % count:
+        return None
+    expected = torch.arange(count, device=groups.device).repeat_interleave(groups.numel() // count)
+    return count if torch.equal(groups, expected) else None
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+
+def fold_groups(t: Tensor | None, count: int) -> Tensor | None:
+    """(B, K * N, ...) -> (B * K, N, ...): each group becomes its own batch row."""
+    return None if t is None else t.reshape(t.shape[0] * count, t.shape[1] // count, *t.shape[2:])
+
+
+def unfold_groups(t: Tensor, count: int) -> Tensor:
+    """(B * K, N, ...) -> (B, K * N, ...), the inverse of :func:`fold_groups`."""
+    return t.reshape(t.shape[0] // count, t.shape[1] * count, *t.shape[2:])
+
+
+class MaskedSelfAttention(nn.Module):
+    """``LN(x + MHSA(x + pos, x + pos, x))`` over valid keys of the same query group (dropout 0).
+
+    ``forward(x (B, Q, D), valid (B, Q), groups (Q,) | None, pos (B, Q, D) | None, boxes (B, Q, 4) | None)``.
+    With ``iof_bias`` each head h adds ``tau_h log(IoF(b_i, b_j) + 1e-7)`` (``tau_h`` learned, init
+    U(0, 4); spec §3.3), which needs ``boxes``. ``residual_with_pos``: values and residual are
+    ``x + pos`` (the proposal block) instead of ``x``. Groups in the learned layout are folded into
+    the batch (memory O(K N^2), not O((K N)^2)); any other layout uses a block-diagonal mask.
+    """
+
+    def __init__(self, dim: int, num_heads: int, iof_bias: bool = False) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(dim)
         self.num_heads = num_heads
+        self.tau = nn.Parameter(torch.empty(num_heads).uniform_(0.0, 4.0)) if iof_bias else None
 
-    def forward(self, x: Tensor, mask: Tensor, pos: Tensor | None = None, residual_with_pos: bool = False) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        valid: Tensor,
+        groups: Tensor | None = None,
+        pos: Tensor | None = None,
+        boxes: Tensor | None = None,
+        residual_with_pos: bool = False,
+    ) -> Tensor:
+        count = contiguous_groups(groups)
+        if count is not None and count > 1:
+            x, pos, boxes, valid = (fold_groups(t, count) for t in (x, pos, boxes, valid))
+            groups = None
+        bias = None
+        if self.tau is not None:
+            bias = self.tau[None, :, None, None] * torch.log(iof_matrix(boxes.detach())[:, None] + 1e-7)  # (B, H, Q, Q)
+        mask = attention_mask(valid, groups, self.num_heads, bias)
         qk = x if pos is None else x + pos
-        out, _ = self.attn(qk, qk, qk if residual_with_pos else x, attn_mask=mask, need_weights=False)
-        return self.norm((qk if residual_with_pos else x) + out)
+        value = qk if residual_with_pos else x
+        out, _ = self.attn(qk, qk, value, attn_mask=mask, need_weights=False)
+        out = self.norm(value + out)
+        return unfold_groups(out, count) if count is not None and count > 1 else out
 
 
 def mlp_head(dim: int, layers: int, bias: bool = True) -> nn.Sequential:

@@ -46,6 +46,14 @@ class SparsePredictions(Predictions):
 
     queries: Queries | None = None
 
+    def detach(self) -> "SparsePredictions":
+        out = super().detach()
+        if self.queries is not None:
+            q = self.queries
+            lift = lambda t: t.detach().clone() if isinstance(t, Tensor) else t  # noqa: E731
+            out.queries = Queries(lift(q.boxes), lift(q.valid), lift(q.content), lift(q.groups), {k: lift(v) for k, v in q.extras.items()})
+        return out
+
 
 class SparseDetector(nn.Module):
     """Query-based detector on any timm backbone (see the module docstring).

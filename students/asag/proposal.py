@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from distill.structures import Predictions, Target
 from students.asag.box_ops import cxcywh_to_xyxy, xyxy_to_xyzr, xyzr_to_xyxy
-from students.asag.layers import FFN, MaskedSelfAttention, attention_mask, box_sine_embedding, iof_matrix, mlp_head, roi_features
+from students.asag.layers import FFN, MaskedSelfAttention, box_sine_embedding, mlp_head, roi_features
 
 __all__ = ["Queries", "QuerySource", "LearnedAnchors", "ProposalBlock"]
 
@@ -127,8 +127,7 @@ class ProposalBlock(nn.Module):
         super().__init__()
         self.strides, self.roi_size, self.roi_canonical, self.num_heads = tuple(strides), roi_size, roi_canonical, num_heads
         self.embed = nn.Sequential(nn.Linear(feat_channels * roi_size * roi_size, dim), nn.LayerNorm(dim))
-        self.tau = nn.Parameter(torch.empty(num_heads).uniform_(0.0, 4.0))
-        self.self_attn = MaskedSelfAttention(dim, num_heads)
+        self.self_attn = MaskedSelfAttention(dim, num_heads, iof_bias=True)
         self.ffn = FFN(dim, ffn_dim)
         self.cls_tower, self.reg_tower = mlp_head(dim, cls_layers, bias=False), mlp_head(dim, reg_layers)
         self.cls_out, self.reg_out = nn.Linear(dim, num_classes), nn.Linear(dim, 4)
@@ -143,10 +142,8 @@ class ProposalBlock(nn.Module):
         q = self.embed(rois.flatten(1)).view(batch, num, -1)  # (B, Q, D)
         if queries.content is not None:
             q = q + queries.content
-        bias = self.tau[None, :, None, None] * torch.log(iof_matrix(anchors)[:, None] + 1e-7)  # (B, H, Q, Q)
-        mask = attention_mask(queries.valid, queries.groups, self.num_heads, bias)
         pos = box_sine_embedding(anchors, image_sizes, q.shape[-1])
-        q = self.ffn(self.self_attn(q, mask, pos, residual_with_pos=True))
+        q = self.ffn(self.self_attn(q, queries.valid, queries.groups, pos, anchors, residual_with_pos=True))
         logits = self.cls_out(self.cls_tower(q))  # (B, Q, C)
         delta = self.reg_out(self.reg_tower(q))  # (B, Q, 4)
         # The update starts from the source's boxes as given: learned anchors get their gradient here
