@@ -12,13 +12,16 @@ import torch
 from torch import Tensor
 
 from distill.errors import ConfigError
-from distill.losses import DistillInputs, DistillLoss, create_loss, list_losses, register_loss
-from distill.structures import Assignment, DenseOutputs, Target
+from distill.losses import DistillInputs, DistillLoss, create_loss, list_losses, loss_parameters, register_loss
+from distill.pairers import RegionPairer
+from distill.structures import DetectorSpec, Matches, Pairs, Predictions, Target
+from students.gfl.head import dense_outputs
 
 LEVEL_SIZES = [(2, 2), (1, 2)]
 LEVEL_STRIDES = [8, 16]
 NUM_IMAGES, NUM_CLASSES, REG_MAX, CHANNELS = 2, 3, 4, 5
 NUM_LOCATIONS = sum(h * w for h, w in LEVEL_SIZES)
+IMAGE_HW = (16, 32)  # every location centre lies inside; the box loss divides L1 by (w, h, w, h)
 
 
 def grid(level_sizes=LEVEL_SIZES, level_strides=LEVEL_STRIDES) -> tuple[Tensor, Tensor]:
@@ -41,29 +44,36 @@ def unflatten(flat: Tensor, level_sizes=LEVEL_SIZES) -> list[Tensor]:
     return maps
 
 
+def make_valid(num_images: int = NUM_IMAGES) -> Tensor:
+    """(B, N) bool: location 2 of image 1 is padding."""
+    valid = torch.ones(num_images, NUM_LOCATIONS, dtype=torch.bool)
+    valid[1 % num_images, 2] = False
+    return valid
+
+
 @dataclass
 class Side:
-    """Leaf tensors of one network, flattened: cls (B, N, C), reg (B, N, 4, R+1), feat (B, N, F)."""
+    """Leaf tensors of one network, flattened: cls (B, N, C), reg (B, N, 4, R+1), feat (B, N, F);
+    valid (B, N) bool is not a leaf."""
 
     cls: Tensor
     reg: Tensor
     feat: Tensor
+    valid: Tensor
 
     def leaves(self) -> list[Tensor]:
         return [self.cls, self.reg, self.feat]
 
-    def inputs(self, assignment: Assignment | None = None) -> DistillInputs:
+    @property
+    def spec(self) -> DetectorSpec:
+        return DetectorSpec("dense", self.cls.shape[-1], tuple(LEVEL_STRIDES), self.feat.shape[-1], self.reg.shape[-1])
+
+    def inputs(self, matches: Matches | None = None) -> DistillInputs:
         points, strides = grid()
-        reg_max = self.reg.shape[-1] - 1
-        outputs = DenseOutputs(
-            cls_logits=unflatten(self.cls),
-            reg_logits=unflatten(self.reg.flatten(2)),
-            points=points,
-            strides=strides,
-            level_sizes=LEVEL_SIZES,
-            reg_max=reg_max,
-        )
-        return DistillInputs(outputs=outputs, features=unflatten(self.feat), assignment=assignment)
+        outputs = dense_outputs(unflatten(self.cls), unflatten(self.reg.flatten(2)), points, strides, LEVEL_SIZES, None)
+        outputs.valid = self.valid.clone()
+        image_sizes = torch.tensor([IMAGE_HW] * self.cls.shape[0])
+        return DistillInputs(self.spec, outputs, unflatten(self.feat), matches, image_sizes)
 
 
 def make_side(seed: int, scale: float = 1.0, num_images: int = NUM_IMAGES, reg_max: int = REG_MAX,
@@ -71,29 +81,26 @@ def make_side(seed: int, scale: float = 1.0, num_images: int = NUM_IMAGES, reg_m
     g = torch.Generator().manual_seed(seed)
     shapes = [(num_images, NUM_LOCATIONS, num_classes), (num_images, NUM_LOCATIONS, 4, reg_max + 1),
               (num_images, NUM_LOCATIONS, channels)]
-    return Side(*[(torch.randn(s, generator=g) * scale).to(dtype).requires_grad_() for s in shapes])
+    return Side(*[(torch.randn(s, generator=g) * scale).to(dtype).requires_grad_() for s in shapes], make_valid(num_images))
 
 
 def copy_side(side: Side, dtype=None) -> Side:
-    return Side(*[t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in side.leaves()])
+    return Side(*[t.detach().clone().to(dtype or t.dtype).requires_grad_() for t in side.leaves()], side.valid.clone())
 
 
-def make_assignment(num_images: int = NUM_IMAGES) -> Assignment:
+def make_matches(num_images: int = NUM_IMAGES) -> Matches:
     """Positives: image 0 at locations 0, 3 (level 0) and 4 (level 1); image 1 at 1 and 5; location 2
-    of image 1 is padding. Quality weights differ per positive so weighting matters."""
+    of image 1 is padding (make_valid). Quality weights differ per positive so weighting matters."""
     pos = torch.zeros(num_images, NUM_LOCATIONS, dtype=torch.bool)
     pos[0, [0, 3, 4]] = True
     pos[1 % num_images, [1, 5]] = True
-    valid = torch.ones_like(pos)
-    valid[1 % num_images, 2] = False
     quality = torch.linspace(0.2, 0.9, num_images * NUM_LOCATIONS).reshape(num_images, NUM_LOCATIONS) * pos
-    return Assignment(
-        labels=torch.where(pos, 0, NUM_CLASSES),
-        pos_mask=pos,
-        matched_boxes=torch.zeros(num_images, NUM_LOCATIONS, 4),
-        valid_mask=valid,
-        quality_weight=quality,
-        pos_thresholds=[torch.tensor([0.3]) for _ in range(num_images)],
+    pred_index = [row.nonzero(as_tuple=True)[0] for row in pos]
+    return Matches(
+        pred_index=pred_index,
+        gt_index=[torch.zeros(len(i), dtype=torch.long) for i in pred_index],
+        weight=[quality[b, i] for b, i in enumerate(pred_index)],
+        extras={"pos_thresholds": [torch.tensor([0.3]) for _ in range(num_images)]},
     )
 
 
@@ -101,30 +108,37 @@ def make_targets(num_images: int = NUM_IMAGES) -> list[Target]:
     return [Target(boxes=torch.tensor([[0.0, 0.0, 20.0, 20.0]]), labels=torch.tensor([0])) for _ in range(num_images)]
 
 
-def region_mask(loss: DistillLoss, assignment: Assignment) -> Tensor:
-    points, strides = grid()
-    return loss.region(points, strides, make_targets(assignment.pos_mask.shape[0]), assignment)
+def make_loss(name: str, **kwargs) -> DistillLoss:
+    """``create_loss`` on the dense ``main`` pairer (the default of kd, ld and feature; box defaults to the
+    matched ``gt_bridged`` and is put on the same dense pairs here so every loss sees the same rows)."""
+    return create_loss(name, **{"pairer": "main", **kwargs})
 
 
-def run(loss: DistillLoss, student: Side, teacher: Side, assignment: Assignment | None = None,
+def pairs_of(loss: DistillLoss, student: DistillInputs, teacher: DistillInputs, mask: Tensor | None = None) -> Pairs:
+    """The loss's own pairer on this batch, or the dense pairs of an explicit (B, N) mask."""
+    if mask is not None:
+        return Pairs.from_mask(mask, loss.space)
+    return loss.pairer(student, teacher, make_targets(student.predictions.num_images), loss.space)
+
+
+def run(loss: DistillLoss, student: Side, teacher: Side, matches: Matches | None = None,
         mask: Tensor | None = None) -> Tensor:
-    assignment = assignment or make_assignment(student.cls.shape[0])
-    mask = region_mask(loss, assignment) if mask is None else mask
-    return loss(student.inputs(assignment), teacher.inputs(), mask)
+    matches = matches or make_matches(student.cls.shape[0])
+    loss.check_pair(student.spec, teacher.spec)  # as the engine does before any batch
+    s_in, t_in = student.inputs(matches), teacher.inputs()
+    return loss(s_in, t_in, pairs_of(loss, s_in, t_in, mask))
 
 
 def duplicate(side: Side) -> Side:
-    return Side(*[torch.cat([t, t]).detach().requires_grad_() for t in side.leaves()])
+    return Side(*[torch.cat([t, t]).detach().requires_grad_() for t in side.leaves()], torch.cat([side.valid, side.valid]))
 
 
-def duplicate_assignment(a: Assignment) -> Assignment:
-    return Assignment(
-        labels=torch.cat([a.labels, a.labels]),
-        pos_mask=torch.cat([a.pos_mask, a.pos_mask]),
-        matched_boxes=torch.cat([a.matched_boxes, a.matched_boxes]),
-        valid_mask=torch.cat([a.valid_mask, a.valid_mask]),
-        quality_weight=torch.cat([a.quality_weight, a.quality_weight]),
-        pos_thresholds=a.pos_thresholds + a.pos_thresholds,
+def duplicate_matches(m: Matches) -> Matches:
+    return Matches(
+        pred_index=m.pred_index + m.pred_index,
+        gt_index=m.gt_index + m.gt_index,
+        weight=m.weight + m.weight,
+        extras={k: v + v for k, v in m.extras.items()},
     )
 
 
