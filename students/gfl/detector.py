@@ -179,7 +179,8 @@ class GFL(nn.Module):
         # QFL target: IoU of the (detached) prediction with its GT at positives, 0 elsewhere.
         iou = cls.new_zeros(cls.shape[:2], dtype=torch.float32)
         iou[b_idx, n_idx] = _aligned_iou(pred_boxes.detach(), gt_boxes)
-        valid = outputs.valid
+        # The sizes given here win over those the head saw (a head run without sizes marks all valid).
+        valid = outputs.valid if image_sizes is None else valid_locations(outputs.points, image_sizes, cls.shape[0])
         qfl = quality_focal_loss(cls[valid], labels[valid], iou[valid]).sum()
         num_pos = sum(max(len(index), 1) for index in matches.pred_index)  # sum_i max(#pos_i, 1)
         losses = {"loss_qfl": self.qfl_weight * qfl / num_pos}
