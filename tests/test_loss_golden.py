@@ -361,3 +361,59 @@ def test_ld_count_mode_uses_the_number_of_distilled_edges():
     half.matches.weight[0].mul_(0.5)
     assert call(create_loss("ld", temperature=1.0, normalize="count"), half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 8, rel=1e-6)
     assert call(create_loss("ld", temperature=1.0), half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 3, rel=1e-6)
+
+
+# --- box --------------------------------------------------------------------------------------
+
+
+def box_case():
+    """Two matched pairs, read with each side's own index (student and teacher sets differ in size).
+
+    Pair A: image 0 (h 10, w 20), student 1 = [0, 0, 4, 4] vs teacher 2 = [2, 0, 6, 4], weight 1.
+      L1 / (w, h, w, h) = 2/20 + 0 + 2/20 + 0 = 0.2;  inter [2, 0, 4, 4] = 8, union 16 + 16 - 8 = 24,
+      IoU 1/3, enclosing [0, 0, 6, 4] = 24 = union -> GIoU 1/3, 1 - GIoU = 2/3.
+    Pair B: image 1 (h 20, w 40), student 0 = [0, 0, 2, 2] vs teacher 1 = [4, 4, 6, 6], weight 3.
+      L1 = 4/40 + 4/20 + 4/40 + 4/20 = 0.6;  disjoint: IoU 0, union 8, enclosing [0, 0, 6, 6] = 36
+      -> GIoU = -(36 - 8)/36 = -7/9, 1 - GIoU = 16/9.
+    """
+    s_boxes = torch.tensor([
+        [[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 4.0, 4.0]],
+        [[0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 9.0, 9.0]],
+    ], requires_grad=True)
+    t_boxes = torch.tensor([
+        [[0.0, 0.0, 1.0, 1.0], [3.0, 3.0, 5.0, 5.0], [2.0, 0.0, 6.0, 4.0]],
+        [[0.0, 0.0, 9.0, 9.0], [4.0, 4.0, 6.0, 6.0], [1.0, 2.0, 3.0, 4.0]],
+    ])
+    sizes = torch.tensor([[10, 20], [20, 40]])  # (height, width)
+    student = DistillInputs(predictions=Predictions(torch.zeros(2, 2, 1), s_boxes, torch.ones(2, 2, dtype=torch.bool)), image_sizes=sizes)
+    teacher = DistillInputs(predictions=Predictions(torch.zeros(2, 3, 1), t_boxes, torch.ones(2, 3, dtype=torch.bool)), image_sizes=sizes)
+    pairs = Pairs(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 1]), torch.tensor([1.0, 3.0]), 2)
+    return student, teacher, pairs, s_boxes
+
+
+def test_box_l1_and_giou_on_two_literal_pairs():
+    student, teacher, pairs, s_boxes = box_case()
+    # row A: 5 * 0.2 + 2 * 2/3 = 7/3;  row B: 5 * 0.6 + 2 * 16/9 = 59/9
+    # weighted mean: (1 * 7/3 + 3 * 59/9) / (1 + 3) = (7/3 + 59/3) / 4 = 5.5
+    value = create_loss("box")(student, teacher, pairs)
+    assert value.item() == pytest.approx(5.5, rel=1e-6)
+    assert create_loss("box", weight=2.0)(student, teacher, pairs).item() == pytest.approx(11.0, rel=1e-6)
+    # L1 only: (0.2 + 3 * 0.6) / 4 = 0.5;  GIoU only: (2/3 + 3 * 16/9) / 4 = 1.5
+    assert create_loss("box", l1_weight=1.0, giou_weight=0.0)(student, teacher, pairs).item() == pytest.approx(0.5, rel=1e-6)
+    assert create_loss("box", l1_weight=0.0, giou_weight=1.0)(student, teacher, pairs).item() == pytest.approx(1.5, rel=1e-6)
+    # only the paired student boxes get a gradient
+    value.backward()
+    assert (s_boxes.grad[0, 0] == 0).all() and (s_boxes.grad[1, 1] == 0).all()
+    assert s_boxes.grad[0, 1].abs().sum() > 0 and s_boxes.grad[1, 0].abs().sum() > 0
+
+
+def test_box_rows_kernel():
+    s = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 2.0, 2.0]])
+    t = torch.tensor([[2.0, 0.0, 6.0, 4.0], [4.0, 4.0, 6.0, 6.0]])
+    scale = torch.tensor([[20.0, 10.0, 20.0, 10.0], [40.0, 20.0, 40.0, 20.0]])
+    # the rows of box_case: (7/3 + 3 * 59/9) / 4 = 5.5
+    assert box_rows(s, t, scale, torch.tensor([1.0, 3.0]), 5.0, 2.0).item() == pytest.approx(5.5, rel=1e-6)
+    # fp16 rows give the fp32 result; no rows give exactly 0
+    half = box_rows(s.half(), t.half(), scale, torch.tensor([1.0, 3.0]), 5.0, 2.0)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(5.5, rel=1e-6)
+    assert box_rows(s[:0], t[:0], scale[:0], torch.zeros(0), 5.0, 2.0).item() == 0.0

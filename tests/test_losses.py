@@ -333,7 +333,7 @@ def test_legacy_normalisation_scaling_with_batch_duplication(name):
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
-def test_teacher_on_another_grid_is_a_config_error(name):
+def test_teacher_at_other_strides_is_a_config_error(name):
     # A dense pairer compares the same location on both sides: a teacher predicting at / with FPN maps
     # at other strides is refused by the pair check, before any batch.
     loss = make_loss(name)
@@ -342,13 +342,23 @@ def test_teacher_on_another_grid_is_a_config_error(name):
     other = DetectorSpec("dense", NUM_CLASSES, (8, 32), CHANNELS, REG_MAX + 1)
     with pytest.raises(ConfigError, match=r"teacher strides \(8, 32\) != student strides \(8, 16\).*same FPN levels"):
         loss.check_pair(student.spec, other)
-    if "features" in loss.needs:
-        # FPN maps of another input size are still refused when the maps meet
-        teacher = make_side(1).inputs()
-        teacher.features = [f.reshape(f.shape[0], f.shape[1], 1, -1) for f in teacher.features]  # (1, 4), (1, 2)
-        s_in = student.inputs(make_matches())
-        with pytest.raises(ConfigError, match="same strides and input size"):
-            loss(s_in, teacher, pairs_of(loss, s_in, teacher))
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_teacher_on_another_grid_is_a_config_error(name):
+    # Same strides, another input size: the teacher's grid is (1, 4), (1, 2) where the student's is
+    # (2, 2), (1, 2) — as many locations, at other places. The spec cannot tell (no input size), so the
+    # grids are compared when the maps meet (pairer or loss), as the dense pairer documents.
+    loss = make_loss(name)
+    student, teacher = make_side(0), make_side(1)
+    loss.check_pair(student.spec, teacher.spec)
+    sizes = [(1, 4), (1, 2)]
+    points, strides = grid(sizes)
+    t_out = dense_outputs(unflatten(teacher.cls, sizes), unflatten(teacher.reg.flatten(2), sizes), points, strides, sizes, None)
+    t_in = DistillInputs(teacher.spec, t_out, unflatten(teacher.feat, sizes), None, torch.tensor([(8, 64)] * NUM_IMAGES))
+    s_in = student.inputs(make_matches())
+    with pytest.raises(ConfigError, match="same strides and input size"):
+        loss(s_in, t_in, pairs_of(loss, s_in, t_in))
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)

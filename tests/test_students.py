@@ -18,9 +18,11 @@ from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, 
 from students import create_student, list_students, register_student
 from students.registry import student_entrypoint
 
+import toy_query  # noqa: F401  registers the test-only sparse detector, so the common contract covers a sparse one
+
 TINY = dict(num_classes=3, fpn_channels=16, head_convs=1, pretrained=None)
 # Small settings of every registered student that is not a GFL preset (a new student adds its own).
-TINY_BY_NAME: dict[str, dict] = {}
+TINY_BY_NAME: dict[str, dict] = {"toy_query": {}}
 
 
 def tiny_kwargs(name: str) -> dict:

@@ -15,7 +15,7 @@ from distill.errors import ConfigError
 from distill.inputs import DistillInputs
 from distill.pairers.base import Pairer
 from distill.regions import Region
-from distill.structures import DetectorSpec, Pairs, Target
+from distill.structures import DenseOutputs, DetectorSpec, Pairs, Target
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,22 @@ class RegionPairer(Pairer):
                 f"dense pairs compare the same locations, so both detectors must {what} the same FPN levels"
             )
 
-    def __call__(self, student: DistillInputs, teacher: DistillInputs, targets: list[Target], space: str) -> Pairs:
+    def __call__(self, student: DistillInputs, teacher: DistillInputs | None, targets: list[Target], space: str) -> Pairs:
+        if space == "predictions":
+            self._check_same_grid(student, teacher)
         points, strides, valid = student.grid(space)
         mask = self.region(points, strides, targets, student.matches, valid)  # (B, N)
         return Pairs.from_mask(mask, space)
+
+    def _check_same_grid(self, student: DistillInputs, teacher: DistillInputs | None) -> None:
+        """Same strides are checked at build time; the map sizes (input size, padding) only here."""
+        s_grid = student.predictions
+        t_grid = None if teacher is None else teacher.predictions  # a teacher cache checks its own canvas
+        if isinstance(s_grid, DenseOutputs) and isinstance(t_grid, DenseOutputs) and list(s_grid.level_sizes) != list(t_grid.level_sizes):
+            raise ConfigError(
+                f"pairer {str(self.region)!r}: student levels {s_grid.level_sizes} != teacher levels {t_grid.level_sizes}; "
+                "logit distillation needs the same strides and input size"
+            )
 
     def __str__(self) -> str:
         return str(self.region)
