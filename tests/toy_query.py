@@ -36,6 +36,7 @@ class ToyQuery(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * channels, 2 * channels), nn.ReLU(), nn.Linear(2 * channels, num_classes + 4))
         nn.init.constant_(self.mlp[-1].bias[:num_classes], -2.0)
         nn.init.zeros_(self.mlp[-1].weight)
+        self.score_thresh, self.max_detections = 0.05, 100
         self.config = {"name": "toy_query", "params": {}}
 
     @property
@@ -116,7 +117,9 @@ class ToyQuery(nn.Module):
         out = []
         for b in range(predictions.num_images):
             probs = predictions.logits[b].float().sigmoid()  # (Q, C)
-            scores, flat = probs.flatten().topk(min(100, probs.numel()))
+            scores, flat = probs.flatten().topk(min(self.max_detections, probs.numel()))
+            keep = scores > self.score_thresh
+            scores, flat = scores[keep], flat[keep]
             h, w = image_sizes[b].tolist()
             boxes = predictions.boxes[b, flat // self.num_classes].clone()
             boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
