@@ -80,7 +80,7 @@ def inference_seconds(teacher: FrozenTeacher, dataset, variants: tuple[str, ...]
     started = time.perf_counter()
     with torch.inference_mode():
         for batch in entry_loader(dataset, [pairs], batch_size, canvas):
-            teacher.model.head(teacher.model.features(batch.images))
+            teacher.model.head(teacher.model.features(batch.images), batch.image_sizes)
     return time.perf_counter() - started
 
 
@@ -126,7 +126,10 @@ def main(argv: list[str] | None = None) -> dict:
     canvas = canvas_for(size, recipe.data.size_divisor)
     infer = [inference_seconds(teacher, train, spec.variants, args.build_batch, canvas)]
     started = time.perf_counter()
-    summary = build_cache(teacher, train, work / "cache", spec, batch_size=args.build_batch, show_progress=False)
+    from distill.cli.cache_cmd import cache_matcher
+
+    matcher = cache_matcher(recipe, len(train.classes))  # the recipe's student: its assignment selects the rows
+    summary = build_cache(teacher, train, work / "cache", spec, matcher=matcher, batch_size=args.build_batch, show_progress=False)
     build_s = time.perf_counter() - started
     infer.append(inference_seconds(teacher, train, spec.variants, args.build_batch, canvas))
     entries = summary["entries"]

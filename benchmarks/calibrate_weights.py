@@ -44,7 +44,7 @@ def calibrate(student_ckpt: Path, teacher_run: Path, data: Path, image_size: int
     teacher = load_teacher(teacher_run)
     dataset = load_dataset(data, "train", DetectionTransform(image_size))
     pairs = [
-        (row, create_loss(ref[0], weight=ref[1], region=ref[2], legacy=True, **ref[3]), create_loss(ours[0], region=ours[1], **ours[2]))
+        (row, create_loss(ref[0], weight=ref[1], pairer=ref[2], legacy=True, **ref[3]), create_loss(ours[0], pairer=ours[1], **ours[2]))
         for row, ref, ours in PAIRS
     ]
     sums = {row: [0.0, 0.0] for row, _, _ in pairs}
@@ -53,17 +53,16 @@ def calibrate(student_ckpt: Path, teacher_run: Path, data: Path, image_size: int
     for b in range(count):
         batch = collate([dataset[i] for i in range(b * images_per_batch, (b + 1) * images_per_batch)])
         features = student.features(batch.images)
-        outputs = student.head(features)
-        terms, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
+        outputs = student.head(features, batch.image_sizes)
+        terms, matches = student.loss(outputs, batch.targets, batch.image_sizes)
         for key, value in terms.items():
             student_terms[key] = student_terms.get(key, 0.0) + float(value) / count
-        t_features, t_outputs = teacher.run(batch.images)
-        s_in = DistillInputs(outputs=outputs, features=features, assignment=assignment)
-        t_in = DistillInputs(outputs=t_outputs, features=t_features)
+        s_in = DistillInputs(student.spec, outputs, features, matches, batch.image_sizes)
+        t_in = teacher.inputs(batch, s_in, frozenset({"head", "features"}))
         for row, reference, ours in pairs:
-            mask = ours.region(outputs.points, outputs.strides, batch.targets, assignment)
-            sums[row][0] += float(reference(s_in, t_in, mask)) / count
-            sums[row][1] += float(ours(s_in, t_in, mask)) / count
+            rows_ = ours.pairer(s_in, t_in, batch.targets, ours.space)
+            sums[row][0] += float(reference(s_in, t_in, rows_)) / count
+            sums[row][1] += float(ours(s_in, t_in, rows_)) / count
     rows = {row: {"reference": ref, "ours_weight_1": ours, "equivalent_weight": ref / ours if ours > 0 else None} for row, (ref, ours) in sums.items()}
     return {"batches": count, "images_per_batch": images_per_batch, "student_terms": student_terms, "rows": rows}
 

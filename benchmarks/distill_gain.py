@@ -14,6 +14,7 @@ Gap closed = (recipe AP - baseline AP) / (teacher AP - baseline AP), on the mean
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -124,16 +125,16 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
         return run
 
     # The distillation terms alone: masks + losses forward + their backward to the head outputs.
+    # (Pairs, row reads, kernels and their backward; the levels are concatenated once in the head,
+    # shared with the student's own loss, so that is part of the student step.)
     features = student.features(batch.images)
-    outputs = student.head(features)
-    _, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
-    t_features, t_outputs = teacher.run(batch.images)
-    leaf_cls = [x.detach().requires_grad_() for x in outputs.cls_logits]
-    leaf_reg = [x.detach().requires_grad_() for x in outputs.reg_logits]
-    leaf_outputs = type(outputs)(leaf_cls, leaf_reg, outputs.points, outputs.strides, outputs.level_sizes, outputs.reg_max)
-    leaf_features = [f.detach().requires_grad_() for f in features]
-    s_in = DistillInputs(outputs=leaf_outputs, features=leaf_features, assignment=assignment)
-    t_in = DistillInputs(outputs=t_outputs, features=t_features)
+    outputs = student.head(features, batch.image_sizes)
+    _, matches = student.loss(outputs, batch.targets, batch.image_sizes)
+    leaf = lambda x: x.detach().requires_grad_()  # noqa: E731
+    leaf_bins = dataclasses.replace(outputs.bins, logits=leaf(outputs.bins.logits))
+    leaf_outputs = dataclasses.replace(outputs, logits=leaf(outputs.logits), boxes=leaf(outputs.boxes), bins=leaf_bins)
+    s_in = DistillInputs(student.spec, leaf_outputs, [leaf(f) for f in features], matches, batch.image_sizes)
+    t_in = distiller.source.inputs(batch, s_in, distiller.needs)
 
     def losses_only():
         sum(distillation_terms(losses, loss_keys(losses), s_in, t_in, batch.targets).values()).backward()
@@ -161,9 +162,9 @@ def summarise(results: dict, cost: dict | None) -> dict:
         aps = [r["final"]["AP"] for r in runs]
         rows[name] = {"AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0, "APs": aps,
                       "AP50_mean": statistics.mean(r["final"]["AP50"] for r in runs), "seeds": [r["seed"] for r in runs]}
-    base = rows[VARIANTS[0][0]]["AP_mean"]
+    base = rows.get(VARIANTS[0][0], {}).get("AP_mean")  # absent when --only leaves the baseline out
     for row in rows.values():
-        row["gap_closed"] = gap_closed(teacher_ap, base, row["AP_mean"])
+        row["gap_closed"] = None if base is None else gap_closed(teacher_ap, base, row["AP_mean"])
     return {"teacher_AP": teacher_ap, "teacher_final": results["teacher"]["final"], "rows": rows, "cost": cost}
 
 

@@ -65,13 +65,14 @@ class EvalSpec:
 
 @dataclass
 class LossSpec:
-    """One distillation term: ``weight * loss(student, teacher, region mask)``."""
+    """One distillation term: ``weight * loss(student, teacher, pairs)``, pairs from ``pairer``
+    (a dense region: main, vlr, gt_boxes, all; or a matched pairer: gt_bridged, teacher_set)."""
 
     name: str
     weight: float = 1.0
-    region: str = "main"
+    pairer: str = "main"
     params: dict[str, Any] = field(default_factory=dict)
-    region_params: dict[str, Any] = field(default_factory=dict)
+    pairer_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

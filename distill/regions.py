@@ -1,17 +1,18 @@
 """Distillation regions: which dense locations a loss looks at, and how much each one counts.
 
-A region turns the student's label assignment and the ground truth into a ``(B, N)`` float mask in
-the flatten order of :class:`~distill.structures.DenseOutputs` (level by level, P3 first, row-major).
-``0`` means "not distilled"; a positive value is the location's weight. Padding locations (outside
-``Assignment.valid_mask``) are always 0, and an image without ground truth gives an all-zero row for
-every GT-dependent region.
+A region turns the student's matches and the ground truth into a ``(B, N)`` float mask over a
+dense location grid, in the flatten order of :class:`~distill.structures.DenseOutputs` (level by
+level, P3 first, row-major). ``0`` means "not distilled"; a positive value is the location's weight.
+Invalid locations (batch padding, ``valid`` False) are always 0, and an image without ground truth
+gives an all-zero row for every GT-dependent region. The dense pairer (``distill.pairers.dense``)
+turns a region mask into pairs whose student and teacher index is the same location.
 
 Built-in regions (names used by recipes):
 
-- ``main``: the student's own positives (``Assignment.pos_mask``), weight 1 — LD's "main region".
+- ``main``: the student's own positives (its dense ``Matches``), weight 1 — LD's "main region".
 - ``vlr``: the valuable localization region of LD. A location is VLR for GT ``g`` when the DIoU of its
   square anchor (side ``8 * stride``) with ``g`` lies in ``[gamma * alpha_pos(g), alpha_pos(g))``,
-  with ``alpha_pos`` the ATSS threshold from ``Assignment.pos_thresholds``. Among the GTs a location
+  with ``alpha_pos`` the ATSS threshold from ``Matches.extras["pos_thresholds"]``. Among the GTs a location
   is VLR for, the one with the largest plain IoU is chosen; the weight is that IoU.
   ``metric="diou"`` (default) is true DIoU (``torchvision.ops.distance_box_iou``);
   ``metric="diou_iof_legacy"`` reproduces the official LD code, whose "DIoU" divides the
@@ -20,8 +21,9 @@ Built-in regions (names used by recipes):
 - ``gt_boxes``: location centre strictly inside some GT box ("inside GT box" imitation), weight 1.
 - ``all``: every valid location, weight 1.
 
-Every region function takes ``(points, strides, targets, assignment)`` positionally and its options
-as keyword-only arguments; :func:`create_region` binds the options into a hashable :class:`Region`
+Every region function takes ``(points, strides, targets, matches, valid)`` positionally and its
+options as keyword-only arguments (``matches`` may be None for regions that do not read it:
+``gt_boxes`` and ``all``, which therefore also work on the FPN grid of a sparse student); :func:`create_region` binds the options into a hashable :class:`Region`
 so the engine can compute each distinct mask once per step.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ from torchvision.ops import box_iou, distance_box_iou
 
 from distill.errors import ConfigError
 from distill.ops.boxes import diou_iof_legacy, square_anchors
-from distill.structures import Assignment, Target
+from distill.structures import Matches, Target
 
 VLR_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "diou": distance_box_iou,
@@ -46,19 +48,19 @@ VLR_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 
 @torch.no_grad()
-def main_region(points: Tensor, strides: Tensor, targets: list[Target], assignment: Assignment) -> Tensor:
-    """(B, N) float: 1 at the student's positive locations, 0 elsewhere."""
-    return (assignment.pos_mask & assignment.valid_mask).float()
+def main_region(points: Tensor, strides: Tensor, targets: list[Target], matches: Matches | None, valid: Tensor) -> Tensor:
+    """(B, N) float: 1 at the student's positive locations, 0 elsewhere. valid: (B, N) bool."""
+    return (_require(matches, "main").positive_mask(valid.shape[1]) & valid).float()
 
 
 @torch.no_grad()
-def all_region(points: Tensor, strides: Tensor, targets: list[Target], assignment: Assignment) -> Tensor:
+def all_region(points: Tensor, strides: Tensor, targets: list[Target], matches: Matches | None, valid: Tensor) -> Tensor:
     """(B, N) float: 1 at every valid (non-padding) location."""
-    return assignment.valid_mask.float()
+    return valid.float()
 
 
 @torch.no_grad()
-def gt_boxes_region(points: Tensor, strides: Tensor, targets: list[Target], assignment: Assignment) -> Tensor:
+def gt_boxes_region(points: Tensor, strides: Tensor, targets: list[Target], matches: Matches | None, valid: Tensor) -> Tensor:
     """(B, N) float: 1 where the location centre lies strictly inside at least one GT box.
 
     points: (N, 2) xy centres in input pixels.
@@ -69,8 +71,8 @@ def gt_boxes_region(points: Tensor, strides: Tensor, targets: list[Target], assi
         x, y = points[:, 0:1], points[:, 1:2]  # (N, 1) each, broadcast against (G,)
         inside = (x > boxes[:, 0]) & (x < boxes[:, 2]) & (y > boxes[:, 1]) & (y < boxes[:, 3])  # (N, G)
         rows.append(inside.any(dim=1))  # any() over G = 0 is False: empty GT -> empty mask
-    mask = torch.stack(rows) if rows else assignment.valid_mask.new_zeros(assignment.valid_mask.shape)
-    return (mask & assignment.valid_mask).float()
+    mask = torch.stack(rows) if rows else valid.new_zeros(valid.shape)
+    return (mask & valid).float()
 
 
 @torch.no_grad()
@@ -78,7 +80,8 @@ def vlr_region(
     points: Tensor,
     strides: Tensor,
     targets: list[Target],
-    assignment: Assignment,
+    matches: Matches | None,
+    valid: Tensor,
     *,
     gamma: float = 0.25,
     metric: str = "diou",
@@ -86,19 +89,20 @@ def vlr_region(
 ) -> Tensor:
     """(B, N) float: the IoU of each VLR location with its chosen GT, 0 elsewhere.
 
-    points: (N, 2); strides: (N,); ``assignment.pos_thresholds[b]``: (G_b,) alpha_pos per GT.
+    points: (N, 2); strides: (N,); ``matches.extras["pos_thresholds"][b]``: (G_b,) alpha_pos per GT.
     """
     _check_vlr_params(gamma, metric)
-    if len(assignment.pos_thresholds) != len(targets):
+    thresholds = _require(matches, "vlr").extras.get("pos_thresholds", [])
+    if len(thresholds) != len(targets):
         raise ConfigError(
-            f"region 'vlr' needs one ATSS threshold tensor per image (Assignment.pos_thresholds), got "
-            f"{len(assignment.pos_thresholds)} for {len(targets)} images; use a detector with an ATSS-style assigner"
+            f"region 'vlr' needs one ATSS threshold tensor per image (Matches.extras['pos_thresholds']), got "
+            f"{len(thresholds)} for {len(targets)} images; use a detector with an ATSS-style assigner"
         )
     anchors = square_anchors(points.float(), strides.float(), 8.0)  # (N, 4), as ATSS ranks them
-    mask = _vlr_batch(anchors, targets, assignment.pos_thresholds, gamma, VLR_METRICS[metric])
-    mask = mask.reshape(assignment.valid_mask.shape) * assignment.valid_mask
+    mask = _vlr_batch(anchors, targets, thresholds, gamma, VLR_METRICS[metric])
+    mask = mask.reshape(valid.shape) * valid
     if exclude_pos:
-        mask = mask * ~assignment.pos_mask
+        mask = mask * ~matches.positive_mask(valid.shape[1])
     return mask
 
 
@@ -135,7 +139,15 @@ def _check_vlr_params(gamma: float, metric: str) -> None:
         raise ConfigError(f"region 'vlr': metric must be one of {sorted(VLR_METRICS)}, got {metric!r}")
 
 
+def _require(matches: Matches | None, region: str) -> Matches:
+    if matches is None:
+        raise ConfigError(f"region {region!r} reads the student's dense matches, which this side does not have")
+    return matches
+
+
 RegionFn = Callable[..., Tensor]
+# Regions that read the student's matches (so they need a dense student whose predictions are the grid).
+READS_MATCHES = frozenset({"main", "vlr"})
 REGIONS: dict[str, RegionFn] = {
     "main": main_region,
     "vlr": vlr_region,
@@ -151,14 +163,18 @@ _PARAM_CHECKS: dict[str, Callable[..., None]] = {
 class Region:
     """A named region with bound options; hashable so equal regions can share one mask per step.
 
-    Call as ``region(points (N, 2), strides (N,), targets, assignment) -> (B, N) float``.
+    Call as ``region(points (N, 2), strides (N,), targets, matches, valid (B, N)) -> (B, N) float``.
     """
 
     name: str
     params: tuple[tuple[str, Any], ...] = ()
 
-    def __call__(self, points: Tensor, strides: Tensor, targets: list[Target], assignment: Assignment) -> Tensor:
-        return REGIONS[self.name](points, strides, targets, assignment, **dict(self.params))
+    def __call__(self, points: Tensor, strides: Tensor, targets: list[Target], matches: Matches | None, valid: Tensor) -> Tensor:
+        return REGIONS[self.name](points, strides, targets, matches, valid, **dict(self.params))
+
+    @property
+    def reads_matches(self) -> bool:
+        return self.name in READS_MATCHES
 
     def __str__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.params)

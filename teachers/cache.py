@@ -8,9 +8,11 @@
   memory-mapped safetensors, only the rows of the batch are read. Nothing is written at train time,
   so every DDP rank (or any number of concurrent runs) can open the same folder.
 - :meth:`TeacherCache.inputs` gives a :class:`CachedTeacherInputs` — a ``DistillInputs`` whose row
-  accessors (``cls_rows``, ``reg_rows``, ``feature_rows``) serve the cached rows for a ``select``
-  mask, and raise :class:`CacheMissError` naming the image, variant and location when the mask asks
-  for a location the cache does not hold (a region that was not cached).
+  accessors (``cls_rows``, ``bin_rows``, ``box_rows``, ``feature_rows``) serve the cached rows for
+  the pairs' (image, location) columns, and raise :class:`CacheMissError` naming the image, variant
+  and location when a pair asks for a location the cache does not hold (a region that was not
+  cached; :meth:`TeacherCache.check_run` refuses such a run before it starts). A cache is a teacher
+  source like the frozen teacher: ``spec`` and ``inputs(batch, student, needs)``.
 - :class:`CachedVariantDataset` wraps the training split: samples are collated on the cache canvas
   (the teacher's outputs near padding depend on how much padding there is) and only cached variants
   are drawn; :meth:`TeacherCache.check_run` refuses, before training, a cache whose teacher, data,
@@ -28,10 +30,10 @@ from safetensors import SafetensorError
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from distill.errors import CheckpointError, DataError
-from distill.losses.registry import DistillInputs
+from distill.errors import CheckpointError, ConfigError, DataError
+from distill.inputs import DistillInputs
 from distill.regions import Region
-from distill.structures import Batch, DenseOutputs
+from distill.structures import Batch, BoxBins, DenseOutputs, DetectorSpec
 from teachers.cache_format import (
     VARIANTS, check_shard, check_shard_size, covers, open_shard, read_manifest, region_from_json, variant_code,
 )
@@ -63,26 +65,14 @@ def drawn_variants(hflip_prob: float) -> list[str]:
     return [v for v, drawn in (("none", hflip_prob < 1.0), ("hflip", hflip_prob > 0.0)) if drawn]
 
 
-class CachedDenseOutputs(DenseOutputs):
-    """The teacher's dense-map *shapes* (classes, bins, levels) without values.
-
-    ``cls_logits`` / ``reg_logits`` are zero-stride placeholders (no memory); the values are served
-    as rows by :class:`CachedTeacherInputs`, so reading the maps themselves is a programming error.
-    """
-
-    def flat_cls(self) -> Tensor:
-        raise TypeError("a cached teacher serves class logits as rows: read them with DistillInputs.cls_rows(select)")
-
-    def flat_reg(self) -> Tensor:
-        raise TypeError("a cached teacher serves bin logits as rows: read them with DistillInputs.reg_rows(select)")
-
-
 @dataclass
 class CachedTeacherInputs(DistillInputs):
     """Teacher side of one batch, served from a cache. R / R_f: cached head / feature rows of the batch.
 
     head_index, feat_index: (B, N) row of each location in ``cls`` / ``reg`` / ``feat``, -1 where
     nothing is cached. cls (R, C), reg (R, 4, K), feat (R_f, C_f): fp32 (stored as fp16).
+    points (N, 2), strides (N,): the canvas grid, the frame the cached bins are measured in (boxes
+    are decoded from the bins on demand).
     """
 
     head_index: Tensor | None = None
@@ -90,40 +80,51 @@ class CachedTeacherInputs(DistillInputs):
     reg: Tensor | None = None
     feat_index: Tensor | None = None
     feat: Tensor | None = None
+    points: Tensor | None = None
+    strides: Tensor | None = None
     level_sizes: list[tuple[int, int]] = field(default_factory=list)
     keys: list[tuple[int, bool]] = field(default_factory=list)  # (image id, flipped) per batch row
     source: str = ""
     held: dict[str, str] = field(default_factory=dict)  # part -> cached regions, for messages
 
-    def cls_rows(self, select: Tensor) -> Tensor:
-        return self.cls[self._rows(self.head_index, select, "head")]
+    def cls_rows(self, image: Tensor, index: Tensor) -> Tensor:
+        return self.cls[self._rows(self.head_index, image, index, "head")]
 
-    def reg_rows(self, select: Tensor) -> Tensor:
-        return self.reg[self._rows(self.head_index, select, "head")]
+    def bin_rows(self, image: Tensor, index: Tensor) -> Tensor:
+        return self.reg[self._rows(self.head_index, image, index, "head")]
 
-    def feature_rows(self, level: int, select: Tensor) -> Tensor:
+    def bin_references(self, image: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.points[index], self.strides[index, None].expand(-1, 4)
+
+    def box_rows(self, image: Tensor, index: Tensor) -> Tensor:
+        bins = BoxBins(self.bin_rows(image, index)[None], self.points[index][None], self.strides[index][None, :, None])
+        return bins.decode()[0]
+
+    def feature_rows(self, level: int, image: Tensor | None, index: Tensor | None) -> Tensor:
         offset = sum(h * w for h, w in self.level_sizes[:level])
         h, w = self.level_sizes[level]
-        index = None if self.feat_index is None else self.feat_index[:, offset : offset + h * w]
-        return self.feat[self._rows(index, select, "feature", offset)]
+        if self.feat_index is None:
+            raise CheckpointError(f"{self.source}: holds no teacher feature rows")
+        if index is None:  # every location of the level, image-major
+            level_index = self.feat_index[:, offset : offset + h * w]
+            image, index = (torch.ones_like(level_index, dtype=torch.bool)).nonzero(as_tuple=True)
+        return self.feat[self._rows(self.feat_index, image, index + offset, "feature")]
 
     def feature_sizes(self) -> list[tuple[int, int]]:
         if self.feat_index is None:
             raise CheckpointError(f"{self.source}: holds no teacher features; rebuild it with --features (or for this recipe)")
         return list(self.level_sizes)
 
-    def require_features(self) -> list[Tensor]:
-        raise TypeError("a cached teacher serves FPN features as rows: read them with DistillInputs.feature_rows(level, select)")
-
-    def _rows(self, index: Tensor | None, select: Tensor, part: str, offset: int = 0) -> Tensor:
-        """select (B, n) bool -> (M,) cached row ids, or CacheMissError naming the first missing location."""
-        if index is None:
+    def _rows(self, index_map: Tensor | None, image: Tensor, location: Tensor, part: str) -> Tensor:
+        """(R,) image and flat location -> (R,) cached row ids, or CacheMissError naming the first missing one."""
+        if index_map is None:
             raise CheckpointError(f"{self.source}: holds no teacher {part} rows")
-        ids = index[select]
-        if bool((ids < 0).any()):
-            b, n = (select & (index < 0)).nonzero()[0].tolist()
+        ids = index_map[image, location]
+        missing = (ids < 0).nonzero(as_tuple=True)[0]
+        if len(missing):
+            b, n = int(image[missing[0]]), int(location[missing[0]])
             image_id, flipped = self.keys[b]
-            level, y, x = self._position(offset + n)
+            level, y, x = self._position(n)
             raise CacheMissError(
                 f"{self.source}: no cached teacher {part} row for image id {image_id} ({'hflip' if flipped else 'none'}) at "
                 f"level {level} row {y} col {x}; the cache holds {part} rows for {self.held.get(part) or 'no region'} only: "
@@ -220,10 +221,11 @@ class TeacherCache:
         return ", ".join(str(region_from_json(r)) for r in regions)
 
     # ----------------------------------------------------------------------------- checks
-    def check_run(self, teacher, dataset, losses, size_divisor: int, student=None) -> None:
+    def check_run(self, teacher, dataset, losses, size_divisor: int, student) -> None:
         """Refuse (one CheckpointError line) a run this cache does not fit; call before training.
 
-        teacher: FrozenTeacher (its class_index set as the run sets it); dataset: the training split.
+        teacher: FrozenTeacher (its class_index set as the run sets it); dataset: the training split;
+        student: the detector being distilled (its ``grid_matches`` must be the cache's assignment).
         ``distill_run`` checks before evaluating the teacher and ``Distiller.fit`` checks again for API
         users; the second call on the same objects returns at once (the fingerprint hashes the
         teacher's weights and the annotation file, which on COCO takes seconds).
@@ -231,22 +233,34 @@ class TeacherCache:
         key = (id(teacher), id(dataset), tuple(id(loss) for loss in losses), size_divisor, id(student))
         if getattr(self, "_checked", None) == key:
             return
-        spec = CacheSpec(self.variants, self._regions("head"), self._regions("features"), size_divisor, self._topk())
-        current = fingerprint(teacher, dataset, spec)
+        spec = CacheSpec(self.variants, self._regions("head"), self._regions("features"), size_divisor)
+        try:
+            current = fingerprint(teacher, dataset, spec, student)
+        except ConfigError as exc:
+            raise CheckpointError(f"{self.folder}: {exc}") from None
         for section, what in (("format", "another format"), ("teacher", "another teacher"), ("data", "other training data"), ("input", "another input transform")):
             if current[section] != self.fingerprint[section]:
                 raise CheckpointError(
                     f"{self.folder}: teacher cache was built for {what} ({describe_difference(self.fingerprint[section], current[section], section)}); "
                     "rebuild it with 'detkd cache' for this teacher, data and recipe"
                 )
-        topk = getattr(student, "atss_topk", None)
-        if topk is not None and topk != self._topk():
-            raise CheckpointError(f"{self.folder}: cache selected locations with ATSS topk {self._topk()}, the student uses {topk}; rebuild it for this recipe")
+        cached, now = self.fingerprint["selection"]["assigner"], current["selection"]["assigner"]
+        if cached != now:
+            raise CheckpointError(
+                f"{self.folder}: cache selected locations with the assignment {describe_difference(cached, now, 'assigner')}; "
+                "rebuild it for this recipe"
+            )
         for loss in losses:
+            region = getattr(loss.pairer, "region", None)  # a RegionPairer's region; matched pairers have none
+            if region is None:
+                raise CheckpointError(
+                    f"{self.folder}: loss '{loss.name}' pairs with {loss.pairer.name!r}, but a dense teacher cache serves the rows of "
+                    "dense regions only (main, vlr, gt_boxes, all); run that loss with the online teacher"
+                )
             for part, regions in (("head", self.head_regions), ("features", self.feature_regions)):
-                if part in loss.needs and not covers(regions, loss.region):
+                if part in loss.needs and not covers(regions, region):
                     raise CheckpointError(
-                        f"{self.folder}: loss '{loss.name}' reads teacher {part} in region {loss.region}, but the cache holds "
+                        f"{self.folder}: loss '{loss.name}' reads teacher {part} in region {region}, but the cache holds "
                         f"{part} rows for {self.describe(part) or 'no region'} only; rebuild it with 'detkd cache --recipe RECIPE' or --dense"
                     )
         missing = [v for v in drawn_variants(dataset.transform.hflip_prob) if v not in self.variants]
@@ -261,8 +275,11 @@ class TeacherCache:
     def _regions(self, part: str) -> tuple[Region, ...]:
         return tuple(region_from_json(r) for r in (self.head_regions if part == "head" else self.feature_regions))
 
-    def _topk(self) -> int:
-        return int(self.fingerprint["selection"]["assigner"]["topk"])
+    @property
+    def spec(self) -> DetectorSpec:
+        """The cached teacher as pair checks see it (classes already mapped to the student's)."""
+        teacher = self.fingerprint["teacher"]
+        return DetectorSpec("dense", int(self.num_classes or teacher["num_classes"]), tuple(teacher["strides"]), teacher["fpn_channels"], self.bins)
 
     def training_set(self, dataset) -> CachedVariantDataset:
         """``dataset`` collated on the cache canvas, drawing cached variants only."""
@@ -312,25 +329,26 @@ class TeacherCache:
             self._handles.popitem(last=False)
         return handle, self._entries[k]
 
-    def inputs(self, batch: Batch, outputs: DenseOutputs, features: bool = False) -> CachedTeacherInputs:
-        """The teacher side of ``batch`` for the losses; ``outputs``: the student's head outputs (grid check)."""
-        if [tuple(s) for s in outputs.level_sizes] != self.level_sizes:
+    def inputs(self, batch: Batch, student: DistillInputs, needs: frozenset[str] = frozenset({"head"})) -> CachedTeacherInputs:
+        """The teacher side of ``batch`` for the losses (the teacher-source protocol); ``student``: the
+        student's side, whose dense grid must be the cache canvas's."""
+        outputs = student.predictions
+        if not isinstance(outputs, DenseOutputs) or [tuple(s) for s in outputs.level_sizes] != self.level_sizes:
+            grid = getattr(outputs, "level_sizes", "no dense grid")
             raise CheckpointError(
-                f"{self.folder}: the batch's location grid {outputs.level_sizes} is not the cache's {self.level_sizes} "
+                f"{self.folder}: the batch's location grid {grid} is not the cache's {self.level_sizes} "
                 f"(canvas {self.canvas[0]}x{self.canvas[1]}); collate training batches on the cache canvas (TeacherCache.training_set)"
             )
         device = outputs.points.device
         keys = [(int(i), bool(f)) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
         entries = [self.rows(i, f) for i, f in keys]
-        result = CachedTeacherInputs(level_sizes=list(self.level_sizes), keys=keys, source=str(self.folder), held=self._held)
-        if self.has_head:
+        result = CachedTeacherInputs(
+            spec=self.spec, image_sizes=batch.image_sizes, points=outputs.points, strides=outputs.strides,
+            level_sizes=list(self.level_sizes), keys=keys, source=str(self.folder), held=self._held,
+        )
+        if self.has_head and "head" in needs:
             result.head_index, (result.cls, result.reg) = self._stack(entries, "head", device)
-            result.outputs = CachedDenseOutputs(
-                cls_logits=[torch.zeros((), device=device).expand(len(batch), self.num_classes, h, w) for h, w in self.level_sizes],
-                reg_logits=[torch.zeros((), device=device).expand(len(batch), 4 * self.bins, h, w) for h, w in self.level_sizes],
-                points=outputs.points, strides=outputs.strides, level_sizes=list(self.level_sizes), reg_max=self.bins - 1,
-            )
-        if features and self.has_features:
+        if self.has_features and "features" in needs:
             result.feat_index, (result.feat,) = self._stack(entries, "feat", device)
         return result
 

@@ -1,7 +1,10 @@
 """Build a teacher cache: run the frozen teacher once over a split, store the rows the losses need.
 
     spec = spec_from_recipe(load_recipe("ld-tiny"))
-    summary = build_cache(teacher, train_set, "caches/ld-tiny", spec)
+    summary = build_cache(teacher, train_set, "caches/ld-tiny", spec, matcher=student)
+
+``matcher`` is the student (any dense detector with ``grid_matches``): its own assignment selects
+the locations, so the cache holds exactly the rows its regions will ask for.
 
 Images are processed in shards of ``shard_size`` dataset images (every variant of an image lives
 in the same shard), each padded to the cache canvas and run in batches of ``batch_size``. After
@@ -27,7 +30,8 @@ from distill.errors import CheckpointError
 from teachers.cache_format import (
     FORMAT, MANIFEST, SUMMARY, VERSION, check_shard, json_sha256, read_manifest, variant_code, write_json, write_manifest, write_shard,
 )
-from teachers.cache_select import CacheSpec, fingerprint, flat_features, teacher_rows
+from distill.ops.grid import dense_points
+from teachers.cache_select import CacheSpec, fingerprint, flat_features, require_grid_assigner, teacher_rows
 
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_BATCH_SIZE = 16
@@ -72,18 +76,16 @@ def probe_layout(teacher, canvas: tuple[int, int], spec: CacheSpec) -> tuple[dic
 
     Returns (layout for the manifest, points (N, 2), strides (N,)) of the canvas grid.
     """
-    from students.gfl.head import dense_points
-
     model = teacher.model
     device = next(model.parameters()).device
     features = model.features(torch.zeros(1, 3, *canvas, device=device))
     level_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
     layout: dict[str, Any] = {"canvas": list(canvas), "level_sizes": [list(s) for s in level_sizes], "num_locations": sum(h * w for h, w in level_sizes)}
     if spec.head_regions:
-        outputs = model.head(features)
+        outputs = model.head(features, None)
         points, strides = outputs.points.clone(), outputs.strides.clone()
         classes = outputs.num_classes if teacher.class_index is None else len(teacher.class_index)
-        layout.update(num_classes=int(classes), bins=int(outputs.reg_max) + 1)
+        layout.update(num_classes=int(classes), bins=int(outputs.bins.num_bins))
     else:
         points, strides = dense_points(tuple(level_sizes), tuple(teacher.strides), device)
     if spec.feature_regions:
@@ -119,6 +121,7 @@ def build_cache(
     out: str | Path,
     spec: CacheSpec,
     *,
+    matcher,
     shard_size: int | None = None,
     batch_size: int | None = None,
     num_workers: int = 0,
@@ -128,12 +131,14 @@ def build_cache(
 ) -> dict[str, Any]:
     """Build (or resume) the cache of ``teacher`` (FrozenTeacher) on ``dataset`` (CocoDetection) in ``out``.
 
+    ``matcher``: the student whose grid assignment selects the locations (``GridAssigner``).
     ``on_shard(k, record)`` runs after shard ``k`` and the manifest are on disk (tests interrupt
     builds with it). ``source`` (paths, split) is stored in the manifest for people; it is not part
     of the fingerprint. Returns the summary also written to ``out/summary.json``.
     """
     out = Path(out)
-    fp = fingerprint(teacher, dataset, spec)
+    matcher = require_grid_assigner(matcher)
+    fp = fingerprint(teacher, dataset, spec, matcher)
     canvas = tuple(fp["input"]["canvas"])
     layout, points, strides = probe_layout(teacher, canvas, spec)
     manifest = _start_or_resume(out, fp, layout, dataset, shard_size, batch_size, source)
@@ -150,7 +155,7 @@ def build_cache(
         rows: list[dict[str, Tensor]] = []
         k = first
         for batch in entry_loader(dataset, todo, batch_size, canvas, num_workers):
-            rows += teacher_rows(teacher, batch.to(device), spec, points, strides, [tuple(s) for s in layout["level_sizes"]])
+            rows += teacher_rows(teacher, matcher, batch.to(device), spec, points, strides, [tuple(s) for s in layout["level_sizes"]])
             keys += [(int(i), variant_code(bool(f))) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
             bar.update(task, advance=len(batch))
             if len(keys) == len(todo[k - first]):  # the shard is complete: write it, then the manifest

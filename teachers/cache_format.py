@@ -47,7 +47,6 @@ VERSION = 1
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 VARIANTS = ("none", "hflip")  # variant code = index in this tuple
-ASSIGNER = {"name": "atss", "anchor_scale": 8.0}  # + "topk"; the student's GFL assignment
 _HASH_CHUNK = 1 << 22
 
 

@@ -1,9 +1,11 @@
 """What a teacher cache holds: the spec, its fingerprint, and the rows selected for each image.
 
 Which locations: the regions of the distillation losses depend only on the ground truth, the
-location grid and the student's ATSS assignment — ATSS ranks square anchors (side 8 x stride) by
+location grid and the student's grid assignment — ATSS ranks square anchors (side 8 x stride) by
 centre distance and IoU with the GT, never the predictions — so for a fixed input canvas they are
-fixed per (image, variant). The cache stores the teacher's rows at the union of the recipe's
+fixed per (image, variant). The cache calls the student's own assignment
+(``student.grid_matches``, the :class:`~distill.detector.GridAssigner` contract) and records its
+``matching_config`` in the fingerprint. The cache stores the teacher's rows at the union of the recipe's
 regions (``head`` rows for KD / LD, ``features`` rows for feature imitation), or at every valid
 location (region ``all``, ``--dense``). The quality weight of Main LD is the *student's* score and
 is computed at train time; it needs no caching.
@@ -18,12 +20,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from distill.detector import GridAssigner
 from distill.errors import ConfigError
-from distill.ops.atss import atss_assign
-from distill.ops.boxes import square_anchors
+from distill.ops.grid import valid_locations
 from distill.regions import Region, create_region
-from distill.structures import Assignment, Batch, DenseOutputs, Target
-from teachers.cache_format import ASSIGNER, FORMAT, VARIANTS, VERSION, canvas_for, file_sha256, regions_json, state_sha256
+from distill.structures import Batch, Matches, Target
+from teachers.cache_format import FORMAT, VARIANTS, VERSION, canvas_for, file_sha256, regions_json, state_sha256
 
 _WEIGHT_HASHES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -37,14 +39,14 @@ class CacheSpec:
     head_regions:    regions whose class / bin logits are stored (empty: no head rows).
     feature_regions: regions whose FPN feature vectors are stored (empty: no features).
     size_divisor:    the canvas is the input size rounded up to it (the recipe's data.size_divisor).
-    atss_topk:       the student's ATSS candidates per level (GFL ``atss_topk``).
+
+    Which student assignment selects the locations is given to ``build_cache`` (its ``matcher``).
     """
 
     variants: tuple[str, ...] = VARIANTS
     head_regions: tuple[Region, ...] = (create_region("main"), create_region("vlr"))
     feature_regions: tuple[Region, ...] = ()
     size_divisor: int = 32
-    atss_topk: int = 9
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -57,17 +59,23 @@ class CacheSpec:
 
 
 def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: bool = False) -> CacheSpec:
-    """The cache a distillation recipe needs: its losses' regions per part, its flips, its ATSS topk."""
+    """The cache a distillation recipe needs: its losses' regions per part and its flips."""
     from distill.losses import create_loss
 
     head, feats = [], []
     for i, spec in enumerate(recipe.losses):
         try:
-            loss = create_loss(spec.name, weight=spec.weight, region=spec.region, region_params=spec.region_params, **spec.params)
+            loss = create_loss(spec.name, weight=spec.weight, pairer=spec.pairer, pairer_params=spec.pairer_params, **spec.params)
         except ConfigError as exc:
             raise ConfigError(f"recipe {recipe.name}: losses[{i}]: {exc}") from None
-        (head if "head" in loss.needs else []).append(loss.region)
-        (feats if "features" in loss.needs else []).append(loss.region)
+        region = getattr(loss.pairer, "region", None)  # RegionPairer; a matched pairer has none
+        if region is None:
+            raise ConfigError(
+                f"recipe {recipe.name}: losses[{i}] ({loss.name}) pairs with {loss.pairer.name!r}; the teacher cache stores rows of "
+                "dense regions (main, vlr, gt_boxes, all) only"
+            )
+        (head if "head" in loss.needs else []).append(region)
+        (feats if "features" in loss.needs else []).append(region)
     if not head and not feats:
         raise ConfigError(f"recipe {recipe.name} has no distillation losses: there is nothing to cache")
     if dense:
@@ -76,9 +84,8 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
     if variants is None:
         p = recipe.data.hflip_prob
         variants = tuple(v for v, drawn in (("none", p < 1.0), ("hflip", p > 0.0)) if drawn)
-    topk = int(recipe.student.params.get("atss_topk", 9))
     # several losses often share a region (Main LD and Main KD): store and fingerprint it once
-    return CacheSpec(variants, tuple(dict.fromkeys(head)), tuple(dict.fromkeys(feats)), recipe.data.size_divisor, topk)
+    return CacheSpec(variants, tuple(dict.fromkeys(head)), tuple(dict.fromkeys(feats)), recipe.data.size_divisor)
 
 
 def teacher_sha256(model: nn.Module) -> str:
@@ -97,8 +104,20 @@ def annotations_sha256(path: Path) -> str:
     return _FILE_HASHES[key]
 
 
-def fingerprint(teacher, dataset, spec: CacheSpec) -> dict[str, Any]:
-    """Everything the cached rows depend on. ``teacher``: FrozenTeacher; ``dataset``: CocoDetection.
+def require_grid_assigner(matcher) -> GridAssigner:
+    """The student whose assignment selects the cached locations; a clear error when it has none."""
+    if not isinstance(matcher, GridAssigner):
+        name = getattr(matcher, "config", {}).get("name", type(matcher).__name__)
+        raise ConfigError(
+            f"student {name!r} has no grid assignment (grid_matches): a dense-region teacher cache selects the locations a "
+            "dense student's own assigner marks, so it needs a dense student"
+        )
+    return matcher
+
+
+def fingerprint(teacher, dataset, spec: CacheSpec, matcher) -> dict[str, Any]:
+    """Everything the cached rows depend on. ``teacher``: FrozenTeacher; ``dataset``: CocoDetection;
+    ``matcher``: the student whose ``grid_matches`` selects the locations.
 
     Sections ``teacher``, ``data`` and ``input`` must equal the run's; ``selection`` and ``variants``
     must cover what the run asks for. Paths are not part of it: a moved dataset stays valid.
@@ -112,9 +131,9 @@ def fingerprint(teacher, dataset, spec: CacheSpec) -> dict[str, Any]:
         "teacher": {
             "weights_sha256": teacher_sha256(teacher.model),
             "num_classes": int(teacher.num_classes),
-            "reg_max": getattr(teacher.model, "reg_max", None),
+            "reg_max": None if teacher.spec.bins is None else teacher.spec.bins - 1,
             "strides": [int(s) for s in teacher.strides],
-            "fpn_channels": getattr(teacher.model, "fpn_channels", None),
+            "fpn_channels": teacher.spec.fpn_channels,
             "class_index": None if index is None else [int(i) for i in index.tolist()],
         },
         "data": {
@@ -133,46 +152,17 @@ def fingerprint(teacher, dataset, spec: CacheSpec) -> dict[str, Any]:
         "selection": {
             "head": regions_json(list(spec.head_regions)),
             "features": regions_json(list(spec.feature_regions)),
-            "assigner": {**ASSIGNER, "topk": spec.atss_topk},
+            "assigner": dict(require_grid_assigner(matcher).matching_config),
         },
         "variants": list(spec.variants),
     }
 
 
-def fixed_assignment(
-    points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]], batch: Batch, num_classes: int, topk: int
-) -> Assignment:
-    """The prediction-independent part of the student's GFL assignment (``GFL.assign``).
-
-    points (N, 2), strides (N,). Labels, positives, valid mask and ATSS thresholds are exact;
-    ``matched_boxes`` and ``quality_weight`` (which no region reads) are zeros.
-    """
-    from students.gfl.postprocess import valid_locations
-
-    valid = valid_locations(points, batch.image_sizes)  # (B, N)
-    anchors = square_anchors(points, strides, ASSIGNER["anchor_scale"])
-    per_level = [h * w for h, w in level_sizes]
-    results = [
-        atss_assign(anchors, per_level, t.boxes.to(points), t.labels.to(points.device), num_classes, valid=valid[b], topk=topk)
-        for b, t in enumerate(batch.targets)
-    ]
-    pos = torch.stack([r.pos_mask for r in results])
-    zeros = points.new_zeros(pos.shape)
-    return Assignment(
-        labels=torch.stack([r.labels for r in results]),
-        pos_mask=pos,
-        matched_boxes=points.new_zeros(*pos.shape, 4),
-        valid_mask=valid,
-        quality_weight=zeros,
-        pos_thresholds=[r.pos_thresholds for r in results],
-    )
-
-
-def selection(regions: tuple[Region, ...], points: Tensor, strides: Tensor, targets: list[Target], assignment: Assignment) -> Tensor:
+def selection(regions: tuple[Region, ...], points: Tensor, strides: Tensor, targets: list[Target], matches: Matches, valid: Tensor) -> Tensor:
     """(B, N) bool: the union of the regions' non-zero locations."""
-    mask = torch.zeros_like(assignment.valid_mask)
+    mask = torch.zeros_like(valid)
     for region in dict.fromkeys(regions):  # equal regions once
-        mask |= region(points, strides, targets, assignment) > 0
+        mask |= region(points, strides, targets, matches, valid) > 0
     return mask
 
 
@@ -197,7 +187,9 @@ def split_rows(select: Tensor, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
 
 
 @torch.inference_mode()
-def teacher_rows(teacher, batch: Batch, spec: CacheSpec, points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]]) -> list[dict[str, Tensor]]:
+def teacher_rows(
+    teacher, matcher: GridAssigner, batch: Batch, spec: CacheSpec, points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]]
+) -> list[dict[str, Tensor]]:
     """Run the teacher on a canvas-padded batch; per image the selected rows (CPU, fp16).
 
     Each dict may hold ``head.loc`` (n,) int32, ``head.cls`` (n, C), ``head.reg`` (n, 4, K),
@@ -205,18 +197,19 @@ def teacher_rows(teacher, batch: Batch, spec: CacheSpec, points: Tensor, strides
     """
     model = teacher.model
     features = model.features(batch.images)
-    assignment = fixed_assignment(points, strides, level_sizes, batch, int(teacher.num_classes), spec.atss_topk)
+    matches = matcher.grid_matches(points, strides, level_sizes, batch.targets, batch.image_sizes)  # the student's own
+    valid = valid_locations(points, batch.image_sizes, len(batch))
     rows: list[dict[str, Tensor]] = [{} for _ in range(len(batch))]
     if spec.head_regions:
-        outputs: DenseOutputs = model.head(features)
-        cls = outputs.flat_cls()  # (B, N, C_t)
-        if teacher.class_index is not None:  # columns in the student's class order, as FrozenTeacher.run
+        outputs = model.head(features, batch.image_sizes)
+        cls = outputs.logits  # (B, N, C_t)
+        if teacher.class_index is not None:  # columns in the student's class order, as FrozenTeacher.inputs
             cls = cls.index_select(2, teacher.class_index.to(cls.device))
-        select = selection(spec.head_regions, points, strides, batch.targets, assignment)
-        for entry, (loc, c, r) in zip(rows, split_rows(select, cls, outputs.flat_reg())):
+        select = selection(spec.head_regions, points, strides, batch.targets, matches, valid)
+        for entry, (loc, c, r) in zip(rows, split_rows(select, cls, outputs.bin_logits)):
             entry.update({"head.loc": loc.cpu(), "head.cls": c.cpu(), "head.reg": r.cpu()})
     if spec.feature_regions:
-        select = selection(spec.feature_regions, points, strides, batch.targets, assignment)
+        select = selection(spec.feature_regions, points, strides, batch.targets, matches, valid)
         for entry, (loc, f) in zip(rows, split_rows(select, flat_features(features))):
             entry.update({"feat.loc": loc.cpu(), "feat.rows": f.cpu()})
     return rows

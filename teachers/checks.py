@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from distill.errors import CheckpointError
+from distill.structures import DetectorSpec
 
 
 def check_same_classes(model_classes: list[str], data_classes: list[str], what: str, where: str) -> None:
@@ -40,19 +41,11 @@ def class_index_for(student_classes: list[str], teacher_classes: list[str], clas
     return index
 
 
-def check_pair(student, teacher, losses) -> None:
-    """Strides, bins and feature channels of a student/teacher pair, against the active losses.
+def check_pair(student: DetectorSpec, teacher: DetectorSpec, losses) -> None:
+    """Every loss's pair check (pairer families and strides, classes, bins, channels), before training.
 
-    Bins and channels are the losses' business (resampling, adapters): each loss that can check a
-    pair does it here, before training, so a mismatch fails in seconds rather than at step 1.
+    student / teacher: ``model.spec`` / ``teacher.spec`` (a FrozenTeacher or a teacher cache). A
+    mismatch fails in seconds rather than at step 1.
     """
-    if tuple(student.strides) != tuple(teacher.strides):
-        raise CheckpointError(
-            f"teacher strides {tuple(teacher.strides)} != student strides {tuple(student.strides)}: dense losses compare "
-            "the same locations, so both detectors need the same FPN levels"
-        )
     for loss in losses:
-        if "head" in loss.needs and hasattr(loss, "_check_pair"):
-            loss._check_pair(student.reg_max, teacher.reg_max)
-        if "features" in loss.needs and hasattr(loss, "_check_channels"):
-            loss._check_channels(student.fpn_channels, teacher.fpn_channels)
+        loss.check_pair(student, teacher)

@@ -7,6 +7,10 @@ Frozen means four things, each tested:
 - the teacher is *not* an ``nn.Module`` attribute of anything the optimizer, DDP or the student
   checkpoint can see: ``FrozenTeacher`` is a plain object that holds the detector;
 - only the parts the active losses need are run (features alone for feature losses).
+
+Both this class and :class:`teachers.cache.TeacherCache` implement the teacher-source protocol the
+``Distiller`` talks to: ``spec`` (DetectorSpec, classes mapped to the student's) and
+``inputs(batch, student, needs) -> DistillInputs``.
 """
 from __future__ import annotations
 
@@ -17,7 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from distill.structures import DenseOutputs
+from dataclasses import replace
+
+from distill.inputs import DistillInputs
+from distill.structures import Batch, DetectorSpec, Matches, Target
 
 
 def _pinned_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -35,19 +42,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def _detach_outputs(outputs: DenseOutputs) -> DenseOutputs:
-    # Tensors made under inference_mode cannot be saved for backward by the student's losses;
-    # a clone outside inference mode is an ordinary constant tensor.
-    return DenseOutputs(
-        cls_logits=[x.clone() for x in outputs.cls_logits],
-        reg_logits=[x.clone() for x in outputs.reg_logits],
-        points=outputs.points.clone(),
-        strides=outputs.strides.clone(),
-        level_sizes=list(outputs.level_sizes),
-        reg_max=outputs.reg_max,
-    )
-
-
 class FrozenTeacher:
     """Holds a detector implementing ``features / head / postprocess``; runs it without gradients.
 
@@ -62,6 +56,12 @@ class FrozenTeacher:
 
     # Attributes the pair checks read, forwarded from the detector.
     @property
+    def spec(self) -> DetectorSpec:
+        """The detector's spec with the student's class count when classes are re-indexed."""
+        spec = self.model.spec
+        return spec if self.class_index is None else replace(spec, num_classes=len(self.class_index))
+
+    @property
     def num_classes(self) -> int:
         return self.model.num_classes
 
@@ -70,12 +70,8 @@ class FrozenTeacher:
         return tuple(self.model.strides)
 
     @property
-    def reg_max(self) -> int:
-        return self.model.reg_max
-
-    @property
-    def fpn_channels(self) -> int:
-        return self.model.fpn_channels
+    def fpn_channels(self) -> int | None:
+        return self.model.spec.fpn_channels
 
     @property
     def classes(self) -> list[str]:
@@ -87,21 +83,44 @@ class FrozenTeacher:
             self.class_index = self.class_index.to(device)
         return self
 
-    def run(self, images: Tensor, head: bool = True) -> tuple[list[Tensor], DenseOutputs | None]:
-        """FPN features, and the head outputs when ``head`` (classes already mapped to the student's)."""
+    def inputs(self, batch: Batch, student: DistillInputs | None = None, needs: frozenset[str] = frozenset({"head"})) -> DistillInputs:
+        """The teacher side of ``batch``: FPN features, and per ``needs`` its predictions (``"head"``,
+        classes mapped to the student's) and its own matching of the batch's GT (``"matches"``).
+
+        Everything is computed under inference mode, then cloned into ordinary constants the
+        student's losses may save for backward.
+        """
         with torch.inference_mode():
-            features = self.model.features(images)
-            outputs = self.model.head(features) if head else None
-        features = [f.clone() for f in features]
-        if outputs is None:
-            return features, None
-        outputs = _detach_outputs(outputs)
-        if self.class_index is not None:
-            outputs.cls_logits = [x.index_select(1, self.class_index) for x in outputs.cls_logits]
-        return features, outputs
+            features = self.model.features(batch.images)
+            predictions = self.model.head(features, batch.image_sizes) if needs & {"head", "matches"} else None
+            matches = self.model.match(predictions, self._teacher_targets(batch.targets), batch.image_sizes) if "matches" in needs else None
+        if predictions is not None:
+            predictions = predictions.detach()
+            if self.class_index is not None:
+                predictions.logits = predictions.logits.index_select(-1, self.class_index)
+        return DistillInputs(
+            spec=self.spec,
+            predictions=predictions,
+            features=[f.clone() for f in features] if "features" in needs else None,
+            matches=_clone_matches(matches),
+            image_sizes=batch.image_sizes,
+        )
+
+    def _teacher_targets(self, targets: list[Target]) -> list[Target]:
+        """GT labels in the teacher's class indices (its matcher's class costs read them)."""
+        if self.class_index is None:
+            return targets
+        return [Target(t.boxes, self.class_index.to(t.labels.device)[t.labels]) for t in targets]
 
     def __repr__(self) -> str:
         return f"FrozenTeacher({type(self.model).__name__}, classes={self.num_classes}, strides={self.strides})"
+
+
+def _clone_matches(matches: Matches | None) -> Matches | None:
+    if matches is None:
+        return None
+    clone = lambda ts: None if ts is None else [t.clone() for t in ts]  # noqa: E731
+    return Matches(clone(matches.pred_index), clone(matches.gt_index), clone(matches.weight), {k: clone(v) for k, v in matches.extras.items()})
 
 
 def load_teacher(path_or_run: str | Path) -> FrozenTeacher:

@@ -1,4 +1,5 @@
 """Teacher cache: exact rows for every loss and region, fingerprints, checksums, resume, variants, CLI."""
+import dataclasses
 import json
 import shutil
 
@@ -13,7 +14,6 @@ from distill.engine.checkpoint import save_checkpoint
 from distill.errors import CheckpointError, DataError
 from distill.losses import DistillInputs
 from distill.regions import create_region
-from distill.structures import DenseOutputs
 from students import create_student
 from teachers import CacheMissError, CacheSpec, TeacherCache, build_cache, load_teacher
 
@@ -59,26 +59,40 @@ def teacher(root):
 def caches(root, teacher, train_set):
     """A selection cache (main, vlr, gt_boxes) and a dense one, both parts, both variants, 3 shards."""
     for name, regions in (("selected", SELECTED), ("dense", ALL)):
-        build_cache(teacher, train_set, root / name, CacheSpec(head_regions=regions, feature_regions=regions), shard_size=3, batch_size=2, show_progress=False)
+        build_cache(teacher, train_set, root / name, CacheSpec(head_regions=regions, feature_regions=regions), shard_size=3, batch_size=2, matcher=MATCHER, show_progress=False)
     return {"selected": TeacherCache.open(root / "selected"), "dense": TeacherCache.open(root / "dense")}
+
+
+# The student whose own ATSS assignment selects the cached locations (build_cache's matcher).
+MATCHER = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=8, head_convs=1)
 
 
 def student_side(batch, channels=8):
     torch.manual_seed(1)
     student = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=channels, head_convs=1)
     features = student.features(batch.images)
-    outputs = student.head(features)
-    _, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
-    return DistillInputs(outputs=outputs, features=features, assignment=assignment)
+    outputs = student.head(features, batch.image_sizes)
+    _, matches = student.loss(outputs, batch.targets, batch.image_sizes)
+    return DistillInputs(student.spec, outputs, features, matches, batch.image_sizes)
 
 
-def fp16_rounded(features, outputs) -> DistillInputs:
-    half = lambda xs: [x.half().float() for x in xs]  # noqa: E731
-    rounded = DenseOutputs(half(outputs.cls_logits), half(outputs.reg_logits), outputs.points, outputs.strides, outputs.level_sizes, outputs.reg_max)
-    return DistillInputs(outputs=rounded, features=half(features))
+def online(teacher, batch) -> DistillInputs:
+    return teacher.inputs(batch, None, frozenset({"head", "features"}))
 
 
-LOSS_PARAMS = {"kd": [{}, {"legacy": True}, {"mode": "softmax"}], "ld": [{}, {"legacy": True}], "feature": [{"student_channels": 8, "teacher_channels": 16}, {"student_channels": 8, "teacher_channels": 16, "relative": False}, {"student_channels": 8, "teacher_channels": 16, "legacy": True}]}
+def fp16_rounded(t_in: DistillInputs) -> DistillInputs:
+    p = t_in.predictions
+    bins = dataclasses.replace(p.bins, logits=p.bins.logits.half().float())
+    rounded = dataclasses.replace(p, logits=p.logits.half().float(), bins=bins)
+    return DistillInputs(t_in.spec, rounded, [f.half().float() for f in t_in.features], None, t_in.image_sizes)
+
+
+def rows(select):
+    """(B, N) bool -> the (image, index) columns of its True entries, batch-major."""
+    return select.nonzero(as_tuple=True)
+
+
+LOSS_PARAMS = {"kd": [{}, {"legacy": True}, {"mode": "softmax"}], "ld": [{}, {"legacy": True}], "box": [{}], "feature": [{"student_channels": 8, "teacher_channels": 16}, {"student_channels": 8, "teacher_channels": 16, "relative": False}, {"student_channels": 8, "teacher_channels": 16, "legacy": True}]}
 
 
 @pytest.mark.parametrize("flips", [(False,) * 4, (True,) * 4, (False, True, True, False)], ids=["none", "hflip", "mixed"])
@@ -86,85 +100,86 @@ def test_losses_from_the_cache_equal_the_online_teacher(caches, teacher, train_s
     canvas = caches["selected"].canvas
     batch = collate([train_set.get(i, f) for i, f in enumerate(flips)], pad_to=canvas)
     s_in = student_side(batch)
-    t_features, t_outputs = teacher.run(batch.images)
-    online, rounded = DistillInputs(outputs=t_outputs, features=t_features), fp16_rounded(t_features, t_outputs)
+    t_online = online(teacher, batch)
+    rounded = fp16_rounded(t_online)
     assert set(LOSS_PARAMS) == set(distill.list_losses())
     for name in distill.list_losses():
         for region in distill.list_regions():
             cache = caches["dense" if region == "all" else "selected"]
-            cached = cache.inputs(batch, s_in.outputs, features=True)
+            cached = cache.inputs(batch, s_in, frozenset({"head", "features"}))
             for params in LOSS_PARAMS[name]:
-                loss = distill.create_loss(name, region=region, **params)
-                mask = loss.region(s_in.outputs.points, s_in.outputs.strides, batch.targets, s_in.assignment)
-                assert (mask > 0).sum() > 0, region
+                loss = distill.create_loss(name, pairer=region, **params)
+                pairs = loss.pairer(s_in, cached, batch.targets, loss.space)
+                assert len(pairs) > 0, region
                 where = f"{name} {params} region {region}"
-                value = loss(s_in, cached, mask)
+                value = loss(s_in, cached, pairs)
                 assert value.requires_grad and float(value.detach()) > 0, where  # reaches the student
-                value, expected = float(value.detach()), float(loss(s_in, online, mask).detach())
+                value, expected = float(value.detach()), float(loss(s_in, t_online, pairs).detach())
                 assert value == pytest.approx(expected, rel=2e-3), where  # fp16 storage
-                assert value == pytest.approx(float(loss(s_in, rounded, mask).detach()), rel=2e-4, abs=1e-7), where
+                assert value == pytest.approx(float(loss(s_in, rounded, pairs).detach()), rel=2e-4, abs=1e-7), where
 
 
 def test_rows_are_the_teachers_rows_rounded_to_fp16(caches, teacher, train_set):
     batch = collate([train_set.get(i, i % 2 == 1) for i in range(4)], pad_to=caches["dense"].canvas)
     s_in = student_side(batch)
-    t_features, t_outputs = teacher.run(batch.images)
-    cached = caches["dense"].inputs(batch, s_in.outputs, features=True)
-    select = s_in.assignment.valid_mask
-    torch.testing.assert_close(cached.cls_rows(select), t_outputs.flat_cls()[select].half().float(), atol=2e-3, rtol=1e-3)
-    torch.testing.assert_close(cached.reg_rows(select), t_outputs.flat_reg()[select].half().float(), atol=2e-3, rtol=1e-3)
+    t_in = online(teacher, batch)
+    t_features, t_outputs = t_in.features, t_in.predictions
+    cached = caches["dense"].inputs(batch, s_in, frozenset({"head", "features"}))
+    select = s_in.predictions.valid
+    torch.testing.assert_close(cached.cls_rows(*rows(select)), t_outputs.logits[select].half().float(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(cached.bin_rows(*rows(select)), t_outputs.bin_logits[select].half().float(), atol=2e-3, rtol=1e-3)
+    # boxes are decoded from the cached bins in the grid's frame: the teacher's boxes up to fp16 bins
+    torch.testing.assert_close(cached.box_rows(*rows(select)), t_outputs.boxes[select], atol=0.1, rtol=1e-3)
     level0 = select[:, : t_features[0].shape[-2] * t_features[0].shape[-1]]
     expected = t_features[0].flatten(2).transpose(1, 2)[level0].half().float()
-    torch.testing.assert_close(cached.feature_rows(0, level0), expected, atol=2e-3, rtol=1e-3)
-    assert cached.outputs.num_classes == 10 and cached.outputs.reg_max == 16
-    with pytest.raises(TypeError, match="cls_rows"):
-        cached.outputs.flat_cls()
+    torch.testing.assert_close(cached.feature_rows(0, *rows(level0)), expected, atol=2e-3, rtol=1e-3)
+    assert cached.spec.num_classes == 10 and cached.spec.bins == 17 and cached.spec.family == "dense"
 
 
 def test_class_mapping_is_stored_like_the_online_teacher(root, train_set, tmp_path):
     mapped = load_teacher(root / "teacher.safetensors")
     mapped.class_index = torch.tensor([3, 1, 4, 0, 2, 9, 8, 7, 6, 5])
-    build_cache(mapped, train_set, tmp_path / "c", CacheSpec(head_regions=ALL), show_progress=False)
+    build_cache(mapped, train_set, tmp_path / "c", CacheSpec(head_regions=ALL), matcher=MATCHER, show_progress=False)
     cache = TeacherCache.open(tmp_path / "c")
     batch = collate([train_set.get(i, False) for i in range(2)], pad_to=cache.canvas)
     s_in = student_side(batch)
-    _, t_outputs = mapped.run(batch.images)
-    select = s_in.assignment.valid_mask
+    t_outputs = online(mapped, batch).predictions
+    select = s_in.predictions.valid
     # one fp16 ulp of tolerance: the build ran the teacher on another batch size, whose fp32 sums may
     # round to the neighbouring fp16 value
-    torch.testing.assert_close(cache.inputs(batch, s_in.outputs).cls_rows(select), t_outputs.flat_cls()[select].half().float(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(cache.inputs(batch, s_in).cls_rows(*rows(select)), t_outputs.logits[select].half().float(), atol=2e-3, rtol=1e-3)
     assert cache.fingerprint["teacher"]["class_index"] == [3, 1, 4, 0, 2, 9, 8, 7, 6, 5]
     with pytest.raises(CheckpointError, match="another teacher.*class_index"):
-        cache.check_run(load_teacher(root / "teacher.safetensors"), train_set, [], 32)
+        cache.check_run(load_teacher(root / "teacher.safetensors"), train_set, [], 32, MATCHER)
 
 
 def test_a_region_the_cache_does_not_hold_is_a_clear_error(caches, teacher, train_set):
     cache = caches["selected"]
     batch = collate([train_set.get(i, False) for i in range(2)], pad_to=cache.canvas)
     s_in = student_side(batch)
-    loss = distill.create_loss("kd", region="all")
-    mask = loss.region(s_in.outputs.points, s_in.outputs.strides, batch.targets, s_in.assignment)
+    loss = distill.create_loss("kd", pairer="all")
+    pairs = loss.pairer(s_in, None, batch.targets, loss.space)
     with pytest.raises(CacheMissError, match=r"image id \d+ \(none\) at level \d row \d+ col \d+.*gt_boxes, main, vlr.*--dense"):
-        loss(s_in, cache.inputs(batch, s_in.outputs), mask)
+        loss(s_in, cache.inputs(batch, s_in), pairs)
     with pytest.raises(CheckpointError, match=r"loss 'kd' reads teacher head in region all, but the cache holds head rows for gt_boxes, main, vlr"):
-        cache.check_run(teacher, train_set, [loss], 32)
-    cache.check_run(teacher, train_set, [distill.create_loss("ld", region="vlr", region_params={"gamma": 0.25})], 32)  # defaults spelled out
+        cache.check_run(teacher, train_set, [loss], 32, MATCHER)
+    cache.check_run(teacher, train_set, [distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.25})], 32, MATCHER)  # defaults spelled out
     with pytest.raises(CheckpointError, match="region vlr.*gamma"):
-        cache.check_run(teacher, train_set, [distill.create_loss("ld", region="vlr", region_params={"gamma": 0.5})], 32)
-    caches["dense"].check_run(teacher, train_set, [loss], 32)  # 'all' covers every region
+        cache.check_run(teacher, train_set, [distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.5})], 32, MATCHER)
+    caches["dense"].check_run(teacher, train_set, [loss], 32, MATCHER)  # 'all' covers every region
 
 
 def test_other_teacher_data_or_transform_are_refused(root, caches, train_set):
     cache = caches["selected"]
     with pytest.raises(CheckpointError, match="another teacher .teacher.weights_sha256"):
-        cache.check_run(load_teacher(root / "other_teacher.safetensors"), train_set, [], 32)
+        cache.check_run(load_teacher(root / "other_teacher.safetensors"), train_set, [], 32, MATCHER)
     teacher = load_teacher(root / "teacher.safetensors")
     other = load_dataset(root / "other_data", "train", DetectionTransform(SIZE))
     with pytest.raises(CheckpointError, match="other training data .data.annotations_sha256"):
-        cache.check_run(teacher, other, [], 32)
+        cache.check_run(teacher, other, [], 32, MATCHER)
     resized = load_dataset(root / "data", "train", DetectionTransform(96))
     with pytest.raises(CheckpointError, match="another input transform .input.canvas"):
-        cache.check_run(teacher, resized, [], 32)
+        cache.check_run(teacher, resized, [], 32, MATCHER)
 
 
 def copy_cache(caches, tmp_path):
@@ -201,40 +216,40 @@ def test_a_truncated_or_missing_shard_is_named(caches, tmp_path):
 
 def test_an_interrupted_build_resumes_to_the_same_bytes(root, teacher, train_set, tmp_path):
     spec = CacheSpec(head_regions=SELECTED, feature_regions=(create_region("gt_boxes"),))
-    build_cache(teacher, train_set, tmp_path / "whole", spec, shard_size=3, batch_size=2, show_progress=False)
+    build_cache(teacher, train_set, tmp_path / "whole", spec, shard_size=3, batch_size=2, matcher=MATCHER, show_progress=False)
 
     def stop_after_first(k, record):
         if k == 0:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        build_cache(teacher, train_set, tmp_path / "resumed", spec, shard_size=3, batch_size=2, show_progress=False, on_shard=stop_after_first)
+        build_cache(teacher, train_set, tmp_path / "resumed", spec, shard_size=3, batch_size=2, matcher=MATCHER, show_progress=False, on_shard=stop_after_first)
     assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["manifest.json", "shard-00000.safetensors"]
     with pytest.raises(CheckpointError, match=r"incomplete \(1/3 shards\); rerun"):
         TeacherCache.open(tmp_path / "resumed")
     (tmp_path / "resumed" / ".shard-00001.safetensors.x1.tmp").write_bytes(b"half a shard")  # a killed write
-    summary = build_cache(teacher, train_set, tmp_path / "resumed", spec, show_progress=False)
+    summary = build_cache(teacher, train_set, tmp_path / "resumed", spec, matcher=MATCHER, show_progress=False)
     assert summary["resumed_at_shard"] == 1 and summary["built_entries"] == 10  # images 3..7, both variants
     names = sorted(p.name for p in (tmp_path / "whole").iterdir() if p.name != "summary.json")
     assert names == sorted(p.name for p in (tmp_path / "resumed").iterdir() if p.name != "summary.json")
     for name in names:
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
-    assert build_cache(teacher, train_set, tmp_path / "resumed", spec, show_progress=False)["already_complete"]
+    assert build_cache(teacher, train_set, tmp_path / "resumed", spec, matcher=MATCHER, show_progress=False)["already_complete"]
 
     with pytest.raises(CheckpointError, match="another fingerprint .selection.features"):
-        build_cache(teacher, train_set, tmp_path / "resumed", CacheSpec(head_regions=SELECTED), show_progress=False)
+        build_cache(teacher, train_set, tmp_path / "resumed", CacheSpec(head_regions=SELECTED), matcher=MATCHER, show_progress=False)
     with pytest.raises(CheckpointError, match="shard_size 3"):
-        build_cache(teacher, train_set, tmp_path / "resumed", spec, shard_size=4, show_progress=False)
+        build_cache(teacher, train_set, tmp_path / "resumed", spec, shard_size=4, matcher=MATCHER, show_progress=False)
 
 
 def test_training_draws_only_cached_variants(root, teacher, tmp_path):
     no_flip = load_dataset(root / "data", "train", DetectionTransform(SIZE, hflip_prob=0.0))
-    build_cache(teacher, no_flip, tmp_path / "c", CacheSpec(variants=("none",), head_regions=SELECTED), show_progress=False)
+    build_cache(teacher, no_flip, tmp_path / "c", CacheSpec(variants=("none",), head_regions=SELECTED), matcher=MATCHER, show_progress=False)
     cache = TeacherCache.open(tmp_path / "c")
     flipping = load_dataset(root / "data", "train", DetectionTransform(SIZE, hflip_prob=0.5))
     with pytest.raises(CheckpointError, match=r"draws variant hflip \(data.hflip_prob 0.5\).*--set data.hflip_prob=0"):
-        cache.check_run(teacher, flipping, [], 32)
-    cache.check_run(teacher, no_flip, [], 32)
+        cache.check_run(teacher, flipping, [], 32, MATCHER)
+    cache.check_run(teacher, no_flip, [], 32, MATCHER)
     loader = build_loader(cache.training_set(no_flip), batch_size=4, shuffle=True, seed=0)
     for epoch in range(3):
         set_epoch(loader, epoch)
@@ -246,9 +261,9 @@ def test_training_draws_only_cached_variants(root, teacher, tmp_path):
 
 def test_both_variants_are_drawn_and_served(root, caches, teacher, train_set):
     cache = caches["selected"]
-    cache.check_run(teacher, train_set, [], 32)
+    cache.check_run(teacher, train_set, [], 32, MATCHER)
     flip_only = load_dataset(root / "data", "train", DetectionTransform(SIZE, hflip_prob=1.0))
-    cache.check_run(teacher, flip_only, [], 32)  # every draw is cached
+    cache.check_run(teacher, flip_only, [], 32, MATCHER)  # every draw is cached
     loader = build_loader(cache.training_set(train_set), batch_size=4, shuffle=True, seed=0)
     seen = set()
     for epoch in range(3):
@@ -256,7 +271,7 @@ def test_both_variants_are_drawn_and_served(root, caches, teacher, train_set):
         for batch in loader:
             seen |= set(batch.flipped.tolist())
             s_in = student_side(batch)
-            cache.inputs(batch, s_in.outputs, features=True).cls_rows(s_in.assignment.pos_mask)
+            cache.inputs(batch, s_in, frozenset({"head", "features"})).cls_rows(*rows(s_in.matches.positive_mask(s_in.predictions.num_predictions)))
     assert seen == {False, True}
 
 
@@ -351,8 +366,8 @@ def test_a_cached_distiller_never_runs_the_teacher(caches, teacher, train_set, m
     from distill.engine.distiller import Distiller
 
     cache = caches["selected"]
-    losses = [distill.create_loss("ld", region="main"), distill.create_loss("kd", region="vlr"),
-              distill.create_loss("feature", region="gt_boxes", student_channels=8, teacher_channels=16)]
+    losses = [distill.create_loss("ld", pairer="main"), distill.create_loss("kd", pairer="vlr"),
+              distill.create_loss("feature", pairer="gt_boxes", student_channels=8, teacher_channels=16)]
     torch.manual_seed(1)
     student = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=8, head_convs=1)
     batch = collate([train_set.get(i, i == 1) for i in range(3)], pad_to=cache.canvas)

@@ -13,11 +13,12 @@ from distill.engine.distiller import Distiller, loss_keys
 from distill.errors import CheckpointError, ConfigError
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import square_anchors
-from distill.structures import Assignment, Batch, DenseOutputs, Target
+from distill.structures import Batch, DenseOutputs, DetectorSpec, Matches, Target
 from students import create_student
 from students.gfl.losses import distribution_focal_loss
 from students.gfl.coder import encode_targets
-from students.gfl.postprocess import postprocess_dense, valid_locations
+from students.gfl.head import dense_outputs
+from students.gfl.postprocess import postprocess_dense
 from teachers import FrozenTeacher, check_pair, class_index_for
 
 STRIDES = (8, 16, 32, 64, 128)
@@ -26,8 +27,11 @@ STRIDES = (8, 16, 32, 64, 128)
 class TinyDense(nn.Module):
     """A dense detector that is *not* our GFL: one conv stem, pooled pyramid, focal loss + DFL.
 
-    It implements only the contract the engine relies on: features, head, loss, postprocess.
+    It implements only the contract the engine relies on (``distill.detector``): features, head,
+    loss, match, postprocess, spec.
     """
+
+    family = "dense"
 
     def __init__(self, num_classes: int, channels: int, reg_max: int = 16):
         super().__init__()
@@ -37,37 +41,45 @@ class TinyDense(nn.Module):
         self.reg = nn.Conv2d(channels, 4 * (reg_max + 1), 3, padding=1)
         self.config = {"name": "tiny_dense", "params": {}}
 
+    @property
+    def spec(self) -> DetectorSpec:
+        return DetectorSpec("dense", self.num_classes, self.strides, self.fpn_channels, self.reg_max + 1)
+
     def features(self, images: Tensor) -> list[Tensor]:
         p3 = self.stem(images)
         return [p3] + [nn.functional.avg_pool2d(p3, 2**k, ceil_mode=True) for k in range(1, 5)]
 
-    def head(self, features: list[Tensor]) -> DenseOutputs:
+    def head(self, features: list[Tensor], image_sizes: Tensor | None = None) -> DenseOutputs:
         sizes = [(f.shape[-2], f.shape[-1]) for f in features]
         points, strides = [], []
         for (h, w), s in zip(sizes, self.strides):
             yy, xx = torch.meshgrid((torch.arange(h) + 0.5) * s, (torch.arange(w) + 0.5) * s, indexing="ij")
             points.append(torch.stack([xx.flatten(), yy.flatten()], 1))
             strides.append(torch.full((h * w,), float(s)))
-        return DenseOutputs([self.cls(f) for f in features], [self.reg(f) for f in features], torch.cat(points), torch.cat(strides), sizes, self.reg_max)
+        return dense_outputs([self.cls(f) for f in features], [self.reg(f) for f in features], torch.cat(points), torch.cat(strides), sizes, image_sizes)
 
-    def loss(self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor):
-        cls, reg = outputs.flat_cls(), outputs.flat_reg()
-        valid = valid_locations(outputs.points, image_sizes)
+    def match(self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor | None = None) -> Matches:
         anchors = square_anchors(outputs.points, outputs.strides)
         per_level = [h * w for h, w in outputs.level_sizes]
-        results = [atss_assign(anchors, per_level, t.boxes, t.labels, self.num_classes, valid[b]) for b, t in enumerate(targets)]
-        labels = torch.stack([r.labels for r in results])
-        pos = torch.stack([r.pos_mask for r in results])
-        boxes = torch.stack([t.boxes[r.matched_gt.clamp(min=0)] * r.pos_mask[:, None] if len(t.boxes) else anchors.new_zeros(anchors.shape) for t, r in zip(targets, results)])
+        results = [atss_assign(anchors, per_level, t.boxes, t.labels, self.num_classes, outputs.valid[b]) for b, t in enumerate(targets)]
+        pred = [r.pos_mask.nonzero(as_tuple=True)[0] for r in results]
+        quality = outputs.logits.detach().sigmoid().amax(-1)
+        return Matches(pred, [r.matched_gt[i] for r, i in zip(results, pred)], [quality[b, i] for b, i in enumerate(pred)], {"pos_thresholds": [r.pos_thresholds for r in results]})
+
+    def loss(self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor):
+        cls, reg = outputs.logits, outputs.bin_logits
+        valid = outputs.valid
+        matches = self.match(outputs, targets, image_sizes)
+        labels = matches.scatter([t.labels[g] for t, g in zip(targets, matches.gt_index)], cls.shape[1], fill=self.num_classes)
         onehot = nn.functional.one_hot(labels, self.num_classes + 1)[..., : self.num_classes].float()
-        num_pos = pos.sum().clamp(min=1)
+        num_pos = max(sum(len(i) for i in matches.pred_index), 1)
         loss_cls = sigmoid_focal_loss(cls[valid], onehot[valid], reduction="sum") / num_pos
-        b, n = pos.nonzero(as_tuple=True)
-        target = encode_targets(outputs.points[n], outputs.strides[n], boxes[b, n], self.reg_max)
+        b = torch.cat([torch.full_like(i, k) for k, i in enumerate(matches.pred_index)])
+        n = torch.cat(matches.pred_index)
+        boxes = torch.cat([t.boxes[g] for t, g in zip(targets, matches.gt_index)])
+        target = encode_targets(outputs.points[n], outputs.strides[n], boxes, self.reg_max)
         loss_dfl = distribution_focal_loss(reg[b, n].reshape(-1, self.reg_max + 1), target.reshape(-1)).sum() / (4 * num_pos) + reg.sum() * 0
-        quality = cls.detach().sigmoid().amax(-1) * pos
-        assignment = Assignment(labels, pos, boxes, valid, quality, [r.pos_thresholds for r in results])
-        return {"loss_cls": loss_cls, "loss_dfl": loss_dfl}, assignment
+        return {"loss_cls": loss_cls, "loss_dfl": loss_dfl}, matches
 
     def postprocess(self, outputs, image_sizes):
         return postprocess_dense(outputs, image_sizes)
@@ -88,12 +100,12 @@ def scene_batch(batch_size=2, size=64) -> Batch:
 
 def paper_losses(with_feature=False, student_channels=16, teacher_channels=16):
     losses = [
-        distill.create_loss("ld", weight=0.25, region="main"),
-        distill.create_loss("ld", weight=0.25, region="vlr"),
-        distill.create_loss("kd", weight=1.0, region="main"),
+        distill.create_loss("ld", weight=0.25, pairer="main"),
+        distill.create_loss("ld", weight=0.25, pairer="vlr"),
+        distill.create_loss("kd", weight=1.0, pairer="main"),
     ]
     if with_feature:
-        losses.append(distill.create_loss("feature", weight=1.0, region="gt_boxes", student_channels=student_channels, teacher_channels=teacher_channels))
+        losses.append(distill.create_loss("feature", weight=1.0, pairer="gt_boxes", student_channels=student_channels, teacher_channels=teacher_channels))
     return losses
 
 
@@ -140,8 +152,8 @@ def test_teacher_runs_only_the_parts_the_losses_need(monkeypatch):
     student, teacher_model = gfl(), gfl(seed=1)
     calls = []
     original = teacher_model.head
-    monkeypatch.setattr(teacher_model, "head", lambda f: calls.append(1) or original(f))
-    feature_only = [distill.create_loss("feature", region="all")]
+    monkeypatch.setattr(teacher_model, "head", lambda f, sizes=None: calls.append(1) or original(f, sizes))
+    feature_only = [distill.create_loss("feature", pairer="all")]
     Distiller(student, FrozenTeacher(teacher_model), feature_only).step(student, scene_batch())
     assert calls == []
     Distiller(student, FrozenTeacher(teacher_model), paper_losses()).step(student, scene_batch())
@@ -153,11 +165,12 @@ def test_class_mapping_reorders_teacher_logits():
     index = class_index_for(["b", "c", "a"], ["a", "b", "c"])
     assert index == [1, 2, 0]
     teacher = FrozenTeacher(teacher_model, class_index=torch.tensor(index))
-    images = scene_batch().images
-    _, mapped = teacher.run(images)
-    raw = teacher_model(images)
-    assert torch.equal(mapped.cls_logits[0][:, 0], raw.cls_logits[0][:, 1])
-    assert torch.equal(mapped.cls_logits[0][:, 2], raw.cls_logits[0][:, 0])
+    batch = scene_batch()
+    mapped = teacher.inputs(batch, None, frozenset({"head"})).predictions
+    raw = teacher_model(batch.images, batch.image_sizes)
+    assert torch.equal(mapped.logits[..., 0], raw.logits[..., 1])
+    assert torch.equal(mapped.logits[..., 2], raw.logits[..., 0])
+    assert teacher.spec.num_classes == 3
     assert class_index_for(["a", "b"], ["a", "b"]) is None
     assert class_index_for(["cat"], ["dog", "kitty"], {"cat": "kitty"}) == [1]
     with pytest.raises(CheckpointError, match=r"teacher has no class \['cat'\]"):
@@ -166,14 +179,16 @@ def test_class_mapping_reorders_teacher_logits():
 
 def test_pair_checks_refuse_mismatches_with_reasons():
     student = gfl()
-    with pytest.raises(CheckpointError, match="strides"):
-        check_pair(student, FrozenTeacher(TinyDenseStrides()), paper_losses())
+    with pytest.raises(ConfigError, match="strides"):
+        check_pair(student.spec, FrozenTeacher(TinyDenseStrides()).spec, paper_losses())
     with pytest.raises(ConfigError, match="reg_max 8 != student reg_max 16"):
-        check_pair(student, FrozenTeacher(gfl(reg_max=8)), paper_losses())
-    resampling = [distill.create_loss("ld", region="main", resample_bins="distance")]
-    check_pair(student, FrozenTeacher(gfl(reg_max=8)), resampling)  # explicit resampling accepted
+        check_pair(student.spec, FrozenTeacher(gfl(reg_max=8)).spec, paper_losses())
+    resampling = [distill.create_loss("ld", pairer="main", resample_bins="distance")]
+    check_pair(student.spec, FrozenTeacher(gfl(reg_max=8)).spec, resampling)  # explicit resampling accepted
     with pytest.raises(ConfigError, match="adapter"):
-        check_pair(student, FrozenTeacher(gfl(channels=32)), [distill.create_loss("feature", region="all")])
+        check_pair(student.spec, FrozenTeacher(gfl(channels=32)).spec, [distill.create_loss("feature", pairer="all")])
+    with pytest.raises(ConfigError, match="strides"):  # the Distiller runs the same checks for API users
+        Distiller(student, TinyDenseStrides(), paper_losses())
 
 
 class TinyDenseStrides(TinyDense):
@@ -201,8 +216,8 @@ def test_custom_pair_distills_through_the_engine(tmp_path):
     student, teacher_model = TinyDense(10, 8), TinyDense(10, 24)
     teacher_before = copy.deepcopy(teacher_model.state_dict())
     student_before = copy.deepcopy(student.state_dict())
-    losses = [distill.create_loss("ld", weight=0.25, region="main"), distill.create_loss("kd", region="main"),
-              distill.create_loss("feature", region="gt_boxes", student_channels=8, teacher_channels=24)]
+    losses = [distill.create_loss("ld", weight=0.25, pairer="main"), distill.create_loss("kd", pairer="main"),
+              distill.create_loss("feature", pairer="gt_boxes", student_channels=8, teacher_channels=24)]
     distiller = Distiller(student, teacher_model, losses, tiny_recipe())
     result = distiller.fit(train, val, tmp_path / "run", show_progress=False)
     assert result.steps == 2
@@ -219,5 +234,5 @@ def test_custom_pair_distills_through_the_engine(tmp_path):
 
 
 def test_loss_keys_are_unique_and_readable():
-    losses = [distill.create_loss("ld", region="main"), distill.create_loss("ld", region="vlr"), distill.create_loss("ld", region="main", temperature=1.0)]
+    losses = [distill.create_loss("ld", pairer="main"), distill.create_loss("ld", pairer="vlr"), distill.create_loss("ld", pairer="main", temperature=1.0)]
     assert loss_keys(losses) == ["loss_ld_main", "loss_ld_vlr", "loss_ld_main_2"]

@@ -5,6 +5,8 @@ import importlib.util
 import math
 from collections import OrderedDict
 
+from types import SimpleNamespace
+
 import pytest
 import timm
 import torch
@@ -15,11 +17,32 @@ from distill.structures import DenseOutputs, Target
 from students import create_student
 from students.backbone import TimmBackbone, find_out_indices, offline_weights_path
 from students.gfl.fpn import FPN
-from students.gfl.head import dense_points, gn_groups
+from students.gfl.head import dense_outputs, dense_points, gn_groups, valid_locations
 from students.gfl.postprocess import postprocess_dense
 
 TINY = dict(num_classes=3, fpn_channels=16, head_convs=1)
 PRIOR = 0.01  # sigmoid of the cls bias once the cls conv weights are zeroed
+
+
+def model_loss(model, outputs, targets, image_sizes):
+    """The detector's loss, returning (losses, matches, outputs, targets, image_sizes) for dense_view."""
+    losses, matches = model.loss(outputs, targets, image_sizes)
+    return losses, matches, outputs, targets, image_sizes
+
+
+def dense_view(model, losses, matches, outputs, targets, image_sizes):
+    """(losses, the matches as dense (B, N) maps): positives, labels (C = background), matched GT
+    boxes, valid locations, quality weights and ATSS thresholds, to check them location by location."""
+    n = outputs.num_predictions
+    view = SimpleNamespace(
+        pos_mask=matches.positive_mask(n),
+        labels=matches.scatter([t.labels[g] for t, g in zip(targets, matches.gt_index)], n, fill=model.num_classes),
+        matched_boxes=matches.scatter([t.boxes[g] for t, g in zip(targets, matches.gt_index)], n),
+        valid_mask=valid_locations(outputs.points, image_sizes, outputs.num_images),
+        quality_weight=matches.weight_map(n),
+        pos_thresholds=matches.extras["pos_thresholds"],
+    )
+    return losses, view
 
 
 def tiny_gfl(**kw):
@@ -115,7 +138,7 @@ def test_find_out_indices_from_reductions():
 def test_empty_gt_golden_qfl_and_connected_zero_box_losses():
     model = constant_head(tiny_gfl(), zero_reg=False)
     out = model(torch.randn(1, 3, 64, 64))
-    losses, a = model.loss(out, [Target.empty()], torch.tensor([[64, 64]]))
+    losses, a = dense_view(model, *model_loss(model, out, [Target.empty()], torch.tensor([[64, 64]])))
     # Only negatives: each element costs BCE(x, 0) * sigmoid(x)^2 = -log(1 - 0.01) * 0.01^2 = 1.005034e-6.
     # Valid locations of a 64 x 64 image: 64 + 16 + 4 + 1 (P7's centre (64, 64) is outside) = 85;
     # 85 * 3 classes * 1.005034e-6 / max(#pos, 1) = 2.562836e-4.
@@ -134,7 +157,7 @@ def test_one_gt_golden_losses_and_assignment():
     model = constant_head(tiny_gfl())
     out = model(torch.randn(1, 3, 64, 64))
     gt = torch.tensor([[8.0, 6.0, 40.0, 50.0]])
-    losses, a = model.loss(out, [Target(gt, torch.tensor([2]))], torch.tensor([[64, 64]]))
+    losses, a = dense_view(model, *model_loss(model, out, [Target(gt, torch.tensor([2]))], torch.tensor([[64, 64]])))
     pos = a.pos_mask[0]
     points, strides = out.points[pos], out.strides[pos]
     num_pos = int(pos.sum())
@@ -170,7 +193,7 @@ def test_qfl_normaliser_counts_empty_images_as_one():
     images, sizes = torch.randn(2, 3, 64, 64), torch.tensor([[64, 64]])
     one = Target(torch.tensor([[8.0, 6.0, 40.0, 50.0]]), torch.tensor([2]))
     l_empty, _ = model.loss(model(images[:1]), [Target.empty()], sizes)
-    l_one, a = model.loss(model(images[1:]), [one], sizes)
+    l_one, a = dense_view(model, *model_loss(model, model(images[1:]), [one], sizes))
     l_batch, _ = model.loss(model(images), [Target.empty(), one], sizes.repeat(2, 1))
     p = int(a.pos_mask.sum())
     expected = (l_empty["loss_qfl"] + l_one["loss_qfl"] * p) / (1 + p)
@@ -191,12 +214,12 @@ def test_box_losses_are_quality_weighted_averages():
         Target(torch.tensor([[4.0, 4.0, 30.0, 40.0], [30.0, 20.0, 60.0, 44.0]]), torch.tensor([0, 2])),
         Target(torch.tensor([[10.0, 12.0, 50.0, 60.0]]), torch.tensor([1])),
     ]
-    losses, a = model.loss(out, targets, torch.tensor([[64, 64], [64, 64]]))
+    losses, a = dense_view(model, *model_loss(model, out, targets, torch.tensor([[64, 64], [64, 64]])))
     b, n = a.pos_mask.nonzero(as_tuple=True)
-    w = out.flat_cls().detach().sigmoid().amax(-1)[b, n]
+    w = out.logits.detach().sigmoid().amax(-1)[b, n]
     assert w.std() > 0.01
     assert torch.equal(a.quality_weight[b, n], w)
-    pred = decode_boxes(out.points[n], out.strides[n], out.flat_reg()[b, n])
+    pred = decode_boxes(out.points[n], out.strides[n], out.bin_logits[b, n])
     per_box = 1 - generalized_box_iou(pred, a.matched_boxes[b, n]).diagonal()
     expected = 2.0 * (w * per_box).sum() / w.sum()
     assert losses["loss_giou"].item() == pytest.approx(expected.item(), rel=1e-5)
@@ -208,7 +231,7 @@ def test_crowd_region_excluded_from_targets_is_background():
     out = model(torch.randn(1, 3, 64, 64))
     person = torch.tensor([[2.0, 2.0, 26.0, 30.0]])
     crowd = torch.tensor([36.0, 30.0, 64.0, 64.0])  # iscrowd=1 in the annotations, so not a Target
-    _, a = model.loss(out, [Target(person, torch.tensor([0]))], torch.tensor([[64, 64]]))
+    _, a = dense_view(model, *model_loss(model, out, [Target(person, torch.tensor([0]))], torch.tensor([[64, 64]])))
     in_crowd = (out.points > crowd[:2]).all(1) & (out.points < crowd[2:]).all(1)
     assert in_crowd.sum() > 0
     assert not a.pos_mask[0, in_crowd].any() and (a.labels[0, in_crowd] == 3).all()
@@ -221,7 +244,7 @@ def test_padding_locations_are_invalid_and_never_positive():
     # Image 1 is 48 x 64 inside the padding: valid rows have centre y < 48:
     # P3 6 x 8 = 48, P4 3 x 4 = 12, P5 1 x 2 = 2, P6 (32, 32) = 1, P7 (64, 64) no -> 63.
     gt = Target(torch.tensor([[0.0, 30.0, 64.0, 64.0]]), torch.tensor([1]))
-    _, a = model.loss(out, [gt, gt], torch.tensor([[64, 64], [48, 64]]))
+    _, a = dense_view(model, *model_loss(model, out, [gt, gt], torch.tensor([[64, 64], [48, 64]])))
     assert a.valid_mask.sum(1).tolist() == [85, 63]
     assert not (a.pos_mask & ~a.valid_mask).any()
     assert a.pos_mask[1].any()
@@ -236,7 +259,7 @@ def test_loss_does_not_depend_on_batch_size():
     ]
     sizes = torch.tensor([[64, 64], [48, 56]])
     single, _ = model.loss(model(images), targets, sizes)
-    double, a = model.loss(model(torch.cat([images, images])), targets * 2, sizes.repeat(2, 1))
+    double, a = dense_view(model, *model_loss(model, model(torch.cat([images, images])), targets * 2, sizes.repeat(2, 1)))
     for key in single:
         assert double[key].item() == pytest.approx(single[key].item(), rel=1e-5), key
     assert a.pos_mask.shape == (4, 86)
@@ -264,7 +287,7 @@ def _hand_outputs() -> DenseOutputs:
     reg = torch.zeros(2, 4, 5, 2, 2)
     reg[:, :, 1] = 30.0  # bin 1 of every edge
     points, strides = dense_points(((2, 2),), (8,), torch.device("cpu"))
-    return DenseOutputs([cls], [reg.reshape(2, 20, 2, 2)], points, strides, [(2, 2)], 4)
+    return dense_outputs([cls], [reg.reshape(2, 20, 2, 2)], points, strides, [(2, 2)], None)
 
 
 def test_postprocess_hand_built():

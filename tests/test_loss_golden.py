@@ -14,6 +14,7 @@ from torch import Tensor
 from distill.losses import (
     DistillInputs,
     binary_kl,
+    box_rows,
     create_loss,
     kd_rows,
     ld_rows,
@@ -23,7 +24,8 @@ from distill.losses import (
     weighted_sum,
 )
 from distill.errors import ConfigError
-from distill.structures import Assignment, DenseOutputs
+from distill.structures import Matches, Pairs, Predictions
+from students.gfl.head import dense_outputs
 
 LN3 = math.log(3.0)
 
@@ -38,36 +40,33 @@ def unflatten(flat: Tensor, level_sizes: list[tuple[int, int]]) -> list[Tensor]:
 
 
 def side(level_sizes, cls: Tensor | None = None, reg: Tensor | None = None, feat: Tensor | None = None,
-         assignment: Assignment | None = None) -> DistillInputs:
+         matches: Matches | None = None) -> DistillInputs:
     """DistillInputs from flat literals: cls (B, N, C), reg (B, N, 4, K), feat (B, N, F)."""
     outputs = None
     if cls is not None or reg is not None:
         b, n = (cls if cls is not None else reg).shape[:2]
         cls = cls if cls is not None else torch.zeros(b, n, 1)
         reg = reg if reg is not None else torch.zeros(b, n, 4, 2)
-        outputs = DenseOutputs(
-            cls_logits=unflatten(cls, level_sizes),
-            reg_logits=unflatten(reg.flatten(2), level_sizes),
-            points=torch.zeros(n, 2),
-            strides=torch.ones(n),
-            level_sizes=level_sizes,
-            reg_max=reg.shape[-1] - 1,
+        outputs = dense_outputs(
+            unflatten(cls, level_sizes), unflatten(reg.flatten(2), level_sizes), torch.zeros(n, 2), torch.ones(n), level_sizes, None
         )
     features = unflatten(feat, level_sizes) if feat is not None else None
-    return DistillInputs(outputs=outputs, features=features, assignment=assignment)
+    return DistillInputs(predictions=outputs, features=features, matches=matches)
 
 
-def quality_assignment(quality: Tensor) -> Assignment:
-    """Assignment whose positives are the locations with quality > 0; quality (B, N)."""
-    pos = quality > 0
-    b, n = quality.shape
-    return Assignment(
-        labels=torch.zeros(b, n, dtype=torch.long),
-        pos_mask=pos,
-        matched_boxes=torch.zeros(b, n, 4),
-        valid_mask=torch.ones(b, n, dtype=torch.bool),
-        quality_weight=quality,
+def quality_matches(quality: Tensor) -> Matches:
+    """Matches whose positives are the locations with quality > 0, weighted by it; quality (B, N)."""
+    pred_index = [row.nonzero(as_tuple=True)[0] for row in quality > 0]
+    return Matches(
+        pred_index=pred_index,
+        gt_index=[torch.zeros(len(i), dtype=torch.long) for i in pred_index],
+        weight=[quality[b, i] for b, i in enumerate(pred_index)],
     )
+
+
+def call(loss, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
+    """The loss on the dense pairs of a (B, N) region mask (student index = teacher index)."""
+    return loss(student, teacher, Pairs.from_mask(mask, loss.space))
 
 
 # --- kernels ----------------------------------------------------------------------------------
@@ -162,9 +161,9 @@ def test_kd_normalised_is_the_weighted_mean_over_rows():
     a = 0.5 * math.log(4 / 3) / 2
     loss = create_loss("kd", temperature=1.0)
     # mask (1, 1, 1): (a + 0 + 2a) / 3 = a
-    assert loss(student, teacher, torch.ones(1, 3)).item() == pytest.approx(a, rel=1e-6)
+    assert call(loss, student, teacher, torch.ones(1, 3)).item() == pytest.approx(a, rel=1e-6)
     # mask (0.5, 1, 0): (0.5 a + 0) / 1.5 = a / 3
-    assert loss(student, teacher, torch.tensor([[0.5, 1.0, 0.0]])).item() == pytest.approx(a / 3, rel=1e-6)
+    assert call(loss, student, teacher, torch.tensor([[0.5, 1.0, 0.0]])).item() == pytest.approx(a / 3, rel=1e-6)
 
 
 def test_kd_legacy_sums_per_level_means():
@@ -172,7 +171,7 @@ def test_kd_legacy_sums_per_level_means():
     a = 0.5 * math.log(4 / 3) / 2
     loss = create_loss("kd", temperature=1.0, legacy=True)
     # level 0: (a + 0) / 2; level 1: 2a / 1 -> 2.5 a = 0.1798013
-    assert loss(student, teacher, torch.ones(1, 3)).item() == pytest.approx(2.5 * a, rel=1e-6)
+    assert call(loss, student, teacher, torch.ones(1, 3)).item() == pytest.approx(2.5 * a, rel=1e-6)
 
 
 def test_kd_softmax_mode_three_classes():
@@ -181,7 +180,7 @@ def test_kd_softmax_mode_three_classes():
     teacher = side(levels, cls=torch.zeros(1, 1, 3))
     # q = (1/2, 1/4, 1/4), p = 1/3 each: KL = 1/3 ln(2/3) + 2/3 ln(4/3) = 0.056633; mean /3 = 0.018878
     expected = (math.log(2 / 3) / 3 + 2 * math.log(4 / 3) / 3) / 3
-    value = create_loss("kd", temperature=1.0, mode="softmax")(student, teacher, torch.ones(1, 1))
+    value = call(create_loss("kd", temperature=1.0, mode="softmax"), student, teacher, torch.ones(1, 1))
     assert value.item() == pytest.approx(expected, rel=1e-6)
 
 
@@ -199,8 +198,8 @@ def ld_case():
     t = torch.log(torch.tensor([1.0, 2.0, 1.0])).expand(1, 2, 4, 3).clone()
     s = t.clone()
     s[0, 0] = 0.0
-    assignment = quality_assignment(torch.tensor([[0.5, 1.0]]))
-    return side(levels, reg=s, assignment=assignment), side(levels, reg=t)
+    matches = quality_matches(torch.tensor([[0.5, 1.0]]))
+    return side(levels, reg=s, matches=matches), side(levels, reg=t)
 
 
 C_LD = 0.5 * math.log(9 / 8) / 3
@@ -210,16 +209,16 @@ def test_ld_main_normalised_by_the_sum_of_row_weights():
     student, teacher = ld_case()
     mask = torch.ones(1, 2)
     # rows: 4 edges x w = 0.5 with KL c, 4 edges x w = 1 with KL 0: (4 * 0.5 c) / (4 * 0.5 + 4 * 1) = c / 3
-    assert create_loss("ld", temperature=1.0)(student, teacher, mask).item() == pytest.approx(C_LD / 3, rel=1e-6)
+    assert call(create_loss("ld", temperature=1.0), student, teacher, mask).item() == pytest.approx(C_LD / 3, rel=1e-6)
     # without quality weights: 4 c / 8 = c / 2
-    value = create_loss("ld", temperature=1.0, weight_by_quality=False)(student, teacher, mask)
+    value = call(create_loss("ld", temperature=1.0, weight_by_quality=False), student, teacher, mask)
     assert value.item() == pytest.approx(C_LD / 2, rel=1e-6)
 
 
 def test_ld_main_legacy_divides_by_four():
     student, teacher = ld_case()
     # reference Main LD: sum of w * KL over edges / 4 = 4 * 0.5 * c / 4 = 0.5 c = 0.00981525
-    value = create_loss("ld", temperature=1.0, legacy=True)(student, teacher, torch.ones(1, 2))
+    value = call(create_loss("ld", temperature=1.0, legacy=True), student, teacher, torch.ones(1, 2))
     assert value.item() == pytest.approx(0.5 * C_LD, rel=1e-6)
 
 
@@ -227,10 +226,10 @@ def test_ld_vlr_weights_by_the_mask_and_legacy_divides_by_sixteen():
     student, teacher = ld_case()
     mask = torch.tensor([[0.3, 0.0]])  # VLR weight = IoU 0.3 at location 0 only
     # normalised: (4 * 0.3 c) / (4 * 0.3) = c
-    normalised = create_loss("ld", region="vlr", temperature=1.0)(student, teacher, mask)
+    normalised = call(create_loss("ld", pairer="vlr", temperature=1.0), student, teacher, mask)
     assert normalised.item() == pytest.approx(C_LD, rel=1e-6)
     # legacy: 4 * 0.3 c / 16 = 0.075 c
-    legacy = create_loss("ld", region="vlr", temperature=1.0, legacy=True)(student, teacher, mask)
+    legacy = call(create_loss("ld", pairer="vlr", temperature=1.0, legacy=True), student, teacher, mask)
     assert legacy.item() == pytest.approx(0.075 * C_LD, rel=1e-6)
 
 
@@ -240,12 +239,12 @@ def test_ld_temperature_two_and_default_ten():
     # T = 2: row KL = 0.0189608 (test_softmax_kl_three_bins); all rows equal, so the weighted mean is it
     p = [1 / (2 + math.sqrt(2)), math.sqrt(2) / (2 + math.sqrt(2)), 1 / (2 + math.sqrt(2))]
     expected_t2 = 4 * sum(pk * math.log(3 * pk) for pk in p) / 3
-    assert create_loss("ld", temperature=2.0)(student, teacher, mask).item() == pytest.approx(expected_t2, rel=1e-5)
+    assert call(create_loss("ld", temperature=2.0), student, teacher, mask).item() == pytest.approx(expected_t2, rel=1e-5)
     # T = 10 (default): p proportional to (1, 2^0.1, 1); 100 * mean_k p_k ln(3 p_k)
     z = 2 + 2**0.1
     p = [1 / z, 2**0.1 / z, 1 / z]
     expected_t10 = 100 * sum(pk * math.log(3 * pk) for pk in p) / 3
-    assert create_loss("ld")(student, teacher, mask).item() == pytest.approx(expected_t10, rel=1e-4)
+    assert call(create_loss("ld"), student, teacher, mask).item() == pytest.approx(expected_t10, rel=1e-4)
 
 
 # --- bin resampling ---------------------------------------------------------------------------
@@ -298,7 +297,7 @@ def test_feature_mse_per_masked_location_and_channel():
     student, teacher = feature_case()
     mask = torch.tensor([[1.0, 0.5, 1.0]])
     # (1 * 2 + 0.5 * 4 + 1 * 9) / (2 channels * (1 + 0.5 + 1)) = 13 / 5
-    assert create_loss("feature", relative=False)(student, teacher, mask).item() == pytest.approx(13 / 5, rel=1e-6)
+    assert call(create_loss("feature", relative=False), student, teacher, mask).item() == pytest.approx(13 / 5, rel=1e-6)
 
 
 def test_feature_relative_error_divides_by_teacher_energy():
@@ -306,21 +305,21 @@ def test_feature_relative_error_divides_by_teacher_energy():
     mask = torch.tensor([[1.0, 0.5, 1.0]])
     # teacher energy ||t||^2 per location: 1, 1, 9 -> 1 * 1 + 0.5 * 1 + 1 * 9 = 10.5
     # weighted squared error as above: 13 -> 13 / 10.5
-    assert create_loss("feature")(student, teacher, mask).item() == pytest.approx(13 / 10.5, rel=1e-6)
+    assert call(create_loss("feature"), student, teacher, mask).item() == pytest.approx(13 / 10.5, rel=1e-6)
     # scale-free: multiplying both sides by 100 leaves the value unchanged
     levels = [(1, 2), (1, 1)]
     big_s = side(levels, feat=100 * torch.tensor([[[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]]]))
     big_t = side(levels, feat=100 * torch.tensor([[[0.0, 1.0], [1.0, 0.0], [3.0, 0.0]]]))
-    assert create_loss("feature")(big_s, big_t, mask).item() == pytest.approx(13 / 10.5, rel=1e-5)
+    assert call(create_loss("feature"), big_s, big_t, mask).item() == pytest.approx(13 / 10.5, rel=1e-5)
     # level 0 only: (2 + 2) / (2 * 1.5) = 4 / 3
-    assert create_loss("feature", level_indices=[0], relative=False)(student, teacher, mask).item() == pytest.approx(4 / 3, rel=1e-6)
+    assert call(create_loss("feature", level_indices=[0], relative=False), student, teacher, mask).item() == pytest.approx(4 / 3, rel=1e-6)
 
 
 def test_feature_legacy_sums_per_level_means():
     student, teacher = feature_case()
     mask = torch.tensor([[1.0, 0.5, 1.0]])
     # level 0: 4 / 3; level 1: 9 / (2 * 1) = 4.5 -> 35 / 6
-    value = create_loss("feature", legacy=True)(student, teacher, mask)
+    value = call(create_loss("feature", legacy=True), student, teacher, mask)
     assert value.item() == pytest.approx(4 / 3 + 4.5, rel=1e-6)
 
 
@@ -334,7 +333,7 @@ def test_feature_adapter_is_a_per_location_linear_map():
     student = side(levels, feat=torch.tensor([[[1.0], [3.0]]]))
     teacher = side(levels, feat=torch.tensor([[[2.0, 0.0], [5.0, -2.0]]]))
     # (0 + 1) / (2 channels * 2 locations) = 0.25
-    assert loss(student, teacher, torch.ones(1, 2)).item() == pytest.approx(0.25, rel=1e-6)
+    assert call(loss, student, teacher, torch.ones(1, 2)).item() == pytest.approx(0.25, rel=1e-6)
 
 
 def test_ld_count_normalisation_is_mean_of_weighted_rows():
@@ -355,10 +354,66 @@ def test_ld_count_mode_uses_the_number_of_distilled_edges():
         create_loss("ld", normalize="sum")
     student, teacher = ld_case()
     # main LD, count mode: (4 edges * w 0.5 * c + 4 * 1.0 * 0) / 8 distilled edges = c / 4
-    value = create_loss("ld", temperature=1.0, normalize="count")(student, teacher, torch.ones(1, 2))
+    value = call(create_loss("ld", temperature=1.0, normalize="count"), student, teacher, torch.ones(1, 2))
     assert value.item() == pytest.approx(C_LD / 4, rel=1e-6)
     # halving every quality weight halves the value (the warm-up), unlike the default weighted mean
     half, _ = ld_case()
-    half.assignment.quality_weight.mul_(0.5)
-    assert create_loss("ld", temperature=1.0, normalize="count")(half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 8, rel=1e-6)
-    assert create_loss("ld", temperature=1.0)(half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 3, rel=1e-6)
+    half.matches.weight[0].mul_(0.5)
+    assert call(create_loss("ld", temperature=1.0, normalize="count"), half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 8, rel=1e-6)
+    assert call(create_loss("ld", temperature=1.0), half, teacher, torch.ones(1, 2)).item() == pytest.approx(C_LD / 3, rel=1e-6)
+
+
+# --- box --------------------------------------------------------------------------------------
+
+
+def box_case():
+    """Two matched pairs, read with each side's own index (student and teacher sets differ in size).
+
+    Pair A: image 0 (h 10, w 20), student 1 = [0, 0, 4, 4] vs teacher 2 = [2, 0, 6, 4], weight 1.
+      L1 / (w, h, w, h) = 2/20 + 0 + 2/20 + 0 = 0.2;  inter [2, 0, 4, 4] = 8, union 16 + 16 - 8 = 24,
+      IoU 1/3, enclosing [0, 0, 6, 4] = 24 = union -> GIoU 1/3, 1 - GIoU = 2/3.
+    Pair B: image 1 (h 20, w 40), student 0 = [0, 0, 2, 2] vs teacher 1 = [4, 4, 6, 6], weight 3.
+      L1 = 4/40 + 4/20 + 4/40 + 4/20 = 0.6;  disjoint: IoU 0, union 8, enclosing [0, 0, 6, 6] = 36
+      -> GIoU = -(36 - 8)/36 = -7/9, 1 - GIoU = 16/9.
+    """
+    s_boxes = torch.tensor([
+        [[1.0, 1.0, 3.0, 3.0], [0.0, 0.0, 4.0, 4.0]],
+        [[0.0, 0.0, 2.0, 2.0], [5.0, 5.0, 9.0, 9.0]],
+    ], requires_grad=True)
+    t_boxes = torch.tensor([
+        [[0.0, 0.0, 1.0, 1.0], [3.0, 3.0, 5.0, 5.0], [2.0, 0.0, 6.0, 4.0]],
+        [[0.0, 0.0, 9.0, 9.0], [4.0, 4.0, 6.0, 6.0], [1.0, 2.0, 3.0, 4.0]],
+    ])
+    sizes = torch.tensor([[10, 20], [20, 40]])  # (height, width)
+    student = DistillInputs(predictions=Predictions(torch.zeros(2, 2, 1), s_boxes, torch.ones(2, 2, dtype=torch.bool)), image_sizes=sizes)
+    teacher = DistillInputs(predictions=Predictions(torch.zeros(2, 3, 1), t_boxes, torch.ones(2, 3, dtype=torch.bool)), image_sizes=sizes)
+    pairs = Pairs(torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([2, 1]), torch.tensor([1.0, 3.0]), 2)
+    return student, teacher, pairs, s_boxes
+
+
+def test_box_l1_and_giou_on_two_literal_pairs():
+    student, teacher, pairs, s_boxes = box_case()
+    # row A: 5 * 0.2 + 2 * 2/3 = 7/3;  row B: 5 * 0.6 + 2 * 16/9 = 59/9
+    # weighted mean: (1 * 7/3 + 3 * 59/9) / (1 + 3) = (7/3 + 59/3) / 4 = 5.5
+    value = create_loss("box")(student, teacher, pairs)
+    assert value.item() == pytest.approx(5.5, rel=1e-6)
+    assert create_loss("box", weight=2.0)(student, teacher, pairs).item() == pytest.approx(11.0, rel=1e-6)
+    # L1 only: (0.2 + 3 * 0.6) / 4 = 0.5;  GIoU only: (2/3 + 3 * 16/9) / 4 = 1.5
+    assert create_loss("box", l1_weight=1.0, giou_weight=0.0)(student, teacher, pairs).item() == pytest.approx(0.5, rel=1e-6)
+    assert create_loss("box", l1_weight=0.0, giou_weight=1.0)(student, teacher, pairs).item() == pytest.approx(1.5, rel=1e-6)
+    # only the paired student boxes get a gradient
+    value.backward()
+    assert (s_boxes.grad[0, 0] == 0).all() and (s_boxes.grad[1, 1] == 0).all()
+    assert s_boxes.grad[0, 1].abs().sum() > 0 and s_boxes.grad[1, 0].abs().sum() > 0
+
+
+def test_box_rows_kernel():
+    s = torch.tensor([[0.0, 0.0, 4.0, 4.0], [0.0, 0.0, 2.0, 2.0]])
+    t = torch.tensor([[2.0, 0.0, 6.0, 4.0], [4.0, 4.0, 6.0, 6.0]])
+    scale = torch.tensor([[20.0, 10.0, 20.0, 10.0], [40.0, 20.0, 40.0, 20.0]])
+    # the rows of box_case: (7/3 + 3 * 59/9) / 4 = 5.5
+    assert box_rows(s, t, scale, torch.tensor([1.0, 3.0]), 5.0, 2.0).item() == pytest.approx(5.5, rel=1e-6)
+    # fp16 rows give the fp32 result; no rows give exactly 0
+    half = box_rows(s.half(), t.half(), scale, torch.tensor([1.0, 3.0]), 5.0, 2.0)
+    assert half.dtype == torch.float32 and half.item() == pytest.approx(5.5, rel=1e-6)
+    assert box_rows(s[:0], t[:0], scale[:0], torch.zeros(0), 5.0, 2.0).item() == 0.0

@@ -13,38 +13,51 @@ GT box [0, 0, 8, 8]. For points (x, 4) the anchor is [x-4, 0, x+4, 8]:
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.regions import Region, create_region, list_regions
-from distill.structures import Assignment, Target
+from distill.structures import Matches, Target
 
 POINTS = torch.tensor([[4.0, 4.0], [6.0, 4.0], [8.0, 4.0], [10.0, 4.0], [12.0, 4.0]])
 STRIDES = torch.ones(5)
 GT = Target(boxes=torch.tensor([[0.0, 0.0, 8.0, 8.0]]), labels=torch.tensor([0]))
 
 
-def assignment(num_locations: int, alphas: list[Tensor], pos: list[int] = (), invalid: list[int] = ()) -> Assignment:
-    """One assignment row per entry of ``alphas`` (the ATSS thresholds of that image's GTs)."""
+@dataclass
+class Grid:
+    """What a region reads besides the points and the GT: the student's matches and the valid locations."""
+
+    matches: Matches
+    valid: Tensor  # (B, N) bool
+
+
+def assignment(num_locations: int, alphas: list[Tensor], pos: list[int] = (), invalid: list[int] = ()) -> Grid:
+    """One image per entry of ``alphas`` (the ATSS thresholds of that image's GTs); every image has the
+    positives ``pos`` (matched to GT 0, weight 0.5) and the padding locations ``invalid``."""
     b = len(alphas)
-    pos_mask = torch.zeros(b, num_locations, dtype=torch.bool)
-    pos_mask[:, list(pos)] = True
+    index = torch.tensor(sorted(pos), dtype=torch.long)
+    matches = Matches(
+        pred_index=[index.clone() for _ in range(b)],
+        gt_index=[torch.zeros(len(index), dtype=torch.long) for _ in range(b)],
+        weight=[torch.full((len(index),), 0.5) for _ in range(b)],
+        extras={"pos_thresholds": list(alphas)},
+    )
     valid = torch.ones(b, num_locations, dtype=torch.bool)
     valid[:, list(invalid)] = False
-    return Assignment(
-        labels=torch.where(pos_mask, 0, 1),
-        pos_mask=pos_mask,
-        matched_boxes=torch.zeros(b, num_locations, 4),
-        valid_mask=valid,
-        quality_weight=pos_mask.float() * 0.5,
-        pos_thresholds=alphas,
-    )
+    return Grid(matches, valid)
 
 
-def vlr(targets, assign, points=POINTS, strides=STRIDES, **params) -> Tensor:
-    return create_region("vlr", **params)(points, strides, targets, assign)
+def region_mask(name: str, targets, grid: Grid, points=POINTS, strides=STRIDES, **params) -> Tensor:
+    return create_region(name, **params)(points, strides, targets, grid.matches, grid.valid)
+
+
+def vlr(targets, grid: Grid, points=POINTS, strides=STRIDES, **params) -> Tensor:
+    return region_mask("vlr", targets, grid, points, strides, **params)
 
 
 # --- registry contract ------------------------------------------------------------------------
@@ -54,9 +67,11 @@ def vlr(targets, assign, points=POINTS, strides=STRIDES, **params) -> Tensor:
 def test_region_contract(name):
     """(B, N) float32, 0 on padding, never a crash on an image without GT (second image)."""
     targets = [GT, Target.empty()]
-    assign = assignment(5, [torch.tensor([0.8]), torch.zeros(0)], pos=[0], invalid=[4])
-    assign.pos_mask[1] = False  # no GT -> no positives
-    mask = create_region(name)(POINTS, STRIDES, targets, assign)
+    grid = assignment(5, [torch.tensor([0.8]), torch.zeros(0)], pos=[0], invalid=[4])
+    grid.matches.pred_index[1] = grid.matches.pred_index[1][:0]  # no GT -> no positives
+    grid.matches.gt_index[1] = grid.matches.gt_index[1][:0]
+    grid.matches.weight[1] = grid.matches.weight[1][:0]
+    mask = region_mask(name, targets, grid)
     assert mask.shape == (2, 5) and mask.dtype == torch.float32
     assert (mask[:, 4] == 0).all() and (mask >= 0).all()
     if name == "all":
@@ -92,18 +107,20 @@ def test_regions_are_hashable_values():
 
 
 def test_main_is_the_valid_positives():
-    assign = assignment(5, [torch.tensor([0.8])], pos=[1, 2])
-    assert create_region("main")(POINTS, STRIDES, [GT], assign).tolist() == [[0, 1, 1, 0, 0]]
+    grid = assignment(5, [torch.tensor([0.8])], pos=[1, 2])
+    assert region_mask("main", [GT], grid).tolist() == [[0, 1, 1, 0, 0]]
+    # a positive on a padding location is not distilled
+    assert region_mask("main", [GT], assignment(5, [torch.tensor([0.8])], pos=[1, 2], invalid=[2])).tolist() == [[0, 1, 0, 0, 0]]
 
 
 def test_gt_boxes_requires_the_centre_strictly_inside():
     # (4,4), (6,4) inside [0,0,8,8]; (8,4) on its right edge -> outside; (10,4) inside the second box
     # [9,3,11,5] (masked out while it is padding); (12,4) outside both
     target = Target(boxes=torch.tensor([[0.0, 0.0, 8.0, 8.0], [9.0, 3.0, 11.0, 5.0]]), labels=torch.tensor([0, 0]))
-    assign = assignment(5, [torch.tensor([0.8, 0.8])], invalid=[3])
-    assert create_region("gt_boxes")(POINTS, STRIDES, [target], assign).tolist() == [[1, 1, 0, 0, 0]]
-    assign = assignment(5, [torch.tensor([0.8, 0.8])])
-    assert create_region("gt_boxes")(POINTS, STRIDES, [target], assign).tolist() == [[1, 1, 0, 1, 0]]
+    grid = assignment(5, [torch.tensor([0.8, 0.8])], invalid=[3])
+    assert region_mask("gt_boxes", [target], grid).tolist() == [[1, 1, 0, 0, 0]]
+    grid = assignment(5, [torch.tensor([0.8, 0.8])])
+    assert region_mask("gt_boxes", [target], grid).tolist() == [[1, 1, 0, 1, 0]]
 
 
 # --- vlr --------------------------------------------------------------------------------------
@@ -120,19 +137,19 @@ def test_vlr_true_and_legacy_metrics_differ_as_computed_by_hand():
     # alpha_pos = 0.7, gamma = 0.125: band [0.0875, 0.7).
     # true DIoU:  (6,4) 0.5756 in, (8,4) 0.2564 in, (10,4) 0.0044 out -> IoUs (0.6, 1/3, 0)
     # legacy IoF: (6,4) 0.7256 out, (8,4) 0.4231 in, (10,4) 0.1115 in -> IoUs (0, 1/3, 1/7)
-    assign = assignment(5, [torch.tensor([0.7])])
-    true = vlr([GT], assign, gamma=0.125)
-    legacy = vlr([GT], assign, gamma=0.125, metric="diou_iof_legacy")
+    grid = assignment(5, [torch.tensor([0.7])])
+    true = vlr([GT], grid, gamma=0.125)
+    legacy = vlr([GT], grid, gamma=0.125, metric="diou_iof_legacy")
     torch.testing.assert_close(true, torch.tensor([[0.0, 0.6, 1 / 3, 0.0, 0.0]]))
     torch.testing.assert_close(legacy, torch.tensor([[0.0, 0.0, 1 / 3, 1 / 7, 0.0]]))
 
 
 def test_vlr_overlaps_positives_unless_excluded_and_skips_padding():
-    assign = assignment(5, [torch.tensor([0.8])], pos=[1], invalid=[2])
+    grid = assignment(5, [torch.tensor([0.8])], pos=[1], invalid=[2])
     # (6,4) is a positive but in the band: kept by default (as the reference), dropped with exclude_pos;
     # (8,4) is in the band but padding -> 0.
-    torch.testing.assert_close(vlr([GT], assign), torch.tensor([[0.0, 0.6, 0.0, 0.0, 0.0]]))
-    assert vlr([GT], assign, exclude_pos=True).tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0]]
+    torch.testing.assert_close(vlr([GT], grid), torch.tensor([[0.0, 0.6, 0.0, 0.0, 0.0]]))
+    assert vlr([GT], grid, exclude_pos=True).tolist() == [[0.0, 0.0, 0.0, 0.0, 0.0]]
 
 
 def test_vlr_picks_the_gt_with_the_largest_iou():
@@ -177,10 +194,39 @@ def test_vlr_batch_each_image_sees_only_its_own_gts():
         [0.0, 1 / 3, 0.6, 0.0, 0.6],
     ]))
     for b, target in enumerate(targets):  # the same as one image at a time
-        alone = vlr([target], assignment(5, [assignment(5, [torch.tensor([0.8]), torch.zeros(0), torch.tensor([0.8])]).pos_thresholds[b]]))
+        alone = vlr([target], assignment(5, [assignment(5, [torch.tensor([0.8]), torch.zeros(0), torch.tensor([0.8])]).matches.extras["pos_thresholds"][b]]))
         torch.testing.assert_close(alone[0], mask[b])
 
 
 def test_vlr_batch_without_any_gt_is_all_zero():
     mask = vlr([Target.empty(), Target.empty()], assignment(5, [torch.zeros(0), torch.zeros(0)]))
     assert mask.shape == (2, 5) and (mask == 0).all()
+
+
+# --- matches=None -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gt_boxes", "all"])
+def test_regions_without_matches_accept_none(name):
+    # gt_boxes and all do not read the student's matches, so they also serve a sparse student's FPN grid
+    targets = [GT, Target.empty()]
+    grid = assignment(5, [torch.tensor([0.8]), torch.zeros(0)], invalid=[4])
+    with_matches = region_mask(name, targets, grid)
+    without = create_region(name)(POINTS, STRIDES, targets, None, grid.valid)
+    assert torch.equal(without, with_matches)
+
+
+@pytest.mark.parametrize("name", ["main", "vlr"])
+def test_regions_reading_matches_refuse_none(name):
+    with pytest.raises(ConfigError, match=f"region '{name}' reads the student's dense matches"):
+        create_region(name)(POINTS, STRIDES, [GT], None, torch.ones(1, 5, dtype=torch.bool))
+
+
+def test_vlr_reads_only_the_pos_thresholds_extra():
+    # VLR needs the ATSS thresholds, not the positives: the same mask with or without matched rows
+    grid = assignment(5, [torch.tensor([0.8])], pos=[0, 1])
+    no_rows = Matches([torch.zeros(0, dtype=torch.long)], [torch.zeros(0, dtype=torch.long)], None, grid.matches.extras)
+    torch.testing.assert_close(vlr([GT], grid), vlr([GT], Grid(no_rows, grid.valid)))
+    # a matcher without the extra (a Hungarian matcher) is refused with a ConfigError naming it
+    with pytest.raises(ConfigError, match="pos_thresholds"):
+        vlr([GT], Grid(Matches(grid.matches.pred_index, grid.matches.gt_index), grid.valid))

@@ -1,4 +1,9 @@
-"""Registry behaviour and the detector contract, checked for every registered student (timm style)."""
+"""Registry behaviour and the detector contract, checked for every registered student (timm style).
+
+The contract tests come in two parts: common ones for every detector (``distill.detector``:
+spec, Predictions, Matches, postprocess, config round trip) and family-specific ones (dense: the
+location grid and the prediction-free grid assignment; sparse: valid query masks).
+"""
 from __future__ import annotations
 
 import inspect
@@ -8,11 +13,24 @@ import pytest
 import torch
 
 from distill.errors import ConfigError
-from distill.structures import Assignment, DenseOutputs, Detections, Target
+from distill.detector import Detector, GridAssigner
+from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, Predictions, Target
 from students import create_student, list_students, register_student
 from students.registry import student_entrypoint
 
+import toy_query  # noqa: F401  registers the test-only sparse detector, so the common contract covers a sparse one
+
 TINY = dict(num_classes=3, fpn_channels=16, head_convs=1, pretrained=None)
+# Small settings of every registered student that is not a GFL preset (a new student adds its own).
+TINY_BY_NAME: dict[str, dict] = {"toy_query": {}}
+
+
+def tiny_kwargs(name: str) -> dict:
+    if name.startswith("gfl"):
+        return TINY
+    if name not in TINY_BY_NAME:
+        raise AssertionError(f"student {name!r} has no small test settings: add them to TINY_BY_NAME in tests/test_students.py")
+    return {"num_classes": 3, **TINY_BY_NAME[name]}
 SIZE = 64
 # Pyramid of a 64 x 64 input: strides 8..128 -> 8x8, 4x4, 2x2, 1x1, 1x1 = 64 + 16 + 4 + 1 + 1 locations.
 LEVEL_SIZES = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
@@ -31,6 +49,12 @@ def _targets() -> list[Target]:
 
 @pytest.fixture(scope="module", params=list_students())
 def student(request):
+    torch.manual_seed(0)
+    return create_student(request.param, **tiny_kwargs(request.param))
+
+
+@pytest.fixture(scope="module", params=[n for n in list_students() if n.startswith("gfl")])
+def dense_student(request):
     torch.manual_seed(0)
     return create_student(request.param, **TINY)
 
@@ -100,45 +124,91 @@ def test_register_rejects_duplicates_and_variadic_factories():
     assert "loose_student" not in list_students()
 
 
-# --------------------------------------------------------------------------------------------- contract
-def test_attributes(student):
-    assert student.strides == (8, 16, 32, 64, 128)
-    assert (student.num_classes, student.reg_max, student.fpn_channels) == (3, 16, 16)
+# ----------------------------------------------------------------------------------- common contract
+def test_spec_and_protocol(student):
+    assert isinstance(student, Detector)
+    spec = student.spec
+    assert isinstance(spec, DetectorSpec) and spec.family == student.family in ("dense", "sparse")
+    assert spec.num_classes == 3 and len(spec.strides) >= 1
     assert set(student.config) == {"name", "params"}
 
 
-def test_head_and_flat_shapes(student):
-    images = torch.randn(2, 3, SIZE, SIZE)
-    feats = student.features(images)
-    assert [tuple(f.shape) for f in feats] == [(2, 16, h, w) for h, w in LEVEL_SIZES]
-    out = student.head(feats)
-    assert isinstance(out, DenseOutputs)
-    assert [tuple(c.shape) for c in out.cls_logits] == [(2, 3, h, w) for h, w in LEVEL_SIZES]
-    assert [tuple(r.shape) for r in out.reg_logits] == [(2, 68, h, w) for h, w in LEVEL_SIZES]
-    assert out.level_sizes == LEVEL_SIZES and out.reg_max == 16
-    assert out.points.shape == (NUM_LOCATIONS, 2) and out.strides.shape == (NUM_LOCATIONS,)
-    assert out.flat_cls().shape == (2, NUM_LOCATIONS, 3)
-    assert out.flat_reg().shape == (2, NUM_LOCATIONS, 4, 17)
+def test_predictions_shapes(student):
+    student.eval()
+    images, sizes = torch.randn(2, 3, SIZE, SIZE), torch.tensor([[SIZE, SIZE], [40, 56]])
+    with torch.no_grad():
+        out = student.head(student.features(images), sizes)
+    assert isinstance(out, Predictions)
+    b, p, c = out.logits.shape
+    assert (b, c) == (2, 3) and out.boxes.shape == (2, p, 4) and out.valid.shape == (2, p) and out.valid.dtype == torch.bool
+    assert out.valid[0].any() and out.valid[1].sum() <= out.valid[0].sum()  # the smaller image has no more
+    if student.spec.bins is not None:
+        assert out.bins.logits.shape == (2, p, 4, student.spec.bins)
+        torch.testing.assert_close(out.bins.decode(), out.boxes)  # boxes are the bins' integral
 
 
-def test_loss_finite_for_empty_one_and_several_gts(student):
+def test_loss_and_matches_for_empty_one_and_several_gts(student):
     student.train()
     student.zero_grad()
-    out = student(torch.randn(3, 3, SIZE, SIZE))
     sizes = torch.tensor([[SIZE, SIZE]] * 3)
-    losses, assignment = student.loss(out, _targets(), sizes)
-    assert set(losses) == {"loss_qfl", "loss_giou", "loss_dfl"}
+    out = student(torch.randn(3, 3, SIZE, SIZE), sizes)
+    losses, matches = student.loss(out, _targets(), sizes)
     assert all(v.dim() == 0 and torch.isfinite(v) for v in losses.values())
-    assert losses["loss_giou"] > 0 and losses["loss_dfl"] > 0
-    assert isinstance(assignment, Assignment)
-    pos = assignment.pos_mask.sum(dim=1)
-    assert pos[0] == 0 and pos[1] > 0 and pos[2] >= 3  # every GT of image 2 gets a positive
+    assert isinstance(matches, Matches) and matches.num_images == 3
+    for b, target in enumerate(_targets()):
+        pred, gt = matches.pred_index[b], matches.gt_index[b]
+        assert pred.shape == gt.shape and len(pred) == len(set(pred.tolist()))  # a prediction at most once
+        assert bool(out.valid[b, pred].all()) and (gt < max(len(target.boxes), 1)).all()
+    assert len(matches.pred_index[0]) == 0 and len(matches.pred_index[1]) > 0
+    assert set(matches.gt_index[2].tolist()) == {0, 1, 2}  # every GT of image 2 gets a match
     sum(losses.values()).backward()
     missing = [n for n, p in student.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
-    # The head's outputs really are trained (not only connected by zero gradients).
-    assert student.dense_head.cls_out.weight.grad.abs().sum() > 0
-    assert student.dense_head.reg_out.weight.grad.abs().sum() > 0
+
+
+def test_config_round_trip(student):
+    rebuilt = create_student(student.config["name"], **student.config["params"])
+    assert rebuilt.config == student.config
+    assert set(rebuilt.state_dict()) == set(student.state_dict())
+
+
+# ------------------------------------------------------------------------------------ dense contract
+def test_attributes(dense_student):
+    assert dense_student.strides == (8, 16, 32, 64, 128)
+    assert (dense_student.num_classes, dense_student.reg_max, dense_student.fpn_channels) == (3, 16, 16)
+    assert dense_student.spec == DetectorSpec("dense", 3, (8, 16, 32, 64, 128), 16, 17)
+
+
+def test_head_and_flat_shapes(dense_student):
+    images = torch.randn(2, 3, SIZE, SIZE)
+    feats = dense_student.features(images)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, h, w) for h, w in LEVEL_SIZES]
+    out = dense_student.head(feats)
+    assert isinstance(out, DenseOutputs)
+    assert out.level_sizes == LEVEL_SIZES and out.reg_max == 16
+    assert out.points.shape == (NUM_LOCATIONS, 2) and out.strides.shape == (NUM_LOCATIONS,)
+    assert out.logits.shape == (2, NUM_LOCATIONS, 3)
+    assert out.bin_logits.shape == (2, NUM_LOCATIONS, 4, 17)
+    assert bool(out.valid.all())  # no image sizes: every location is inside
+    # the flattening is level by level, row-major: location 8 is row 1, col 0 of P3
+    cls_p3 = dense_student.dense_head(feats)[0][0]  # (B, C, 8, 8)
+    torch.testing.assert_close(out.logits[:, 8], cls_p3[:, :, 1, 0])
+
+
+def test_dense_matches_come_from_the_grid_alone(dense_student):
+    assert isinstance(dense_student, GridAssigner)
+    assert dense_student.matching_config == {"name": "atss", "anchor_scale": 8.0, "topk": 9}
+    sizes = torch.tensor([[SIZE, SIZE]] * 3)
+    out = dense_student(torch.randn(3, 3, SIZE, SIZE), sizes)
+    matches = dense_student.match(out, _targets(), sizes)
+    grid = dense_student.grid_matches(out.points, out.strides, out.level_sizes, _targets(), sizes)
+    for b in range(3):
+        assert torch.equal(matches.pred_index[b], grid.pred_index[b]) and torch.equal(matches.gt_index[b], grid.gt_index[b])
+        expected = out.logits[b, matches.pred_index[b]].detach().sigmoid().amax(-1)
+        torch.testing.assert_close(matches.weight[b], expected)  # the quality weight
+    assert [len(t) for t in matches.extras["pos_thresholds"]] == [0, 1, 3]
+    losses, _ = dense_student.loss(out, _targets(), sizes)
+    assert set(losses) == {"loss_qfl", "loss_giou", "loss_dfl"} and losses["loss_giou"] > 0 and losses["loss_dfl"] > 0
 
 
 def test_postprocess_types_and_ranges(student):

@@ -80,7 +80,21 @@ def resolve_spec(recipe, variants: str | None, regions: str | None, features: bo
     if dense:
         head = (create_region("all"),) if head else ()
         feats = (create_region("all"),) if feats else ()
-    return CacheSpec(chosen or base.variants, tuple(head), tuple(feats), base.size_divisor, base.atss_topk)
+    return CacheSpec(chosen or base.variants, tuple(head), tuple(feats), base.size_divisor)
+
+
+def cache_matcher(recipe, num_classes: int):
+    """The student whose own assignment selects the cached locations: the recipe's student (built
+    without loading backbone weights: only its assigner runs), else the default ``gfl`` student."""
+    import inspect
+
+    from students import create_student, student_entrypoint
+
+    name, params = ("gfl", {}) if recipe is None else (recipe.student.name, dict(recipe.student.params))
+    params["num_classes"] = num_classes
+    if "pretrained" in inspect.signature(student_entrypoint(name)).parameters:
+        params["pretrained"] = None
+    return create_student(name, **params)
 
 
 @app.command("cache")
@@ -90,7 +104,7 @@ def cache_command(
     data: Path = typer.Option(..., "--data", help="Dataset folder or dataset YAML."),
     out: Path = typer.Option(..., "--out", help="Cache folder to create, or to resume an interrupted build in."),
     split: str = typer.Option("train", "--split", help="Split to cache."),
-    recipe: str = typer.Option(None, "--recipe", help="Distillation recipe: input size, class map, ATSS topk, flips, and the regions its losses read."),
+    recipe: str = typer.Option(None, "--recipe", help="Distillation recipe: input size, class map, the student's assignment, flips, and the regions its losses read."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     variants: str = typer.Option(None, "--variants", help="Deterministic variants to cache: none,hflip (default: those the recipe draws, else both)."),
     regions: str = typer.Option(None, "--regions", help="Regions of the class / bin-logit rows, e.g. main,vlr or 'vlr(gamma=0.5)' (default: the recipe's KD/LD regions, else main,vlr)."),
@@ -129,7 +143,7 @@ def cache_command(
     spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
     source = {"teacher": where, "data": str(data), "split": split, "recipe": recipe}
     summary = build_cache(
-        frozen, dataset, out, spec, shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
+        frozen, dataset, out, spec, matcher=cache_matcher(resolved, len(dataset.classes)), shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
     )
     if summary.get("already_complete"):
         console.print(f"{out}: cache already complete (nothing to do)")

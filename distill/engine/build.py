@@ -39,13 +39,16 @@ def build_datasets(recipe: Recipe, data: str | Path):
 
 def build_detector(recipe: Recipe, num_classes: int) -> nn.Module:
     """The recipe's student with ``num_classes`` outputs and the recipe's post-processing settings."""
-    from students import create_student
+    import inspect
+
+    from students import create_student, student_entrypoint
 
     seed_everything(recipe.train.seed)
     params = {**recipe.student.params, "num_classes": num_classes}
-    params.setdefault("score_thresh", recipe.eval.score_thresh)
-    params.setdefault("nms_iou", recipe.eval.nms_iou)
-    params.setdefault("max_detections", recipe.eval.max_detections)
+    accepted = inspect.signature(student_entrypoint(recipe.student.name)).parameters
+    for key in ("score_thresh", "nms_iou", "max_detections"):  # post-processing settings the detector takes
+        if key in accepted:
+            params.setdefault(key, getattr(recipe.eval, key))
     return create_student(recipe.student.name, **params)
 
 

@@ -1,18 +1,20 @@
 """Teacher -> student distillation on top of the shared training loop.
 
-``Distiller`` only relies on the detector contract (``features``, ``head``, ``loss``,
-``postprocess``), so any pair implementing it — not only our GFL — distills through it::
+``Distiller`` only relies on the detector contract (``distill.detector``: ``features``, ``head``,
+``loss``, ``postprocess``, ``spec``), so any pair implementing it — dense or sparse, not only our
+GFL — distills through it::
 
     teacher = teachers.load_teacher("runs/teacher")
     student = students.create_student("gfl_resnet18", num_classes=10)
-    losses = [distill.create_loss("ld", weight=0.25, region="main"),
-              distill.create_loss("ld", weight=0.25, region="vlr"),
-              distill.create_loss("kd", weight=0.5, region="main")]
+    losses = [distill.create_loss("ld", weight=0.25, pairer="main"),
+              distill.create_loss("ld", weight=0.25, pairer="vlr"),
+              distill.create_loss("kd", weight=0.5, pairer="main")]
     d = distill.Distiller(student, teacher, losses, recipe)
     d.fit(train_set, val_set, "runs/student")
 
-With ``cache=teachers.TeacherCache.open(path)`` the teacher's rows come from a cache built once by
-``detkd cache`` instead of running the teacher every step (the online path is unchanged otherwise).
+The teacher side comes from a *teacher source*: the frozen teacher itself, or, with
+``cache=teachers.TeacherCache.open(path)``, the rows a ``detkd cache`` build stored (the teacher is
+then not run in training steps). Both implement ``spec`` and ``inputs(batch, student, needs)``.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ from torch import Tensor, nn
 from distill.config import Recipe
 from distill.engine.evaluate import evaluate_detector
 from distill.engine.trainer import FitResult, Trainer
-from distill.losses import DistillInputs, DistillLoss
-from distill.structures import Batch
-from teachers.cache import CacheMissError, TeacherCache
+from distill.inputs import DistillInputs
+from distill.losses import DistillLoss
+from distill.structures import Batch, Pairs
+from teachers.cache import TeacherCache
+from teachers.checks import check_pair
 from teachers.frozen import FrozenTeacher
 
 
@@ -36,28 +40,32 @@ def loss_keys(losses: Sequence[DistillLoss]) -> list[str]:
     """Unique log keys: ``loss_ld_main``, ``loss_ld_vlr``, ``loss_kd_main`` (numbered if repeated)."""
     keys, seen = [], {}
     for loss in losses:
-        key = f"loss_{loss.name}_{loss.region.name}"
+        key = f"loss_{loss.name}_{loss.pairer.name}"
         seen[key] = seen.get(key, 0) + 1
         keys.append(key if seen[key] == 1 else f"{key}_{seen[key]}")
     return keys
 
 
+def teacher_needs(losses: Sequence[DistillLoss]) -> frozenset[str]:
+    """What the teacher source must provide: the parts the losses read and what their pairers need."""
+    needs: set[str] = set()
+    for loss in losses:
+        needs |= loss.needs | loss.pairer.teacher_needs
+    return frozenset(needs)
+
+
 def distillation_terms(
     losses: Sequence[DistillLoss], keys: Sequence[str], student: DistillInputs, teacher: DistillInputs, targets
 ) -> dict[str, Tensor]:
-    """Every distillation term of one batch, keyed by ``keys``; regions are hashable, so each distinct
-    mask is computed once and shared by the losses that use it. ``student`` carries the outputs and
-    assignment the regions are computed from."""
-    outputs, assignment = student.require_outputs("locations"), student.assignment
-    masks: dict[Any, Tensor] = {}
+    """Every distillation term of one batch, keyed by ``keys``. Pairers are hashable, so each
+    distinct (pairer, space) is computed once and shared by the losses that use it."""
+    pairs: dict[Any, Pairs] = {}
     terms: dict[str, Tensor] = {}
     for key, loss in zip(keys, losses):
-        if loss.region not in masks:
-            masks[loss.region] = loss.region(outputs.points, outputs.strides, targets, assignment)
-        try:
-            terms[key] = loss(student, teacher, masks[loss.region])
-        except CacheMissError as exc:
-            raise CacheMissError(f"{key}: {exc}") from None
+        slot = (loss.pairer, loss.space)
+        if slot not in pairs:
+            pairs[slot] = loss.pairer(student, teacher, targets, loss.space)
+        terms[key] = loss(student, teacher, pairs[slot])
     return terms
 
 
@@ -66,7 +74,7 @@ class Distiller:
 
     The student keeps its own losses (``student.loss``); each distillation term is logged
     separately. The teacher is never registered anywhere the optimizer, DDP or the student
-    checkpoint could find it.
+    checkpoint could find it. Every loss's pair check runs here, before any batch.
 
     ``cache``: a :class:`~teachers.cache.TeacherCache` of this teacher on the training split; the
     teacher is then not run in :meth:`step` (it is still used by :meth:`evaluate` and the checks).
@@ -82,9 +90,11 @@ class Distiller:
         self.losses = list(losses)
         self.recipe = recipe
         self.keys = loss_keys(self.losses)
-        self.needs_head = any("head" in loss.needs for loss in self.losses)
-        self.needs_features = any("features" in loss.needs for loss in self.losses)
+        self.needs = teacher_needs(self.losses)
+        self.needs_features = "features" in self.needs
         self.cache = cache
+        self.source = cache if cache is not None else teacher
+        check_pair(student.spec, self.source.spec, self.losses)
 
     def to(self, device: torch.device | str) -> "Distiller":
         self.student.to(device)
@@ -101,21 +111,14 @@ class Distiller:
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """Student losses plus every distillation term, for one batch."""
         features = student.features(batch.images)
-        outputs = student.head(features)
-        terms, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
+        predictions = student.head(features, batch.image_sizes)
+        terms, matches = student.loss(predictions, batch.targets, batch.image_sizes)
         if not self.losses:
             return terms
-        s_in = DistillInputs(outputs=outputs, features=features if self.needs_features else None, assignment=assignment)
-        t_in = self.teacher_inputs(batch, outputs)
+        s_in = DistillInputs(student.spec, predictions, features if self.needs_features else None, matches, batch.image_sizes)
+        t_in = self.source.inputs(batch, s_in, self.needs)
         terms.update(distillation_terms(self.losses, self.keys, s_in, t_in, batch.targets))
         return terms
-
-    def teacher_inputs(self, batch: Batch, outputs) -> DistillInputs:
-        """The teacher side of a batch: rows from the cache, or the online teacher's outputs."""
-        if self.cache is not None:
-            return self.cache.inputs(batch, outputs, features=self.needs_features)
-        t_features, t_outputs = self.teacher.run(batch.images, head=self.needs_head)
-        return DistillInputs(outputs=t_outputs, features=t_features if self.needs_features else None)
 
     def fit(self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True) -> FitResult:
         if self.recipe is None:

@@ -76,7 +76,7 @@ def evaluate_detector(
     done = 0
     try:
         for batch in iter_eval_batches(dataset, batch_size):
-            outputs = model.head(model.features(batch.images))  # the contract, not forward()
+            outputs = model.head(model.features(batch.images), batch.image_sizes)  # the contract, not forward()
             detections = model.postprocess(outputs, batch.image_sizes)
             results.extend(to_coco_results(batch, detections, dataset.cat_ids))
             done += len(batch)

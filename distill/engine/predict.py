@@ -59,7 +59,7 @@ def detect(model, image: Image.Image, image_size: int, size_divisor: int = 32) -
     tensor, _, scale = DetectionTransform(image_size, hflip_prob=0.0)(pixels, torch.zeros(0, 4), flip=False)
     sample = Sample(image=tensor, target=Target.empty(), image_id=0, scale=scale, flipped=False)
     batch = collate([sample], size_divisor=size_divisor)
-    det = model.postprocess(model.head(model.features(batch.images)), batch.image_sizes)[0]
+    det = model.postprocess(model.head(model.features(batch.images), batch.image_sizes), batch.image_sizes)[0]
     return Detections(boxes=det.boxes / sample.scale, scores=det.scores, labels=det.labels)
 
 

@@ -57,10 +57,10 @@ def build_losses(recipe: Recipe, student, teacher) -> list:
     for i, spec in enumerate(recipe.losses):
         params = dict(spec.params)
         if "student_channels" in loss_parameters(spec.name):
-            params.setdefault("student_channels", int(student.fpn_channels))
-            params.setdefault("teacher_channels", int(teacher.fpn_channels))
+            params.setdefault("student_channels", student.spec.fpn_channels)
+            params.setdefault("teacher_channels", teacher.spec.fpn_channels)
         try:
-            losses.append(create_loss(spec.name, weight=spec.weight, region=spec.region, region_params=spec.region_params, **params))
+            losses.append(create_loss(spec.name, weight=spec.weight, pairer=spec.pairer, pairer_params=spec.pairer_params, **params))
         except ConfigError as exc:
             raise ConfigError(f"recipe {recipe.name}: losses[{i}]: {exc}") from None
     return losses
@@ -116,7 +116,7 @@ def distill_run(
     if index is not None:
         teacher.class_index = torch.tensor(index, dtype=torch.long)
     losses = build_losses(recipe, student, teacher)
-    check_pair(student, teacher, losses)
+    check_pair(student.spec, teacher.spec, losses)
     teacher_cache = None
     if cache is not None:
         teacher_cache = TeacherCache.open(cache)  # sizes and sha256 of every shard

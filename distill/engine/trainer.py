@@ -40,8 +40,8 @@ StepFn = Callable[[nn.Module, Batch], dict[str, Tensor]]
 
 def detector_step(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
     """Plain supervised step: the detector's own losses."""
-    outputs = model.head(model.features(batch.images))
-    losses, _ = model.loss(outputs, batch.targets, batch.image_sizes)
+    predictions = model.head(model.features(batch.images), batch.image_sizes)
+    losses, _ = model.loss(predictions, batch.targets, batch.image_sizes)
     return losses
 
 

@@ -1,13 +1,14 @@
 """Distillation losses: one import point for the registry and the built-in losses.
 
-Importing this package registers ``kd``, ``ld`` and ``feature``. The call contract, the
-``DistillInputs`` container and the training-step recipe are documented in
+Importing this package registers ``kd``, ``ld``, ``feature`` and ``box``. The call contract, the
+``DistillInputs`` container (:mod:`distill.inputs`) and the training-step recipe are documented in
 :mod:`distill.losses.registry`; the shared KL kernel in :mod:`distill.losses.kl`.
 """
+from distill.losses.box import BoxDistillation, box_rows
 from distill.losses.feature import FeatureMimic, mimic_rows
 from distill.losses.kd import ClassificationKD, kd_rows
 from distill.losses.kl import binary_kl, softmax_kl, softmax_kl_to_probs, weighted_sum
-from distill.losses.ld import LocalizationDistillation, ld_rows, resample_bins
+from distill.losses.ld import LocalizationDistillation, ld_rows, reencode_bins, resample_bins
 from distill.losses.registry import (
     DistillInputs,
     DistillLoss,
@@ -18,6 +19,9 @@ from distill.losses.registry import (
 )
 
 __all__ = [
+    "BoxDistillation",
+    "box_rows",
+    "reencode_bins",
     "ClassificationKD",
     "DistillInputs",
     "DistillLoss",

@@ -1,7 +1,8 @@
 """Feature imitation (``feature``): masked MSE between student and teacher FPN maps.
 
-The region mask is per flattened location (DenseOutputs order), so it is split per FPN level and each
-level's selected feature vectors (C,) become rows. When the channel counts differ, a 1x1 conv adapter
+Pairs index flattened FPN locations (level by level, row-major): they are split per FPN level and
+each level's paired feature vectors (C,) become rows (a dense pairer gives the same location on both
+sides; for a sparse student, ``gt_boxes`` / ``all`` regions of its FPN grid). When the channel counts differ, a 1x1 conv adapter
 (C_s -> C_t) owned by this loss maps the student rows; it is trained with the student (the engine adds
 ``loss.parameters()`` to the optimizer) and is not part of the student. With equal channels the
 adapter is the identity. A 1x1 conv equals a linear map per location, so it is applied to the
@@ -27,7 +28,9 @@ from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.losses.kl import weighted_sum
-from distill.losses.registry import DistillInputs, DistillLoss, check_mask, register_loss
+from distill.inputs import level_offsets
+from distill.losses.registry import DistillInputs, DistillLoss, register_loss
+from distill.structures import DetectorSpec, Pairs
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -49,15 +52,15 @@ class FeatureMimic(DistillLoss):
         self,
         *,
         weight: float = 1.0,
-        region: str = "main",
-        region_params: Mapping[str, Any] | None = None,
+        pairer: str = "main",
+        pairer_params: Mapping[str, Any] | None = None,
         student_channels: int | None = None,
         teacher_channels: int | None = None,
         level_indices: Sequence[int] | None = None,
         relative: bool = True,
         legacy: bool = False,
     ):
-        super().__init__(weight=weight, region=region, region_params=region_params)
+        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params)
         for key, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
             if value is not None and not (isinstance(value, int) and value > 0):
                 raise ConfigError(f"loss 'feature': {key} must be a positive integer, got {value!r}")
@@ -81,25 +84,28 @@ class FeatureMimic(DistillLoss):
             return rows
         return F.linear(rows, self.adapter.weight.flatten(1).float(), self.adapter.bias.float())
 
-    def loss(self, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
+    def check_pair(self, student: DetectorSpec, teacher: DetectorSpec) -> None:
+        super().check_pair(student, teacher)
+        if student.fpn_channels is None or teacher.fpn_channels is None:
+            raise ConfigError("loss 'feature': both detectors need one channel count on every FPN level")
+        self._check_channels(student.fpn_channels, teacher.fpn_channels)
+
+    def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
         sizes = student.feature_sizes()
         if teacher.feature_sizes() != sizes:
             raise ConfigError(
                 f"loss 'feature': student FPN sizes {sizes} != teacher {teacher.feature_sizes()}; "
                 "feature imitation needs the same strides and input size"
             )
-        check_mask(mask, student.require_features()[0].shape[0], sum(h * w for h, w in sizes), self.name)
         levels = self._levels(len(sizes))
-        masks = mask.split([h * w for h, w in sizes], dim=1)  # per level (B, H_l * W_l)
+        offsets = level_offsets(sizes, pairs.student.device)  # (L + 1,)
+        level_of = torch.bucketize(pairs.student, offsets[1:], right=True)  # (R,)
 
         rows_s, rows_t, weights = [], [], []
         for level in levels:
-            select = masks[level] > 0
-            s_rows = student.feature_rows(level, select).float()  # (M_l, C_s)
-            t_rows = teacher.feature_rows(level, select)  # (M_l, C_t)
+            s_rows, t_rows, w = self._level_rows(student, teacher, pairs, level, level_of, offsets)
             self._check_channels(s_rows.shape[-1], t_rows.shape[-1])
-            s_rows = self.adapt(s_rows)  # (M_l, C_t)
-            w = masks[level][select]  # (M_l,)
+            s_rows = self.adapt(s_rows.float())  # (M_l, C_t)
             if self.legacy:  # each level is its own element-wise mean: scale its rows by 1 / (C * sum w_l)
                 w = w / (w.sum() * t_rows.shape[-1]).clamp(min=_TINY)
             rows_s.append(s_rows)
@@ -113,6 +119,20 @@ class FeatureMimic(DistillLoss):
         else:
             normalizer = w_all.sum() * t_all.shape[-1]
         return mimic_rows(s_all, t_all, w_all, normalizer)
+
+    @staticmethod
+    def _level_rows(student: DistillInputs, teacher: DistillInputs, pairs: Pairs, level: int, level_of: Tensor, offsets: Tensor):
+        """Student rows (M, C_s), teacher rows (M, C_t) and weights (M,) of the pairs on one level."""
+        start, stop = int(offsets[level]), int(offsets[level + 1])
+        if pairs.mask is not None and bool((pairs.mask[:, start:stop] > 0).all()):
+            # A region selecting the whole level (``all`` on a full canvas): same rows, no gather/scatter.
+            w = pairs.mask[:, start:stop].reshape(-1).float()
+            return student.feature_rows(level, None, None), teacher.feature_rows(level, None, None), w
+        on_level = level_of == level
+        image = pairs.image[on_level]
+        s_rows = student.feature_rows(level, image, pairs.student[on_level] - start)
+        t_rows = teacher.feature_rows(level, image, pairs.teacher[on_level] - start)
+        return s_rows, t_rows, pairs.weight[on_level]
 
     def _levels(self, num_levels: int) -> list[int]:
         if self.level_indices is None:

@@ -1,6 +1,7 @@
-"""Classification logit distillation (``kd``) for sigmoid-based dense heads (GFL).
+"""Classification logit distillation (``kd``) for sigmoid-based heads (GFL, sparse query heads).
 
-Rows are the class-logit vectors (C,) of the locations the region selects; row weight = mask value.
+Rows are the class-logit vectors (C,) of each pair, the student's and the teacher's read with their
+own index; row weight = the pair's weight (a region's mask value, a teacher's confidence).
 
 - ``mode="bce"`` (default, our extension): per-class binary KL between sigmoid(t/T) and sigmoid(s/T),
   mean over classes, x T^2. Matches how GFL's joint class-quality scores are trained and works for a
@@ -9,9 +10,9 @@ Rows are the class-logit vectors (C,) of the locations the region selects; row w
   the sigmoid logits, mean over classes, x T^2 (ld-gfl-spec §2.4). With C = 1 the softmax is the
   constant 1, so this mode is identically 0 (a one-time warning says so).
 
-Normalisation: ``sum_rows w * KL / sum_rows w`` (weighted mean over the selected rows), independent of
-the batch size. ``legacy=True`` reproduces the reference: a mean per FPN level, summed over levels
-(its ``avg_factor`` is the level's number of positives).
+Normalisation: ``sum_rows w * KL / sum_rows w`` (weighted mean over the pairs), independent of the
+batch size. ``legacy=True`` reproduces the reference: a mean per FPN level, summed over levels (its
+``avg_factor`` is the level's number of positives); it needs a dense student.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.losses.kl import binary_kl, softmax_kl, weighted_sum
-from distill.losses.registry import DistillInputs, DistillLoss, check_mask, check_same_locations, register_loss
+from distill.losses.registry import DistillInputs, DistillLoss, check_same_classes, register_loss
+from distill.structures import DenseOutputs, DetectorSpec, Pairs
 
 KD_MODES = {"bce": binary_kl, "softmax": softmax_kl}
 
@@ -51,13 +53,13 @@ class ClassificationKD(DistillLoss):
         self,
         *,
         weight: float = 1.0,
-        region: str = "main",
-        region_params: Mapping[str, Any] | None = None,
+        pairer: str = "main",
+        pairer_params: Mapping[str, Any] | None = None,
         temperature: float = 2.0,
         mode: str = "bce",
         legacy: bool = False,
     ):
-        super().__init__(weight=weight, region=region, region_params=region_params)
+        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ConfigError(f"loss 'kd': temperature must be > 0, got {temperature!r}")
         if mode not in KD_MODES:
@@ -67,25 +69,25 @@ class ClassificationKD(DistillLoss):
         self.legacy = bool(legacy)
         self._warned_single_class = False
 
-    def loss(self, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
-        s_out, t_out = student.require_outputs("class logits"), teacher.require_outputs("class logits")
-        if s_out.num_classes != t_out.num_classes:
-            raise ConfigError(
-                f"loss 'kd': student has {s_out.num_classes} classes, teacher {t_out.num_classes}; "
-                "classification KD needs the same class list"
-            )
-        check_same_locations(s_out, t_out, self.name)
-        check_mask(mask, s_out.cls_logits[0].shape[0], s_out.points.shape[0], self.name)
-        self._warn_if_degenerate(s_out.num_classes)
+    def check_pair(self, student: DetectorSpec, teacher: DetectorSpec) -> None:
+        super().check_pair(student, teacher)
+        check_same_classes(self.name, student, teacher)
+        if self.legacy and student.family != "dense":
+            raise ConfigError("loss 'kd': legacy=True normalises per FPN level, which needs a dense student")
 
-        select = mask > 0  # (B, N)
-        weights = mask[select]  # (M,)
-        s_rows, t_rows = student.cls_rows(select), teacher.cls_rows(select)  # (M, C) each
+    def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
+        self._warn_if_degenerate(student.require_predictions("class logits").num_classes)
+        s_rows = student.cls_rows(pairs.image, pairs.student)  # (R, C)
+        t_rows = teacher.cls_rows(pairs.image, pairs.teacher)  # (R, C)
+        weights = pairs.weight  # (R,)
         if not self.legacy:
             return kd_rows(s_rows, t_rows, weights, weights.sum(), self.temperature, self.mode)
         # Reference: each level is a mean over its own rows, then levels are summed.
-        level = _level_index(s_out.level_sizes, mask.device).expand_as(mask)[select]  # (M,)
-        per_level = torch.zeros(len(s_out.level_sizes), device=mask.device).index_add_(0, level, weights)
+        grid = student.predictions
+        if not isinstance(grid, DenseOutputs):
+            raise ConfigError("loss 'kd': legacy=True normalises per FPN level, which needs a dense student")
+        level = grid.level_of(pairs.student)  # (R,)
+        per_level = torch.zeros(len(grid.level_sizes), device=weights.device).index_add_(0, level, weights)
         return kd_rows(s_rows, t_rows, weights / per_level[level], 1.0, self.temperature, self.mode)
 
     def _warn_if_degenerate(self, num_classes: int) -> None:
@@ -95,9 +97,3 @@ class ClassificationKD(DistillLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, temperature={self.temperature}, mode={self.mode!r}, legacy={self.legacy}"
-
-
-def _level_index(level_sizes: list[tuple[int, int]], device: torch.device) -> Tensor:
-    """(1, N) int64 FPN level of every flattened location."""
-    counts = torch.tensor([h * w for h, w in level_sizes], device=device)
-    return torch.repeat_interleave(torch.arange(len(level_sizes), device=device), counts).unsqueeze(0)

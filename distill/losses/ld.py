@@ -1,11 +1,11 @@
 """Localization distillation (``ld``): KL between the teacher's and student's box-edge distributions.
 
-Rows are the 4 edges (left, top, right, bottom) of every selected location; each row holds the
-``reg_max + 1`` bin logits of one edge. Row loss = ``T^2 * mean_bins KL(p_T || q_S)`` with
+Rows are the 4 edges (left, top, right, bottom) of every pair; each row holds the K bin logits of
+one edge. Row loss = ``T^2 * mean_bins KL(p_T || q_S)`` with
 temperature T (tau, default 10) — the official LD code's kernel, so its weight 0.25 applies.
 
-Row weights: the region mask value, times the student's quality weight ``w``
-(``Assignment.quality_weight``, max class sigmoid at positives, detached) when ``weight_by_quality``.
+Row weights: the pair's weight, times the student's quality weight ``w`` (its match weight, GFL:
+max class sigmoid at positives, detached) when ``weight_by_quality``.
 By default quality weighting is on for the ``main`` region, as in the reference, and off elsewhere;
 ``w`` is 0 outside the student's positives, so asking for it on another region is a ConfigError.
 
@@ -20,7 +20,15 @@ Normalisation:
   (4 for Main LD, 16 for VLR LD; ``legacy_avg_factor`` overrides). This grows linearly with the number
   of images per device — a known bug of the reference (HikariTJU/LD#78) kept only for comparison.
 
-Different bin counts: ``resample_bins="off"`` (default) refuses with a ConfigError;
+Reference frames. A dense pairer compares the same location of two GFL heads: both measure edges
+from the same point in the same stride units, so bin k means the same distance on both sides.
+Matched pairs do not share a frame (a sparse head measures from its proposal centre in units of the
+proposal size, a GFL head from its location in strides): the teacher's distribution is then
+**re-encoded** in the student's bins — the mass at teacher bin k sits at a pixel position of the
+edge, which is expressed as a distance from the student's centre in the student's spacing
+(:func:`reencode_bins`) — and compared there. Mass beyond the student's range lands on its end bins.
+
+Different bin counts on a shared grid: ``resample_bins="off"`` (default) refuses with a ConfigError;
 ``"distance"`` moves the teacher's mass at bin k (distance k strides) to the same distance on the
 student's bins, piling mass beyond the student's range onto its last bin — decoded boxes keep their
 size; ``"scale"`` maps bin k to ``k * R_s / R_t`` (same relative position, different box size).
@@ -35,7 +43,9 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.losses.kl import softmax_kl, softmax_kl_to_probs, weighted_sum
-from distill.losses.registry import DistillInputs, DistillLoss, check_mask, check_same_locations, register_loss
+from distill.losses.registry import DistillInputs, DistillLoss, register_loss
+from distill.pairers import RegionPairer
+from distill.structures import DetectorSpec, Pairs
 
 RESAMPLE_MODES = ("off", "distance", "scale")
 LEGACY_AVG_FACTOR = {"main": 4.0, "vlr": 16.0}  # reference constants; other regions use 4
@@ -64,6 +74,30 @@ def resample_bins(probs: Tensor, num_bins: int, mode: str = "distance") -> Tenso
     transfer.index_put_((src.long(), right), frac, accumulate=True)
     out = probs.float() @ transfer
     return out / out.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def reencode_bins(
+    probs: Tensor, teacher_centers: Tensor, teacher_spacing: Tensor, student_centers: Tensor, student_spacing: Tensor, num_bins: int
+) -> Tensor:
+    """Teacher edge distributions -> the same edge positions as distributions on the student's bins.
+
+    probs: (R, 4, K_t) teacher probabilities, edges (left, top, right, bottom); centers: (R, 2) xy;
+    spacing: (R, 4) pixels per bin. Teacher bin k puts its edge at ``c_t -/+ k * u_t``; from the
+    student's centre that is ``+/-(c_s - c_t) + k * u_t`` pixels, i.e. position ``pos`` in student
+    bins, clamped to ``[0, K_s - 1]`` and split linearly between the two nearest bins (as DFL targets).
+    Returns (R, 4, num_bins), rows summing to 1.
+    """
+    delta = (student_centers - teacher_centers).float()  # (R, 2)
+    offset = torch.stack([delta[:, 0], delta[:, 1], -delta[:, 0], -delta[:, 1]], dim=-1)  # (R, 4) px
+    k = torch.arange(probs.shape[-1], device=probs.device, dtype=torch.float32)
+    pos = (offset[..., None] + k * teacher_spacing.float()[..., None]) / student_spacing.float()[..., None]  # (R, 4, K_t)
+    pos = pos.clamp(0, num_bins - 1)
+    left = pos.floor().long().clamp(max=num_bins - 1)
+    right = (left + 1).clamp(max=num_bins - 1)
+    frac = pos - left
+    p = probs.float()
+    out = torch.zeros(*probs.shape[:-1], num_bins, device=probs.device)
+    return out.scatter_add_(-1, left, p * (1 - frac)).scatter_add_(-1, right, p * frac)
 
 
 def ld_rows(
@@ -100,8 +134,8 @@ class LocalizationDistillation(DistillLoss):
         self,
         *,
         weight: float = 1.0,
-        region: str = "main",
-        region_params: Mapping[str, Any] | None = None,
+        pairer: str = "main",
+        pairer_params: Mapping[str, Any] | None = None,
         temperature: float = 10.0,
         weight_by_quality: bool | None = None,
         legacy: bool = False,
@@ -109,15 +143,15 @@ class LocalizationDistillation(DistillLoss):
         resample_bins: str | bool = "off",
         normalize: str = "weight",
     ):
-        super().__init__(weight=weight, region=region, region_params=region_params)
+        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ConfigError(f"loss 'ld': temperature must be > 0, got {temperature!r}")
         if weight_by_quality is None:
-            weight_by_quality = self.region.name == "main"
-        elif weight_by_quality and self.region.name != "main":
+            weight_by_quality = self.pairer.name == "main"
+        elif weight_by_quality and self.pairer.name != "main":
             raise ConfigError(
-                f"loss 'ld': weight_by_quality needs region 'main' (the student's quality weight is 0 outside "
-                f"its positives), got region {self.region.name!r}"
+                f"loss 'ld': weight_by_quality needs pairer 'main' (the student's quality weight is 0 outside "
+                f"its positives), got pairer {self.pairer.name!r}"
             )
         if isinstance(resample_bins, bool):  # YAML "resample_bins: true"
             resample_bins = "distance" if resample_bins else "off"
@@ -128,43 +162,55 @@ class LocalizationDistillation(DistillLoss):
         self.temperature = float(temperature)
         self.weight_by_quality = bool(weight_by_quality)
         self.legacy = bool(legacy)
-        self.legacy_avg_factor = float(legacy_avg_factor or LEGACY_AVG_FACTOR.get(self.region.name, 4.0))
+        self.legacy_avg_factor = float(legacy_avg_factor or LEGACY_AVG_FACTOR.get(self.pairer.name, 4.0))
         self.resample_bins = resample_bins
         if normalize not in ("weight", "count"):
             raise ConfigError(f"loss 'ld': normalize must be 'weight' or 'count', got {normalize!r}")
         self.normalize = normalize
 
-    def loss(self, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
-        s_out, t_out = student.require_outputs("box-bin logits"), teacher.require_outputs("box-bin logits")
-        self._check_pair(s_out.reg_max, t_out.reg_max)
-        check_same_locations(s_out, t_out, self.name)
-        check_mask(mask, s_out.reg_logits[0].shape[0], s_out.points.shape[0], self.name)
+    @property
+    def shared_frame(self) -> bool:
+        """Dense pairs: the same location of two grids with the same strides, so the same bin frame."""
+        return isinstance(self.pairer, RegionPairer)
 
-        weights = mask
+    def check_pair(self, student: DetectorSpec, teacher: DetectorSpec) -> None:
+        super().check_pair(student, teacher)
+        for side, spec in (("student", student), ("teacher", teacher)):
+            if spec.bins is None:
+                raise ConfigError(
+                    f"loss 'ld': the {side} ({spec.family}) has no distribution box head (per-edge bins); LD compares "
+                    "edge distributions, so both detectors need one (GFL, or a sparse head with bins)"
+                )
+        if self.shared_frame and student.bins != teacher.bins and self.resample_bins == "off":
+            raise ConfigError(
+                f"loss 'ld': teacher reg_max {teacher.bins - 1} != student reg_max {student.bins - 1}, so their edge "
+                "distributions live on different bins; set resample_bins: distance (or scale) to map the teacher's "
+                "bins onto the student's"
+            )
+
+    def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
         if self.weight_by_quality:
-            if student.assignment is None:
-                raise ValueError("loss 'ld': weight_by_quality needs the student's Assignment")
-            weights = mask * student.assignment.quality_weight.detach().float()
-        select = weights > 0  # (B, N)
-        s_rows, t_rows = student.reg_rows(select), teacher.reg_rows(select)  # (M, 4, K_s), (M, 4, K_t)
-        row_weights = weights[select].repeat_interleave(4)  # (M * 4,): one weight per edge
+            quality = student.match_weights()[pairs.image, pairs.student]  # (R,) detached
+            pairs = pairs.reweight(pairs.weight * quality)
+        s_rows = student.bin_rows(pairs.image, pairs.student)  # (R, 4, K_s)
+        t_rows = teacher.bin_rows(pairs.image, pairs.teacher)  # (R, 4, K_t)
+        row_weights = pairs.weight.repeat_interleave(4)  # (R * 4,): one weight per edge
         if self.legacy:
             normalizer = self.legacy_avg_factor
         elif self.normalize == "count":
             normalizer = torch.tensor(float(row_weights.numel()), device=row_weights.device).clamp(min=1.0)
         else:
             normalizer = row_weights.sum()
-        return ld_rows(
-            s_rows.flatten(0, 1), t_rows.flatten(0, 1), row_weights, normalizer, self.temperature, self.resample_bins
-        )
-
-    def _check_pair(self, student_reg_max: int, teacher_reg_max: int) -> None:
-        if student_reg_max != teacher_reg_max and self.resample_bins == "off":
-            raise ConfigError(
-                f"loss 'ld': teacher reg_max {teacher_reg_max} != student reg_max {student_reg_max}, so their edge "
-                "distributions live on different bins; set resample_bins: distance (or scale) to map the teacher's "
-                "bins onto the student's"
+        if self.shared_frame:
+            return ld_rows(
+                s_rows.flatten(0, 1), t_rows.flatten(0, 1), row_weights, normalizer, self.temperature, self.resample_bins
             )
+        probs = torch.softmax(t_rows.detach().float() / self.temperature, dim=-1)
+        target = reencode_bins(
+            probs, *teacher.bin_references(pairs.image, pairs.teacher), *student.bin_references(pairs.image, pairs.student), s_rows.shape[-1]
+        )
+        row_loss = softmax_kl_to_probs(s_rows.flatten(0, 1), target.flatten(0, 1), self.temperature)
+        return weighted_sum(row_loss, row_weights, normalizer)
 
     def extra_repr(self) -> str:
         return (

@@ -1,42 +1,40 @@
 """The distillation-loss contract and its registry.
 
-A distillation loss is ``(name, weight, region, params)``: ``create_loss("ld", weight=0.25,
-region="vlr", region_params={"gamma": 0.25}, temperature=10.0)``. Every loss is a
+A distillation loss is ``(name, weight, pairer, params)``: ``create_loss("ld", weight=0.25,
+pairer="vlr", pairer_params={"gamma": 0.25}, temperature=10.0)``. Every loss is a
 :class:`DistillLoss` (an ``nn.Module``, so it may own trainable parameters such as a feature adapter)
 with one call contract::
 
-    value = loss(student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor  # () fp32
+    loss.check_pair(student_spec, teacher_spec)   # before training: ConfigError when the pair does not fit
+    value = loss(student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor  # () fp32
 
-- ``student`` / ``teacher`` hold what a loss may read: the head outputs (:class:`DenseOutputs`),
-  the FPN features, and for the student its :class:`Assignment` (positives, quality weights).
-- ``mask``: (B, N) float location weights in DenseOutputs flatten order, produced by ``loss.region``
-  (a :class:`distill.regions.Region`). Locations with weight 0 are not distilled.
+- ``student`` / ``teacher`` (:class:`~distill.inputs.DistillInputs`) hold what a loss may read:
+  predictions, FPN features, matches; rows are read with each side's own index of ``pairs``.
+- ``pairs`` (:class:`~distill.structures.Pairs`) come from ``loss.pairer`` (``distill.pairers``) in
+  ``loss.space``: ``"predictions"`` for losses that read the head, ``"features"`` for FPN losses.
 - The returned value is already multiplied by ``loss.weight`` (like the student's own loss terms), is
   computed in fp32 with autocast disabled, reaches only the student (teacher tensors are detached),
-  and is exactly 0 — with the graph still connected — when the mask selects nothing.
+  and is exactly 0 — with the graph still connected — when there are no pairs.
 - ``loss.needs`` (class attribute) names the teacher parts the loss reads: ``"features"`` (backbone +
-  FPN) and/or ``"head"`` (DenseOutputs). The engine runs only those parts of the frozen teacher.
+  FPN) or ``"head"`` (predictions). The engine runs only those parts of the frozen teacher (plus what
+  the pairer needs, ``pairer.teacher_needs``).
+- ``loss.check_pair`` is part of the contract: the pairer's check (families, strides), then the
+  loss's own (classes, bins, channels). The engine calls it for every loss before any batch runs.
 - ``loss.legacy_sums_over_batch`` tells whether ``legacy=True`` reproduces a reference normalisation
   that grows with the number of images (LD's constant ``avg_factor``), documented and tested as such.
 
-One training step, as the engine runs it::
+One training step, as the engine runs it (``distill.engine.distiller.distillation_terms``)::
 
-    feats = student.features(images); out = student.head(feats)
-    terms, assignment = student.loss(out, targets, image_sizes)
-    needs = set().union(*(l.needs for l in losses))
-    with torch.no_grad():                                  # frozen, eval-mode teacher
-        t_feats = teacher.features(images)
-        t_out = teacher.head(t_feats) if "head" in needs else None
-    s_in = DistillInputs(outputs=out, features=feats, assignment=assignment)
-    t_in = DistillInputs(outputs=t_out, features=t_feats if "features" in needs else None)
-    for loss in losses:                                    # cache masks by loss.region (hashable)
-        mask = loss.region(out.points, out.strides, targets, assignment)
-        terms[f"loss_{loss.name}"] = loss(s_in, t_in, mask)
+    feats = student.features(images); preds = student.head(feats, image_sizes)
+    terms, matches = student.loss(preds, targets, image_sizes)
+    s_in = DistillInputs(student.spec, preds, feats, matches, image_sizes)
+    t_in = teacher_source.inputs(batch, s_in, needs)       # frozen teacher or teacher cache
+    for loss in losses:                                     # pairs cached per (pairer, space)
+        pairs = loss.pairer(s_in, t_in, targets, loss.space)
+        terms[f"loss_{loss.name}_{loss.pairer}"] = loss(s_in, t_in, pairs)
 
-Losses read tensors only through :class:`DistillInputs`' row accessors (``cls_rows``, ``reg_rows``,
-``feature_rows``), and their math lives in kernels over flattened ``(rows, K)`` tensors with row
-weights and an explicit normaliser; a teacher served from a cache of gathered rows only needs another
-provider of those accessors.
+The math lives in kernels over flattened ``(rows, K)`` tensors with row weights and an explicit
+normaliser (``distill.losses.kl``).
 
 Registry (timm style): ``@register_loss`` on the class (keyed by its ``name``), ``create_loss``,
 ``list_losses``. Unknown names, parameters or bad values raise :class:`ConfigError` naming them.
@@ -46,116 +44,66 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.regions import Region, create_region
-from distill.structures import Assignment, DenseOutputs
+from distill.inputs import DistillInputs
+from distill.pairers import Pairer, create_pairer
+from distill.structures import DetectorSpec, Pairs
 
 TEACHER_PARTS = frozenset({"features", "head"})
 
-
-@dataclass
-class DistillInputs:
-    """What one side (student or teacher) offers to the distillation losses.
-
-    outputs:    head outputs, needed by losses with ``"head"`` in ``needs``.
-    features:   FPN maps, per level (B, C, H_l, W_l), needed by losses with ``"features"``.
-    assignment: the student's label assignment (None for the teacher).
-    """
-
-    outputs: DenseOutputs | None = None
-    features: list[Tensor] | None = None
-    assignment: Assignment | None = None
-    # The levels concatenated once per step and shared by every loss (one cat and one backward
-    # through it instead of one per loss): "cls" -> (B, N, C), "reg" -> (B, N, 4, reg_max + 1).
-    _flat: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def cls_rows(self, select: Tensor) -> Tensor:
-        """select (B, N) bool -> (M, C) class logits of the selected locations, batch-major."""
-        return self._flattened("cls", "class logits")[select]
-
-    def reg_rows(self, select: Tensor) -> Tensor:
-        """select (B, N) bool -> (M, 4, reg_max + 1) bin logits of the selected locations."""
-        return self._flattened("reg", "box-bin logits")[select]
-
-    def _flattened(self, part: str, what: str) -> Tensor:
-        if part not in self._flat:
-            outputs = self.require_outputs(what)
-            self._flat[part] = outputs.flat_cls() if part == "cls" else outputs.flat_reg()
-        return self._flat[part]
-
-    def feature_rows(self, level: int, select: Tensor) -> Tensor:
-        """select (B, H_l * W_l) bool -> (M, C_l) feature vectors of level ``level`` at the selection."""
-        feature = self.require_features()[level]
-        rows = feature.flatten(2).transpose(1, 2)  # (B, HW, C)
-        if bool(select.all()):  # region "all": the same rows in the same order, without a gather/scatter
-            return rows.reshape(-1, rows.shape[-1])
-        return rows[select]  # (M, C)
-
-    def feature_sizes(self) -> list[tuple[int, int]]:
-        """(H_l, W_l) of every FPN level."""
-        return [(f.shape[-2], f.shape[-1]) for f in self.require_features()]
-
-    def require_outputs(self, what: str) -> DenseOutputs:
-        """The head outputs, or a ValueError naming what the calling loss wanted from them."""
-        if self.outputs is None:
-            raise ValueError(f"this loss reads {what}, but DistillInputs.outputs is None (teacher head not run?)")
-        return self.outputs
-
-    def require_features(self) -> list[Tensor]:
-        """The FPN maps, or a ValueError when this side was run without them."""
-        if self.features is None:
-            raise ValueError("this loss reads FPN features, but DistillInputs.features is None")
-        return self.features
+__all__ = ["DistillInputs", "DistillLoss", "register_loss", "create_loss", "list_losses", "loss_parameters", "TEACHER_PARTS"]
 
 
 class DistillLoss(nn.Module):
-    """Base class: holds the weight and region, validates the mask, runs :meth:`loss` in fp32."""
+    """Base class: holds the weight and pairer, runs :meth:`loss` in fp32."""
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]]
     legacy_sums_over_batch: ClassVar[bool] = False
 
-    def __init__(self, *, weight: float = 1.0, region: str = "main", region_params: Mapping[str, Any] | None = None):
+    def __init__(self, *, weight: float = 1.0, pairer: str = "main", pairer_params: Mapping[str, Any] | None = None):
         super().__init__()
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"loss {self.name!r}: weight must be a finite number >= 0, got {weight!r}")
         self.weight = float(weight)
-        self.region: Region = create_region(region, **dict(region_params or {}))
+        self.pairer: Pairer = create_pairer(pairer, **dict(pairer_params or {}))
 
-    def forward(self, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
-        """mask: (B, N) float (bool accepted). Returns the weighted scalar loss in fp32."""
+    @property
+    def space(self) -> str:
+        """What the pairs index: FPN locations for feature losses, predictions otherwise."""
+        return "features" if "features" in self.needs else "predictions"
+
+    def check_pair(self, student: DetectorSpec, teacher: DetectorSpec) -> None:
+        """Raise ConfigError when this loss cannot compare these two detectors (subclasses add checks)."""
+        try:
+            self.pairer.check(student, teacher, self.space)
+        except ConfigError as exc:
+            raise ConfigError(f"loss {self.name!r}: {exc}") from None
+
+    def forward(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
+        """Returns the weighted scalar loss in fp32."""
         # Softmax / KL / squared errors in half precision lose the small differences they measure.
-        with torch.autocast(device_type=mask.device.type, enabled=False):
-            return self.weight * self.loss(student, teacher, mask.detach().float())
+        with torch.autocast(device_type=pairs.weight.device.type, enabled=False):
+            return self.weight * self.loss(student, teacher, pairs)
 
-    def loss(self, student: DistillInputs, teacher: DistillInputs, mask: Tensor) -> Tensor:
-        """The unweighted loss; subclasses implement it."""
+    def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
+        """The unweighted loss; every registered loss implements it (registry contract test)."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, region={self.region}"
+        return f"weight={self.weight}, pairer={self.pairer}"
 
 
-def check_mask(mask: Tensor, num_images: int, num_locations: int, loss_name: str) -> None:
-    """Raise when the region mask does not match the dense outputs, (B, N)."""
-    if tuple(mask.shape) != (num_images, num_locations):
-        raise ValueError(
-            f"loss {loss_name!r}: mask has shape {tuple(mask.shape)}, expected ({num_images}, {num_locations})"
-        )
-
-
-def check_same_locations(student: DenseOutputs, teacher: DenseOutputs, loss_name: str) -> None:
-    """Raise ConfigError when student and teacher do not predict at the same dense locations."""
-    if student.level_sizes != teacher.level_sizes:
+def check_same_classes(loss: str, student: DetectorSpec, teacher: DetectorSpec) -> None:
+    if student.num_classes != teacher.num_classes:
         raise ConfigError(
-            f"loss {loss_name!r}: student levels {student.level_sizes} != teacher levels {teacher.level_sizes}; "
-            "logit distillation needs the same strides and input size"
+            f"loss {loss!r}: student has {student.num_classes} classes, teacher {teacher.num_classes}; "
+            "logit distillation needs the same class list (map classes with teacher.class_map)"
         )
 
 

@@ -10,13 +10,13 @@ from torch import Tensor, nn
 from distill.errors import ConfigError
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import square_anchors
-from distill.structures import Assignment, DenseOutputs, Detections, Target
+from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, Target
 from students.backbone import TimmBackbone
 from students.gfl.coder import decode_boxes, encode_targets
 from students.gfl.fpn import FPN
-from students.gfl.head import GFLHead, dense_points
+from students.gfl.head import GFLHead, dense_outputs, dense_points, valid_locations
 from students.gfl.losses import distribution_focal_loss, giou_loss, quality_focal_loss
-from students.gfl.postprocess import postprocess_dense, valid_locations
+from students.gfl.postprocess import postprocess_dense
 from students.registry import register_student
 
 __all__ = ["GFL"]
@@ -25,6 +25,7 @@ __all__ = ["GFL"]
 # 1e-6; newer mmdet clamps at 1, which would shrink the box losses early in training (weights
 # ~0.01 at the prior) and make them depend on the batch size while the sum is below 1.
 WEIGHT_SUM_EPS = 1e-6
+ANCHOR_SCALE = 8.0  # ATSS square anchors: side 8 x stride
 
 
 class GFL(nn.Module):
@@ -92,78 +93,103 @@ class GFL(nn.Module):
         # create_student replaces this with the registry name it was built from (a preset or "gfl").
         self.config: dict = {"name": "gfl", "params": params}
 
+    family = "dense"
+
+    @property
+    def spec(self) -> DetectorSpec:
+        return DetectorSpec("dense", self.num_classes, tuple(self.strides), self.fpn_channels, self.reg_max + 1)
+
+    @property
+    def matching_config(self) -> dict:
+        """The assigner, as a cache fingerprint records it: ATSS on square anchors of 8 strides."""
+        return {"name": "atss", "anchor_scale": ANCHOR_SCALE, "topk": self.atss_topk}
+
     # ----------------------------------------------------------------------------------- forward
     def features(self, images: Tensor) -> list[Tensor]:
         """images (B, 3, H, W) -> FPN maps P3..P7, each (B, fpn_channels, ceil(H / s), ceil(W / s))."""
         return self.fpn(self.backbone(images))
 
-    def head(self, features: list[Tensor]) -> DenseOutputs:
-        """Head logits of P3..P7 plus the (cached) location grid of these map sizes."""
+    def head(self, features: list[Tensor], image_sizes: Tensor | None = None) -> DenseOutputs:
+        """Head logits of P3..P7 on the flattened location grid of these map sizes.
+
+        image_sizes: (B, 2) (height, width) inside the padding; locations outside are not valid.
+        """
         cls_logits, reg_logits = self.dense_head(features)
         sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
         points, strides = dense_points(sizes, self.strides, features[0].device)
-        return DenseOutputs(cls_logits, reg_logits, points, strides, list(sizes), self.reg_max)
+        return dense_outputs(cls_logits, reg_logits, points, strides, list(sizes), image_sizes)
 
-    def forward(self, images: Tensor) -> DenseOutputs:
-        return self.head(self.features(images))
+    def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> DenseOutputs:
+        return self.head(self.features(images), image_sizes)
+
+    # ---------------------------------------------------------------------------------- matching
+    def grid_matches(
+        self, points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]], targets: list[Target], image_sizes: Tensor | None
+    ) -> Matches:
+        """ATSS per image on valid locations; depends on the grid and the GT only, not the predictions.
+
+        Extras: ``pos_thresholds`` (G_b,) ATSS alpha_pos of each GT (the VLR region reads them).
+        """
+        valid = valid_locations(points, image_sizes, len(targets))  # (B, N)
+        anchors = square_anchors(points, strides, ANCHOR_SCALE)
+        per_level = [h * w for h, w in level_sizes]
+        pred_index, gt_index, thresholds = [], [], []
+        for b, target in enumerate(targets):
+            gt_boxes = target.boxes.to(device=points.device, dtype=torch.float32)
+            result = atss_assign(
+                anchors, per_level, gt_boxes, target.labels.to(points.device), self.num_classes, valid=valid[b], topk=self.atss_topk
+            )
+            index = result.pos_mask.nonzero(as_tuple=True)[0]  # ascending locations
+            pred_index.append(index)
+            gt_index.append(result.matched_gt[index])
+            thresholds.append(result.pos_thresholds)
+        return Matches(pred_index, gt_index, None, {"pos_thresholds": thresholds})
+
+    def match(self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor | None = None) -> Matches:
+        """ATSS matches weighted by the quality weight: the detached max class sigmoid at each positive."""
+        matches = self.grid_matches(outputs.points, outputs.strides, outputs.level_sizes, targets, image_sizes)
+        quality = outputs.logits.detach().float().sigmoid().amax(dim=-1)  # (B, N)
+        matches.weight = [quality[b, index] for b, index in enumerate(matches.pred_index)]
+        return matches
 
     # -------------------------------------------------------------------------------------- loss
-    def assign(self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor) -> Assignment:
-        """ATSS per image on valid locations; ``quality_weight`` is the detached max class score."""
-        cls = outputs.flat_cls()  # (B, N, C)
-        _, num, num_classes = cls.shape
-        device = cls.device
-        valid = valid_locations(outputs.points, image_sizes)  # (B, N)
-        anchors = square_anchors(outputs.points, outputs.strides, 8.0)
-        per_level = [h * w for h, w in outputs.level_sizes]
-        labels, pos, boxes, thresholds = [], [], [], []
-        for b, target in enumerate(targets):
-            gt_boxes = target.boxes.to(device=device, dtype=torch.float32)
-            result = atss_assign(
-                anchors, per_level, gt_boxes, target.labels.to(device), num_classes, valid=valid[b], topk=self.atss_topk
-            )
-            labels.append(result.labels)
-            pos.append(result.pos_mask)
-            matched = gt_boxes[result.matched_gt.clamp(min=0)] if len(gt_boxes) else anchors.new_zeros(num, 4)
-            boxes.append(matched * result.pos_mask[:, None])
-            thresholds.append(result.pos_thresholds)
-        pos_mask = torch.stack(pos)
-        quality = cls.detach().float().sigmoid().amax(dim=-1) * pos_mask  # (B, N)
-        return Assignment(torch.stack(labels), pos_mask, torch.stack(boxes), valid, quality, thresholds)
-
     def loss(
-        self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor
-    ) -> tuple[dict[str, Tensor], Assignment]:
-        """Weighted QFL, GIoU and DFL of a batch, and the assignment they used.
+        self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Matches]:
+        """Weighted QFL, GIoU and DFL of a batch, and the matches they used.
 
         QFL is summed over valid locations and divided by sum_i max(#pos_i, 1); GIoU and DFL (mean of
-        the 4 edges) are weighted per positive by ``quality_weight`` and divided by its batch sum. Both
+        the 4 edges) are weighted per positive by the quality weight and divided by its batch sum. Both
         normalisers grow with the batch, so the values do not depend on the batch size. Without any
         positive, GIoU / DFL are 0 * sum(reg logits) so every parameter still gets a (zero) gradient.
         """
-        if len(targets) != outputs.cls_logits[0].shape[0]:
-            raise ValueError(f"{len(targets)} targets for a batch of {outputs.cls_logits[0].shape[0]} images")
-        assignment = self.assign(outputs, targets, image_sizes)
-        cls, reg = outputs.flat_cls(), outputs.flat_reg()  # (B, N, C), (B, N, 4, R+1)
-        b_idx, n_idx = assignment.pos_mask.nonzero(as_tuple=True)
+        cls, reg = outputs.logits, outputs.bin_logits  # (B, N, C), (B, N, 4, R+1)
+        if len(targets) != cls.shape[0]:
+            raise ValueError(f"{len(targets)} targets for a batch of {cls.shape[0]} images")
+        matches = self.match(outputs, targets, image_sizes)
+        b_idx = torch.cat([torch.full_like(index, b) for b, index in enumerate(matches.pred_index)])
+        n_idx = torch.cat(matches.pred_index)
         points, strides = outputs.points[n_idx], outputs.strides[n_idx]
         pos_bins = reg[b_idx, n_idx]  # (P, 4, R+1)
         pred_boxes = decode_boxes(points, strides, pos_bins)  # (P, 4) pixels
-        gt_boxes = assignment.matched_boxes[b_idx, n_idx]
+        gt_boxes = torch.cat([t.boxes.to(cls.device, torch.float32)[g] for t, g in zip(targets, matches.gt_index)])
+        gt_labels = [t.labels.to(cls.device)[g] for t, g in zip(targets, matches.gt_index)]
+        labels = matches.scatter(gt_labels, cls.shape[1], fill=self.num_classes)  # (B, N), C = background
 
         # QFL target: IoU of the (detached) prediction with its GT at positives, 0 elsewhere.
-        iou = torch.zeros_like(assignment.quality_weight)
+        iou = cls.new_zeros(cls.shape[:2], dtype=torch.float32)
         iou[b_idx, n_idx] = _aligned_iou(pred_boxes.detach(), gt_boxes)
-        valid = assignment.valid_mask
-        qfl = quality_focal_loss(cls[valid], assignment.labels[valid], iou[valid]).sum()
-        num_pos = assignment.pos_mask.sum(dim=1).clamp(min=1).sum().clamp(min=1)
+        # The sizes given here win over those the head saw (a head run without sizes marks all valid).
+        valid = outputs.valid if image_sizes is None else valid_locations(outputs.points, image_sizes, cls.shape[0])
+        qfl = quality_focal_loss(cls[valid], labels[valid], iou[valid]).sum()
+        num_pos = sum(max(len(index), 1) for index in matches.pred_index)  # sum_i max(#pos_i, 1)
         losses = {"loss_qfl": self.qfl_weight * qfl / num_pos}
 
         if len(b_idx) == 0:
             zero = reg.sum() * 0  # keeps the regression branch in the graph (DDP, unused-param checks)
             losses.update(loss_giou=zero, loss_dfl=zero.clone())
-            return losses, assignment
-        weight = assignment.quality_weight[b_idx, n_idx]  # (P,)
+            return losses, matches
+        weight = torch.cat(matches.weight)  # (P,) quality weights
         weight_sum = weight.sum().clamp(min=WEIGHT_SUM_EPS)
         giou = (giou_loss(pred_boxes, gt_boxes) * weight).sum() / weight_sum
         losses["loss_giou"] = self.giou_weight * giou
@@ -174,7 +200,7 @@ class GFL(nn.Module):
             losses["loss_dfl"] = self.dfl_weight * dfl
         else:
             losses["loss_dfl"] = pos_bins.sum() * 0
-        return losses, assignment
+        return losses, matches
 
     # ------------------------------------------------------------------------------- inference
     def postprocess(self, outputs: DenseOutputs, image_sizes: Tensor) -> list[Detections]:

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["GFLHead", "Scale", "gn_groups", "dense_points"]
+from distill.ops.grid import dense_points, valid_locations
+from distill.structures import BoxBins, DenseOutputs
+
+__all__ = ["GFLHead", "Scale", "gn_groups", "dense_points", "dense_outputs", "valid_locations"]
 
 
 def gn_groups(channels: int, max_groups: int = 32) -> int:
@@ -90,23 +92,26 @@ def _tower(channels: int, num_convs: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-@lru_cache(maxsize=32)
-def dense_points(
-    level_sizes: tuple[tuple[int, int], ...], strides: tuple[int, ...], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Location centres of a pyramid, flattened level by level, row-major.
+def dense_outputs(
+    cls_logits: list[Tensor],
+    reg_logits: list[Tensor],
+    points: Tensor,
+    strides: Tensor,
+    level_sizes: list[tuple[int, int]],
+    image_sizes: Tensor | None,
+) -> DenseOutputs:
+    """Per-level GFL maps -> :class:`DenseOutputs` on the flattened grid.
 
-    Cell (i, j) of a stride-s level has centre ((j + 0.5) * s, (i + 0.5) * s).
-    Returns points (N, 2) xy and strides (N,), both float32. Cached per (sizes, strides, device):
-    the returned tensors are shared and must not be modified in place. They are built outside
-    inference mode even when first requested under it, so that training can reuse them later.
+    cls_logits: per level (B, C, H_l, W_l); reg_logits: per level (B, 4 * K, H_l, W_l).
+    The levels are concatenated once here, so the detector's loss, the pairers and every
+    distillation loss read the same (B, N, ...) tensors. Boxes are decoded for every location
+    (cheap next to the towers; the graph is only used by losses that read boxes).
     """
-    points, point_strides = [], []
-    with torch.inference_mode(False):
-        for (h, w), s in zip(level_sizes, strides):
-            ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
-            xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
-            yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-            points.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
-            point_strides.append(torch.full((h * w,), float(s), device=device))
-        return torch.cat(points), torch.cat(point_strides)
+    logits = torch.cat([x.flatten(2).transpose(1, 2) for x in cls_logits], dim=1)  # (B, N, C)
+    reg = torch.cat([x.flatten(2).transpose(1, 2) for x in reg_logits], dim=1)  # (B, N, 4K)
+    batch, num = reg.shape[:2]
+    bins = BoxBins(reg.reshape(batch, num, 4, -1), points.unsqueeze(0), strides.reshape(1, -1, 1))
+    valid = valid_locations(points, image_sizes, batch)
+    return DenseOutputs(
+        logits=logits, boxes=bins.decode(), valid=valid, bins=bins, points=points, strides=strides, level_sizes=list(level_sizes)
+    )

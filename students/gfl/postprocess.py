@@ -8,19 +8,9 @@ from torchvision.ops import batched_nms
 from distill.ops.boxes import distance2bbox
 from distill.structures import DenseOutputs, Detections
 from students.gfl.coder import integral
+from students.gfl.head import valid_locations
 
-__all__ = ["postprocess_dense", "valid_locations"]
-
-
-def valid_locations(points: Tensor, image_sizes: Tensor) -> Tensor:
-    """(B, N) bool: location centre inside the unpadded image.
-
-    points: (N, 2) xy; image_sizes: (B, 2) (height, width).
-    """
-    sizes = image_sizes.to(device=points.device, dtype=points.dtype)
-    inside_x = points[None, :, 0] < sizes[:, 1:2]
-    inside_y = points[None, :, 1] < sizes[:, 0:1]
-    return inside_x & inside_y
+__all__ = ["postprocess_dense"]
 
 
 @torch.no_grad()
@@ -42,19 +32,19 @@ def postprocess_dense(
     """
     batch = image_sizes.shape[0]
     num_classes = outputs.num_classes
-    valid = valid_locations(outputs.points, image_sizes)  # (B, N)
+    valid = valid_locations(outputs.points, image_sizes, batch)  # (B, N)
     rows = torch.arange(batch, device=outputs.points.device)[:, None]
     scores, labels, boxes = [], [], []
     start = 0
-    for cls_l, reg_l, (h, w) in zip(outputs.cls_logits, outputs.reg_logits, outputs.level_sizes):
-        n = h * w
+    counts = outputs.level_counts()
+    for cls_l, reg_l, n in zip(outputs.logits.split(counts, dim=1), outputs.bin_logits.split(counts, dim=1), counts):
         level = slice(start, start + n)
         start += n
-        prob = cls_l.float().sigmoid().flatten(2).transpose(1, 2)  # (B, n, C)
+        prob = cls_l.float().sigmoid()  # (B, n, C)
         prob = prob * valid[:, level, None]
         top_scores, top_idx = prob.reshape(batch, n * num_classes).topk(min(pre_nms_topk, n * num_classes), dim=1)
         loc = top_idx // num_classes  # (B, k) pair index = location * C + class
-        bins = reg_l.flatten(2).transpose(1, 2).reshape(batch, n, 4, -1)[rows, loc]  # (B, k, 4, R+1)
+        bins = reg_l[rows, loc]  # (B, k, 4, R+1)
         distances = integral(bins) * outputs.strides[level][loc][..., None]
         scores.append(top_scores)
         labels.append(top_idx % num_classes)

@@ -1,0 +1,43 @@
+"""The pairer contract: which student row is compared with which teacher row, and how much it counts.
+
+A pairer is a frozen (hashable) dataclass, so the engine computes each distinct pairer once per step
+and every loss that uses it reads the same :class:`~distill.structures.Pairs`::
+
+    pairer.check(student_spec, teacher_spec, space)        # at build time: ConfigError if it cannot serve
+    pairs = pairer(student, teacher, targets, space)       # DistillInputs x2 -> Pairs
+
+``space`` is what the pairs index: ``"predictions"`` (KD, LD, box losses) or ``"features"``
+(flattened FPN locations, feature mimicking). ``teacher_needs`` names what the teacher side must
+provide beyond what the losses read: ``"head"`` (its predictions) and/or ``"matches"`` (its own
+matching of the batch's ground truth).
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from distill.errors import ConfigError
+from distill.inputs import DistillInputs
+from distill.structures import DetectorSpec, Pairs, Target
+
+SPACES = ("predictions", "features")
+
+
+class Pairer:
+    """Base class of every pairer (subclasses are frozen dataclasses)."""
+
+    name: ClassVar[str]
+    spaces: ClassVar[tuple[str, ...]] = SPACES
+    teacher_needs: ClassVar[frozenset[str]] = frozenset()
+
+    def check(self, student: DetectorSpec, teacher: DetectorSpec, space: str) -> None:
+        if space not in self.spaces:
+            raise ConfigError(
+                f"pairer {self.name!r} pairs {' and '.join(self.spaces)}, not {space}; "
+                + ("feature losses need a dense region (gt_boxes, all, or main / vlr for dense students)" if space == "features" else "")
+            )
+
+    def __call__(self, student: DistillInputs, teacher: DistillInputs, targets: list[Target], space: str) -> Pairs:
+        raise NotImplementedError  # every registered pairer implements it (registry contract test)
+
+    def __str__(self) -> str:
+        return self.name
