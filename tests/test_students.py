@@ -22,7 +22,11 @@ import toy_query  # noqa: F401  registers the test-only sparse detector, so the 
 
 TINY = dict(num_classes=3, fpn_channels=16, head_convs=1, pretrained=None)
 # Small settings of every registered student that is not a GFL preset (a new student adds its own).
-TINY_BY_NAME: dict[str, dict] = {"toy_query": {}}
+_SPARSE_TINY = dict(
+    backbone="mobilenetv3_small_050", strides=(8, 16, 32), fpn_channels=16, num_queries=8, ffn_dim=32, dynamic_dim=8,
+    num_heads=4, roi_canonical=48.0, pretrained=None,
+)
+TINY_BY_NAME: dict[str, dict] = {"toy_query": {}, "asag_s": _SPARSE_TINY, "sparse_rcnn6": _SPARSE_TINY}
 
 
 def tiny_kwargs(name: str) -> dict:

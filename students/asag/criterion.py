@@ -29,18 +29,7 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 from distill.structures import BoxBins, Matches, Predictions, Target
 from students.asag.box_ops import aligned_iou, encode_bins, normalize_boxes
 from students.asag.matcher import HungarianMatcher, area_weight
-
-try:
-    from students.gfl.losses import distribution_focal_loss
-except ImportError:  # TEMPORARY (branch asag, until the contract merge): students/gfl/__init__ imports the
-    # detector, which still uses the pre-contract types; load the (self-contained) loss module by path.
-    import importlib.util
-    from pathlib import Path
-
-    _spec = importlib.util.spec_from_file_location("_gfl_losses", Path(__file__).parents[1] / "gfl" / "losses.py")
-    _module = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_module)
-    distribution_focal_loss = _module.distribution_focal_loss
+from students.gfl.losses import distribution_focal_loss
 
 __all__ = ["SetCriterion", "num_boxes", "query_weights", "qw_norm"]
 
