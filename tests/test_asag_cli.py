@@ -62,3 +62,43 @@ def test_sparse_run_loads_as_a_frozen_teacher(trained):
     with torch.no_grad():
         out = model.head(model.features(torch.randn(1, 3, 64, 64)), torch.tensor([[64, 64]]))
     assert out.aux == [] and out.logits.shape[1] == 50
+
+
+def test_asag_student_distills_from_the_sparse_teacher(trained, data, tmp_path):
+    out = tmp_path / "kd"
+    result = invoke(
+        "distill", "asag-kd-tiny", "--teacher", trained, "--data", data, "--out", out, "--epochs", 1, "--force",
+        "--set", "teacher.min_ap=0.0", *SMALL,
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 2
+    for key in ("loss_cls", "loss_dfl", "loss_cls_head0", "loss_kd_gt_bridged", "loss_box_gt_bridged", "loss_kd_teacher_set"):
+        assert key in steps[0] and steps[0][key] == steps[0][key], key  # present and not NaN
+
+
+def test_ld_reaches_the_sparse_bins_student_from_a_gfl_teacher(data):
+    import torch
+
+    import distill
+    from distill.data import DetectionTransform, collate, load_dataset
+    from distill.engine.distiller import Distiller
+    from students import create_student
+
+    train = load_dataset(data, "train", DetectionTransform(64))
+    batch = collate([train.get(i, False) for i in range(4)])
+    torch.manual_seed(0)
+    teacher = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=16, head_convs=1)
+    student = create_student(
+        "asag_s", backbone="resnet10t", num_classes=10, strides=[8, 16, 32], fpn_channels=16, num_queries=8, ffn_dim=32,
+        dynamic_dim=8, num_heads=4, roi_canonical=48.0, box_head="bins",
+    )
+    ld = distill.create_loss("ld", weight=1.0, pairer="gt_bridged")
+    distiller = Distiller(student, teacher, [ld])
+    student.train()
+    terms = distiller.step(student, batch)
+    key = next(k for k in terms if k.startswith("loss_ld"))
+    assert torch.isfinite(terms[key]) and float(terms[key].detach()) > 0
+    sum(terms.values()).backward()
+    assert student.heads[-1].reg_out.weight.grad.abs().sum() > 0
