@@ -13,13 +13,14 @@ SPARSE = [n for n in list_students() if student_entrypoint(n).__module__ == "stu
 
 
 def test_sparse_family_is_registered():
-    assert {"asag_s", "sparse_rcnn6"} <= set(SPARSE)
+    assert {"asag_s", "asag_a", "sparse_rcnn6"} <= set(SPARSE)
 
 
 @pytest.fixture(scope="module", params=SPARSE)
 def student(request):
     torch.manual_seed(0)
-    return create_student(request.param, **TINY)
+    extra = {"sampling_points": 8, "mixing_out_points": 16} if request.param == "asag_a" else {}
+    return create_student(request.param, **TINY, **extra)
 
 
 def test_loss_finite_and_gradients_reach_every_parameter(student):

@@ -26,7 +26,8 @@ _SPARSE_TINY = dict(
     backbone="mobilenetv3_small_050", strides=(8, 16, 32), fpn_channels=16, num_queries=8, ffn_dim=32, dynamic_dim=8,
     num_heads=4, roi_canonical=48.0, pretrained=None,
 )
-TINY_BY_NAME: dict[str, dict] = {"toy_query": {}, "asag_s": _SPARSE_TINY, "sparse_rcnn6": _SPARSE_TINY}
+TINY_BY_NAME: dict[str, dict] = {"toy_query": {}, "asag_s": _SPARSE_TINY, "asag_a": {**_SPARSE_TINY, "sampling_points": 8, "mixing_out_points": 16},
+                                  "sparse_rcnn6": _SPARSE_TINY}
 
 
 def tiny_kwargs(name: str) -> dict:

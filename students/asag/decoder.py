@@ -110,14 +110,24 @@ class DynamicStage(nn.Module):
         """features: FPN maps; boxes (B, Q, 4) xyxy px (detached); q (B, Q, D); valid (B, Q); groups (Q,) | None."""
         batch, num, dim = q.shape
         pos = self.pos(box_sine_embedding(boxes, image_sizes, dim)) if self.pos is not None else None
-        q = self.self_attn(q, valid, groups, pos)
-        rois = roi_features(features, self.strides, boxes, self.roi_size, self.roi_canonical)  # (B*Q, C, S, S)
-        q = self.norm(q + self.interact(q.reshape(batch * num, dim), rois).view(batch, num, dim))
+        q = self.self_attn(q, valid, groups, pos, boxes)
+        q = self.norm(q + self.mix(features, boxes, q, image_sizes))
         q = self.ffn(q)
+        return q, self.predict(q, boxes, valid)
+
+    def mix(self, features: list[Tensor], boxes: Tensor, q: Tensor, image_sizes: Tensor) -> Tensor:
+        """Query-feature interaction (B, Q, D): DynamicConv on the 7 x 7 RoI features of ``boxes``."""
+        batch, num, dim = q.shape
+        rois = roi_features(features, self.strides, boxes, self.roi_size, self.roi_canonical)  # (B*Q, C, S, S)
+        return self.interact(q.reshape(batch * num, dim), rois).view(batch, num, dim)
+
+    def predict(self, q: Tensor, boxes: Tensor, valid: Tensor) -> Predictions:
+        """Class logits and refined boxes (deltas or bins) of queries q (B, Q, D) on their input boxes."""
+        batch, num, _ = q.shape
         logits = self.cls_out(self.cls_tower(q))  # (B, Q, C)
         reg = self.reg_out(self.reg_tower(q))
         if self.box_head == "delta":
-            return q, Predictions(logits, apply_deltas(boxes, reg), valid)
+            return Predictions(logits, apply_deltas(boxes, reg), valid)
         centers, spacing = bin_reference(boxes, self.bin_fraction)
         bins = BoxBins(reg.view(batch, num, 4, self.num_bins), centers, spacing)
-        return q, Predictions(logits, bins.decode(), valid, bins=bins)
+        return Predictions(logits, bins.decode(), valid, bins=bins)

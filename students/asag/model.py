@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.structures import Detections, DetectorSpec, Matches, Predictions, Target
+from students.asag.adamixer import AdaMixerStage
 from students.asag.criterion import SetCriterion
 from students.asag.decoder import DynamicStage
 from students.asag.layers import PyramidFPN
@@ -72,6 +73,9 @@ class SparseDetector(nn.Module):
         num_heads, ffn_dim, dynamic_dim, roi_size, roi_canonical: decoder sizes (spec §4),
                          ``roi_canonical`` the box side that maps to P4 in RoIAlign.
         box_pe:          sine box embedding in the decoder self-attention (DAB-style).
+        decoder:         "dynamic" (Sparse R-CNN DynamicConv, ASAG-S) or "adamixer" (AdaMixer-lite,
+                         ASAG-A: adaptive 3-D sampling + mixing; ``sampling_groups`` x
+                         ``sampling_points`` points per query, mixed to ``mixing_out_points``).
         query_weighting: ASAG's Query Weighting in the losses (spec §6: on for one-layer heads,
                          off for deep decoders, where it hurts).
         cls_weight, l1_weight, giou_weight, dfl_weight, area_weight: loss weights, ``area_weight``
@@ -100,6 +104,10 @@ class SparseDetector(nn.Module):
         roi_size: int = 7,
         roi_canonical: float = 224.0,
         box_pe: bool = False,
+        decoder: Literal["dynamic", "adamixer"] = "dynamic",
+        sampling_groups: int = 4,
+        sampling_points: int = 32,
+        mixing_out_points: int = 128,
         query_weighting: bool = True,
         cls_weight: float = 2.0,
         l1_weight: float = 5.0,
@@ -115,6 +123,8 @@ class SparseDetector(nn.Module):
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
         _check_args(num_classes, fpn_channels, num_queries, groups, stages, parallel_heads, num_heads, box_head)
+        if decoder not in ("dynamic", "adamixer") or fpn_channels % sampling_groups:
+            raise ConfigError(f"sparse detector: invalid decoder = {decoder!r} / sampling_groups = {sampling_groups!r}")
         norm_eval = pretrained is not None if norm_eval is None else bool(norm_eval)
         self.num_classes, self.strides, self.fpn_channels = num_classes, tuple(strides), fpn_channels
         self.stages_count, self.parallel_heads, self.groups = stages, parallel_heads, groups
@@ -125,10 +135,14 @@ class SparseDetector(nn.Module):
         self.query_source: nn.Module = LearnedAnchors(num_queries, fpn_channels, groups)
         sizes = dict(num_heads=num_heads, ffn_dim=ffn_dim, roi_size=roi_size, roi_canonical=roi_canonical)
         self.proposal = ProposalBlock(fpn_channels, fpn_channels, num_classes, self.strides, **sizes)
-        stage = lambda: DynamicStage(  # noqa: E731
-            fpn_channels, fpn_channels, num_classes, self.strides, dynamic_dim=dynamic_dim, box_head=box_head,
-            num_bins=num_bins, bin_fraction=bin_fraction, box_pe=box_pe, **sizes,
-        )
+        stage_sizes = dict(box_head=box_head, num_bins=num_bins, bin_fraction=bin_fraction, box_pe=box_pe, **sizes)
+        if decoder == "adamixer":
+            mixing = dict(sampling_groups=sampling_groups, sampling_points=sampling_points, mixing_out_points=mixing_out_points)
+            stage = lambda: AdaMixerStage(fpn_channels, fpn_channels, num_classes, self.strides, **mixing, **stage_sizes)  # noqa: E731
+        else:
+            stage = lambda: DynamicStage(  # noqa: E731
+                fpn_channels, fpn_channels, num_classes, self.strides, dynamic_dim=dynamic_dim, **stage_sizes
+            )
         self.stages = nn.ModuleList(stage() for _ in range(stages - 1))
         self.heads = nn.ModuleList(stage() for _ in range(parallel_heads))  # the last stage, in parallel copies
         self.head_embed = nn.Parameter(torch.zeros(parallel_heads, fpn_channels)) if parallel_heads > 1 else None
@@ -267,6 +281,12 @@ _register(
     "asag_s",
     "ASAG-S student: proposal block + one Sparse R-CNN decoder layer, 4 parallel heads in training, Query "
     "Weighting; learned anchors until the ASAG generator is plugged in (set_query_source).",
+)
+_register(
+    "asag_a",
+    "ASAG-A-style student: proposal block + one AdaMixer-lite decoder layer (adaptive sampling and mixing), 4 parallel "
+    "heads in training, Query Weighting.",
+    decoder="adamixer",
 )
 _register(
     "sparse_rcnn6",
