@@ -233,3 +233,22 @@ def test_detach_detaches_the_queries_too():
     pred = model(images(1), image_sizes(1)).detach()
     assert pred.queries is not None and not pred.queries.content.requires_grad and not pred.logits.requires_grad
     assert all(not a.boxes.requires_grad for a in pred.aux)
+
+
+def test_query_sources_are_registered_by_name_and_recorded_in_config():
+    from distill.errors import ConfigError
+    from students.asag.proposal import register_query_source
+
+    @register_query_source("padded_test_source")
+    def _padded(num_queries, dim, groups, strides, scale: float = 0.3):
+        source = PaddedSource()
+        source.scale.data.fill_(scale)
+        return source
+
+    model = _model(query_source="padded_test_source", query_source_params={"scale": 0.4})
+    assert isinstance(model.query_source, PaddedSource) and model.query_source.scale.item() == pytest.approx(0.4)
+    assert model.config["params"]["query_source"] == "padded_test_source"
+    rebuilt = create_student(model.config["name"], **model.config["params"])
+    assert isinstance(rebuilt.query_source, PaddedSource) and rebuilt.query_source.scale.item() == pytest.approx(0.4)
+    with pytest.raises(ConfigError, match="unknown query source 'nope'.*learned"):
+        _model(query_source="nope")

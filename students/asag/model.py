@@ -34,7 +34,7 @@ from students.asag.decoder import DynamicStage
 from students.asag.layers import PyramidFPN
 from students.asag.matcher import HungarianMatcher
 from students.asag.postprocess import postprocess_sparse
-from students.asag.proposal import LearnedAnchors, ProposalBlock, Queries, QuerySource
+from students.asag.proposal import ProposalBlock, Queries, QuerySource, create_query_source
 from students.backbone import TimmBackbone
 from students.registry import register_student
 
@@ -64,7 +64,10 @@ class SparseDetector(nn.Module):
         num_classes:     C (sigmoid, no background).
         strides:         FPN levels read by RoIAlign: (4, 8, 16, 32) = P2-P5, (8, 16, 32) = P3-P5.
         fpn_channels:    FPN width; also the query width D.
-        num_queries:     learned anchors per group (ignored once another source is plugged in).
+        num_queries:     learned anchors per group (a hint to other sources).
+        query_source:    registered query source (``students.asag.proposal.register_query_source``):
+                         "learned" (LearnedAnchors) or e.g. the ASAG generator once registered;
+                         ``query_source_params`` are its extra keyword arguments (JSON-able).
         groups:          Group DETR query groups K (training only; inference uses group 0).
         stages:          stacked decoder layers (1 = ASAG-S, 6 = Sparse R-CNN).
         parallel_heads:  one-layer heads in parallel on the same proposals (ASAG: 4), training only.
@@ -92,6 +95,8 @@ class SparseDetector(nn.Module):
         strides: tuple[int, ...] = (4, 8, 16, 32),
         fpn_channels: int = 256,
         num_queries: int = 100,
+        query_source: str = "learned",
+        query_source_params: dict | None = None,
         groups: int = 1,
         stages: int = 1,
         parallel_heads: int = 4,
@@ -132,7 +137,7 @@ class SparseDetector(nn.Module):
         self.max_detections, self.score_thresh, self.nms_iou = max_detections, score_thresh, nms_iou
         self.backbone = TimmBackbone(backbone, pretrained=pretrained, norm_eval=norm_eval, strides=self.strides)
         self.fpn = PyramidFPN(self.backbone.channels, fpn_channels)
-        self.query_source: nn.Module = LearnedAnchors(num_queries, fpn_channels, groups)
+        self.query_source: nn.Module = create_query_source(query_source, num_queries, fpn_channels, groups, self.strides, query_source_params)
         sizes = dict(num_heads=num_heads, ffn_dim=ffn_dim, roi_size=roi_size, roi_canonical=roi_canonical)
         self.proposal = ProposalBlock(fpn_channels, fpn_channels, num_classes, self.strides, **sizes)
         stage_sizes = dict(box_head=box_head, num_bins=num_bins, bin_fraction=bin_fraction, box_pe=box_pe, **sizes)
@@ -161,7 +166,8 @@ class SparseDetector(nn.Module):
         return DetectorSpec("sparse", self.num_classes, self.strides, self.fpn_channels, bins)
 
     def set_query_source(self, source: QuerySource) -> None:
-        """Replace the learned anchors by another source (e.g. the ASAG generator, an ``nn.Module``)."""
+        """Replace the query source by a module (experiments; ``config`` does not record it, prefer
+        the ``query_source`` parameter for anything that is checkpointed)."""
         self.query_source = source
 
     def features(self, images: Tensor) -> list[Tensor]:

@@ -7,7 +7,8 @@ A *query source* turns FPN maps into the initial boxes of a sparse detector. It 
   ``groups = K`` it holds K groups of them and returns all K in training, group 0 at inference.
 - the ASAG generator (``students/asag/anchor_generator.py``, built separately) plugs in through the
   same :class:`QuerySource` protocol: per-image variable anchors padded to ``(B, Q_max, 4)`` with a
-  ``valid`` mask.
+  ``valid`` mask. Sources are registered by name (:func:`register_query_source`), so a detector's
+  ``query_source="asag"`` (+ ``query_source_params``) is part of its config and checkpoints rebuild it.
 
 :class:`ProposalBlock` then makes content queries from the anchors: RoIAlign -> Linear -> LN, IoF-biased
 self-attention with a box positional embedding, FFN, and supervised proposal heads (class logits
@@ -16,18 +17,19 @@ and an xyzr box update).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from distill.errors import ConfigError
 from distill.structures import Predictions, Target
 from students.asag.box_ops import cxcywh_to_xyxy, xyxy_to_xyzr, xyzr_to_xyxy
 from students.asag.layers import FFN, MaskedSelfAttention, box_sine_embedding, mlp_head, roi_features
 
-__all__ = ["Queries", "QuerySource", "LearnedAnchors", "ProposalBlock"]
+__all__ = ["Queries", "QuerySource", "LearnedAnchors", "ProposalBlock", "register_query_source", "create_query_source"]
 
 
 @dataclass
@@ -97,6 +99,39 @@ class LearnedAnchors(nn.Module):
         if self.training and self.groups > 1:
             groups = torch.arange(self.groups, device=boxes.device).repeat_interleave(self.num_queries)
         return Queries(boxes, valid, self.content[:count][None], groups)
+
+
+# ------------------------------------------------------------------------------ source registry
+QuerySourceFactory = Callable[..., nn.Module]
+_SOURCES: dict[str, QuerySourceFactory] = {}
+
+
+def register_query_source(name: str) -> Callable[[QuerySourceFactory], QuerySourceFactory]:
+    """Register a query-source factory under ``name`` (the detector's ``query_source`` parameter).
+
+    The factory is called as ``factory(num_queries=..., dim=..., groups=..., strides=..., **query_source_params)``
+    and returns an ``nn.Module`` implementing :class:`QuerySource`; it may ignore what it does not use.
+    """
+
+    def wrap(fn: QuerySourceFactory) -> QuerySourceFactory:
+        if name in _SOURCES and _SOURCES[name] is not fn:
+            raise ValueError(f"query source {name!r} is already registered")
+        _SOURCES[name] = fn
+        return fn
+
+    return wrap
+
+
+def create_query_source(name: str, num_queries: int, dim: int, groups: int, strides: tuple[int, ...], params: dict | None = None) -> nn.Module:
+    """Build the registered source ``name``; ``ConfigError`` naming the known sources otherwise."""
+    if name not in _SOURCES:
+        raise ConfigError(f"unknown query source {name!r}; known: {', '.join(sorted(_SOURCES))}")
+    return _SOURCES[name](num_queries=num_queries, dim=dim, groups=groups, strides=strides, **(params or {}))
+
+
+@register_query_source("learned")
+def _learned(num_queries: int, dim: int, groups: int, strides: tuple[int, ...], init_size: float = 0.25) -> LearnedAnchors:
+    return LearnedAnchors(num_queries, dim, groups, init_size)
 
 
 class ProposalBlock(nn.Module):
