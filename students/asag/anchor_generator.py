@@ -241,9 +241,14 @@ class AnchorGenerator(nn.Module):
 
     # ------------------------------------------------------------------ stages
     def _compressed(self, x: Tensor, level: int, image_sizes: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, c, H, W), zero outside each image's cells (before and after)."""
+        """(B, C, H, W) -> (B, c, H, W), zero outside each image's cells.
+
+        Masked after the pointwise block and after the 3x3 conv, so the 3x3 conv sees zeros
+        beyond the image exactly as its own zero padding would on an uncropped lone image.
+        """
         mask = valid_cell_mask(image_sizes, STRIDES[level], x.shape[2], x.shape[3]).to(x.dtype)
-        return self.compress[level](x * mask) * mask
+        pointwise, act, conv = self.compress[level]
+        return conv(act(pointwise(x)) * mask) * mask
 
     def _tokens(self, patches: Tensor, norm: nn.LayerNorm, pos: Tensor) -> Tensor:
         """(..., c, h, w) -> (..., h * w * c) normalised tokens with position embedding."""

@@ -189,6 +189,9 @@ def match_patches(cost: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``scipy.optimize.linear_sum_assignment`` on their real columns.
     """
     device = cost.device
+    if not bool(mask.any()):
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return empty, empty, empty
     counts = mask.sum(1)
     single = torch.nonzero(counts == 1).flatten()
     single_gt = mask[single].float().argmax(1)
