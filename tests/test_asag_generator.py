@@ -238,45 +238,54 @@ def test_window_ops_by_hand():
     torch.testing.assert_close(same, feats)  # identity when the grid equals the valid region
 
 
+def _recall(gen, feats, batch, threshold):
+    from torchvision.ops import box_iou
+
+    gen.eval()
+    with torch.no_grad():
+        out = gen(feats, batch.image_sizes)
+    hits = sum(int((box_iou(t.boxes, out.boxes[i][out.valid[i]]).max(1).values >= threshold).sum())
+               for i, t in enumerate(batch.targets))
+    return hits / sum(len(t.boxes) for t in batch.targets), out
+
+
 def test_generator_learns_to_recall_scene_objects(tmp_path):
-    """Overfit: the generator alone on frozen random-conv FPN maps of 4 scene images."""
+    """Overfit: the generator alone on frozen random-conv FPN maps of 8 scene images (19 objects).
+
+    Measured (1 thread): recall@0.5 0.05 at init, 1.00 after 300 steps (recall@0.7 also 1.00),
+    ~18 anchors per image, ~5 s of training.
+    """
     from distill.data import DetectionTransform, collate, generate_scenes, load_dataset
 
-    generate_scenes(tmp_path / "scenes", num_train=4, num_val=1, size=128, seed=3, negative_fraction=0.0)
+    generate_scenes(tmp_path / "scenes", num_train=8, num_val=1, size=128, seed=3, negative_fraction=0.0)
     dataset = load_dataset(tmp_path / "scenes", "train", DetectionTransform(128, hflip_prob=0.0))
     batch = collate([dataset.get(i, flip=False) for i in range(len(dataset))])
+    assert sum(len(t.boxes) for t in batch.targets) >= 12
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        stem = torch.nn.Sequential(*[m for _ in range(3) for m in (torch.nn.Conv2d(3 if _ == 0 else C, C, 3, 2, 1), torch.nn.ReLU())])
+        stem = torch.nn.Sequential(*[m for k in range(3) for m in (torch.nn.Conv2d(3 if k == 0 else C, C, 3, 2, 1), torch.nn.ReLU())])
         down = torch.nn.Conv2d(C, C, 3, 2, 1)
         with torch.no_grad():  # frozen random features: strides 8, 16, 32
             p3 = stem(batch.images)
             p4 = down(p3)
             feats = [p3, p4, down(p4)]
         gen = AnchorGenerator(C)
+        before, _ = _recall(gen, feats, batch, 0.5)
         optimizer = torch.optim.AdamW(gen.parameters(), lr=1e-3, weight_decay=0.0)
         start = time.perf_counter()
-        gen.train()
         for _ in range(300):
+            gen.train()
             losses = gen.loss(gen(feats, batch.image_sizes, batch.targets), batch.targets, batch.image_sizes)
             optimizer.zero_grad()
             sum(losses.values()).backward()
             optimizer.step()
         elapsed = time.perf_counter() - start
-        gen.eval()
-        with torch.no_grad():
-            out = gen(feats, batch.image_sizes)
+        recall, out = _recall(gen, feats, batch, 0.5)
+        strict, _ = _recall(gen, feats, batch, 0.7)
     finally:
         torch.set_num_threads(threads)
-    from torchvision.ops import box_iou
-    hits = total = 0
-    for i, t in enumerate(batch.targets):
-        iou = box_iou(t.boxes, out.boxes[i][out.valid[i]])
-        hits += int((iou.max(1).values >= 0.5).sum())
-        total += len(t.boxes)
-    recall = hits / total
-    print(f"anchor recall@0.5 {recall:.3f} ({hits}/{total}), {out.valid.sum(1).tolist()} anchors, {elapsed:.1f} s")
-    assert total >= 4
-    assert recall >= 0.9, recall
+    print(f"anchor recall@0.5 {before:.2f} -> {recall:.2f} (@0.7 {strict:.2f}), anchors {out.valid.sum(1).tolist()}, {elapsed:.1f} s")
+    assert before < 0.3
+    assert recall >= 0.9 and strict >= 0.8, (recall, strict)
