@@ -78,6 +78,10 @@ def test_shapes_and_valid_masks_in_training_and_inference(counts):
     _check_output(out, SIZES, gen)
     assert out.fixed.logits.shape == (3 * 8, gen.anchors_fixed)  # 4 quadrants + P6 and its 3 flips
     assert out.fixed.boxes.shape == (3 * 8, gen.anchors_fixed, 4)
+    assert out.fixed.level.tolist() == ([5] * 4 + [6] * 4) * 3
+    assert out.fixed.hflip.view(3, 8)[0].tolist() == [False] * 5 + [True, False, True]
+    assert out.fixed.vflip.view(3, 8)[0].tolist() == [False] * 6 + [True, True]
+    assert out.probe.level.tolist() == [4] * out.probe_windows[0] + [3] * out.probe_windows[1]
     assert len(out.probe_windows) == 2 and all(n >= 3 * gen.min_train_patches for n in out.probe_windows)
     assert out.probe.logits.shape == (sum(out.probe_windows), gen.anchors_probe)
     losses = gen.loss(out, targets, SIZES)
@@ -90,8 +94,9 @@ def test_shapes_and_valid_masks_in_training_and_inference(counts):
     assert torch.equal(dict_out.boxes, gen(feats + [feats[2][:, :, ::2, ::2]], SIZES).boxes)  # extra levels ignored
 
 
-def test_batched_equals_each_image_alone():
-    gen, feats = _generator(), _features()
+@pytest.mark.parametrize("options", [{}, {"min_probe_anchors": 3, "max_probe_patches": 2}])
+def test_batched_equals_each_image_alone(options):
+    gen, feats = _generator(**options), _features()
     with torch.no_grad():
         batched = gen(feats, SIZES)
     assert len(batched.probe_windows) == 2  # both P4 and P3 probing ran
@@ -124,6 +129,32 @@ def test_probing_stops_early_when_nothing_is_uncertain():
     assert calls.count(0) == calls.count(1) == 0  # P3 / P4 were never even compressed
     assert torch.equal(out.boxes, reference.boxes) and torch.equal(out.valid, reference.valid)
     assert (out.source[out.valid] <= 1).all()  # quadrant and P6 anchors only
+
+
+def test_min_probe_anchors_skips_images_with_few_uncertain_anchors():
+    gen, feats = _generator(), _features()
+    with torch.no_grad():
+        base = gen(feats, SIZES)
+        gen.min_probe_anchors = 10 ** 6  # no image has that many: nobody probes, nothing is replaced
+        none = gen(feats, SIZES)
+        gen.probe_levels = 0
+        fixed_only = gen(feats, SIZES)
+    assert base.probe_windows[0] > 0 and none.probe_windows == []  # no image qualifies: early stop
+    assert torch.equal(none.boxes, fixed_only.boxes) and torch.equal(none.valid, fixed_only.valid)
+
+
+def test_gt_forcing_probes_the_gt_windows_and_outputs_their_anchors():
+    gen, feats = _generator(), _features()
+    _score_bias(gen, 10.0)  # nothing selected: without forcing only loss-only windows run
+    targets = [Target(torch.tensor([[20.0, 20, 40, 36], [100, 100, 120, 130]]), torch.zeros(2, dtype=torch.long)),
+               Target.empty(), Target(torch.tensor([[10.0, 10, 30, 30]]), torch.zeros(1, dtype=torch.long))]
+    torch.manual_seed(0)
+    plain = gen(feats, SIZES, targets)
+    torch.manual_seed(0)
+    forced = gen(feats, SIZES, targets, gt_forcing=True)
+    assert not (plain.source[plain.valid] >= 2).any()  # loss-only windows never reach the output
+    assert (forced.source[forced.valid] == 2).any()  # GT windows at P4 act as generated ones
+    assert forced.probe_windows[0] == plain.probe_windows[0] == 3 * gen.min_train_patches
 
 
 def test_min_and_max_anchors_per_image():
@@ -170,7 +201,8 @@ def _p6_patches(hflip, vflip, w=100.0, h=80.0):
     return PatchPredictions(
         logits=torch.zeros(n, 1), boxes=torch.zeros(n, 1, 4), regions=torch.tensor([[0.0, 0.0, w, h]] * n),
         image_index=torch.zeros(n, dtype=torch.long), hflip=torch.tensor(hflip), vflip=torch.tensor(vflip),
-        whole_image=torch.ones(n, dtype=torch.bool), max_size=torch.full((n,), float("inf")))
+        whole_image=torch.ones(n, dtype=torch.bool), max_size=torch.full((n,), float("inf")),
+        level=torch.full((n,), 6))
 
 
 def test_p6_flip_targets_by_hand():
@@ -191,7 +223,7 @@ def test_quadrant_and_probe_targets_are_clipped_and_filtered_by_hand():
         logits=torch.zeros(2, 1), boxes=torch.zeros(2, 1, 4), regions=torch.tensor([[50.0, 0, 100, 40], [0.0, 16, 48, 64]]),
         image_index=torch.zeros(2, dtype=torch.long), hflip=torch.zeros(2, dtype=torch.bool),
         vflip=torch.zeros(2, dtype=torch.bool), whole_image=torch.zeros(2, dtype=torch.bool),
-        max_size=torch.tensor([float("inf"), 48.0]))
+        max_size=torch.tensor([float("inf"), 48.0]), level=torch.tensor([5, 3]))
     boxes = torch.tensor([[40.0, 10, 80, 30],    # centre (60, 20): in TR, clipped to x >= 50
                           [10.0, 20, 30, 40],    # centre (20, 30): in the probe window only
                           [0.0, 10, 49, 70]])    # centre (24.5, 40) in the window but 60 px tall: too big

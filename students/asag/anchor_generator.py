@@ -77,6 +77,7 @@ class PatchPredictions:
     hflip/vflip: (P,) bool; a P6 copy predicted from a flipped map (targets are flipped alike).
     whole_image: (P,) bool; P6 patches (area weight emphasises large objects there).
     max_size:    (P,) float; GT with a side above this (pixels) is no target (inf: no limit).
+    level:       (P,) int64 FPN level the patch was cut from: 5 quadrant, 6 P6, 4 / 3 probe windows.
     """
 
     logits: Tensor
@@ -87,6 +88,7 @@ class PatchPredictions:
     vflip: Tensor
     whole_image: Tensor
     max_size: Tensor
+    level: Tensor
 
 
 @dataclass
@@ -137,7 +139,10 @@ class AnchorGenerator(nn.Module):
         keep_score:      anchors with score > keep_score are output (eta_f).
         min_anchors, max_anchors: per-image bounds on the output count.
         probe_levels:    2 = P4 and P3, 1 = P4 only, 0 = fixed patches only.
-        max_probe_patches: cap on windows per image and level after NMS (None: no cap).
+        max_probe_patches: cap on windows per image and level after NMS (None: no cap; the paper's
+                         fast inference uses 15).
+        min_probe_anchors: an image probes a level only when at least this many anchors qualify
+                         (1: any; the paper's fast inference uses 3).
         min_train_patches: training windows per image and level (generated, then GT, then random).
         min_box_size:    anchors with a side below this (pixels) get a suppressed score.
         loss_weights:    term weights and matching costs (spec 2.7 defaults).
@@ -147,7 +152,8 @@ class AnchorGenerator(nn.Module):
                  anchors_fixed: int = 10, anchors_probe: int = 5, hidden_dim: int = 256,
                  score_low: float = 0.1, score_high: float = 0.7, patch_nms_iou: float = 0.25,
                  keep_score: float = 0.1, min_anchors: int = 5, max_anchors: int = 60, probe_levels: int = 2,
-                 max_probe_patches: int | None = None, min_train_patches: int = 4, min_box_size: float = 3.0,
+                 max_probe_patches: int | None = None, min_probe_anchors: int = 1, min_train_patches: int = 4,
+                 min_box_size: float = 3.0,
                  loss_weights: GeneratorLossWeights | None = None) -> None:
         super().__init__()
         if fixed_grid % 2 or fixed_grid < 2:
@@ -161,6 +167,7 @@ class AnchorGenerator(nn.Module):
         self.score_low, self.score_high, self.patch_nms_iou = score_low, score_high, patch_nms_iou
         self.keep_score, self.min_anchors, self.max_anchors = keep_score, min_anchors, max_anchors
         self.probe_levels, self.max_probe_patches = probe_levels, max_probe_patches
+        self.min_probe_anchors = min_probe_anchors
         self.min_train_patches, self.min_box_size = min_train_patches, min_box_size
         self.loss_weights = loss_weights or GeneratorLossWeights()
         q = fixed_grid // 2
@@ -190,24 +197,28 @@ class AnchorGenerator(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: list[Tensor] | dict[str, Tensor], image_sizes: Tensor,
-                targets: list[Target] | None = None) -> AnchorOutput:
-        """FPN maps -> padded anchors (+ per-patch predictions). Shapes in the module docstring."""
+                targets: list[Target] | None = None, *, gt_forcing: bool = False) -> AnchorOutput:
+        """FPN maps -> padded anchors (+ per-patch predictions). Shapes in the module docstring.
+
+        Passing ``targets`` selects the training behaviour (P6 flips, loss-only GT / random
+        windows, no early stop), whatever ``self.training`` is. ``gt_forcing`` (training only,
+        the reference's first epoch, spec 2.6) probes the GT windows instead of the generated
+        ones, outputs their anchors, and replaces nothing.
+        """
         levels = _levels(features)
         image_sizes = image_sizes.to(levels[0].device)
         training = targets is not None
+        gt_forcing = gt_forcing and training
         fixed, candidates = self._fixed_stage(levels[2], image_sizes, training)
         kept: list[_Candidates] = []
         probes: list[PatchPredictions] = []
         windows_run: list[int] = []
         current, first = candidates, True
         for k, stride in enumerate((16, 8)[: self.probe_levels]):
-            prob = current.logits.sigmoid()
-            wh = current.boxes[:, 2:] - current.boxes[:, :2]
-            limit = stride * self.probe_patch / 2
-            select = (prob > self.score_low) & (prob < self.score_high) & (wh < limit).all(dim=1)
+            select = self._select(current, stride, image_sizes.shape[0])
             if not training and not bool(select.any()):
                 break  # early stop: nothing small and unsure anywhere in the batch
-            keep = (prob > self.keep_score) & ~select
+            keep = (current.logits.sigmoid() > self.keep_score) & (~select | gt_forcing)
             kept.append(current.take(keep) if not first else _mark_kept(current, keep))
             first = False
             top_left, image_index = self._generated_windows(current.take(select), image_sizes, stride)
@@ -215,7 +226,7 @@ class AnchorGenerator(nn.Module):
             if training:
                 top_left, image_index, loss_only = training_windows(
                     top_left, image_index, targets, image_sizes, stride, self.probe_patch,
-                    self.min_train_patches, self.patch_nms_iou)
+                    self.min_train_patches, self.patch_nms_iou, gt_forcing=gt_forcing)
             level = 1 - k  # P4 is level 1, P3 level 0
             feats = self._compressed(levels[level], level, image_sizes)
             patch = self._probe(feats, image_index, top_left, stride, k)
@@ -228,6 +239,21 @@ class AnchorGenerator(nn.Module):
         boxes, scores, valid, source = self._assemble(kept, image_sizes)
         probe = _cat_patches(probes) if probes else _empty_patches(levels[0], self.anchors_probe)
         return AnchorOutput(boxes, scores, valid, source, fixed, probe, windows_run)
+
+    def _select(self, current: "_Candidates", stride: int, batch: int) -> Tensor:
+        """(A,) bool: anchors to refine at this stride, small and in the uncertain score band.
+
+        An image with fewer than ``min_probe_anchors`` such anchors probes nothing at this level
+        (the paper's fast-inference rule with 3); its anchors are then kept, not replaced.
+        """
+        prob = current.logits.sigmoid()
+        wh = current.boxes[:, 2:] - current.boxes[:, :2]
+        limit = stride * self.probe_patch / 2
+        select = (prob > self.score_low) & (prob < self.score_high) & (wh < limit).all(dim=1)
+        if self.min_probe_anchors > 1:
+            enough = torch.bincount(current.image[select], minlength=batch) >= self.min_probe_anchors
+            select = select & enough[current.image]
+        return select
 
     def loss(self, output: AnchorOutput, targets: list[Target], image_sizes: Tensor) -> dict[str, Tensor]:
         """Weighted anchor losses {"loss_anchor_cls", "loss_anchor_l1", "loss_anchor_giou"}: scalars.
@@ -279,7 +305,8 @@ class AnchorGenerator(nn.Module):
             logits=raw[..., 4].flatten(0, 1), boxes=raw[..., :4].sigmoid().flatten(0, 1),
             regions=regions.flatten(0, 1), image_index=torch.arange(batch, device=p5.device).repeat_interleave(len(views)),
             hflip=flips[:, 0].repeat(batch), vflip=flips[:, 1].repeat(batch), whole_image=kinds.repeat(batch),
-            max_size=torch.full((batch * len(views),), float("inf"), device=p5.device))
+            max_size=torch.full((batch * len(views),), float("inf"), device=p5.device),
+            level=torch.where(kinds, 6, 5).repeat(batch))
         first5 = slice(0, 5)
         boxes = decode_patch_boxes(raw[:, first5, :, :4].detach().sigmoid().flatten(0, 1), regions[:, first5].flatten(0, 1))
         logits = self._suppress_small(boxes, raw[:, first5, :, 4].detach().flatten(0, 1))
@@ -319,7 +346,8 @@ class AnchorGenerator(nn.Module):
         return PatchPredictions(
             logits=raw[..., 4], boxes=raw[..., :4].sigmoid(), regions=torch.cat((corner, corner + p * stride), dim=1),
             image_index=image_index, hflip=false, vflip=false, whole_image=false,
-            max_size=torch.full((m,), float(p * stride), device=feats.device))
+            max_size=torch.full((m,), float(p * stride), device=feats.device),
+            level=torch.full((m,), 4 - k, dtype=torch.long, device=feats.device))
 
     def _probe_candidates(self, patch: PatchPredictions, image_sizes: Tensor, source: int) -> _Candidates:
         """Window predictions -> flat candidates; centres on padding and tiny boxes suppressed."""
@@ -391,4 +419,4 @@ def _empty_patches(like: Tensor, anchors: int) -> PatchPredictions:
     f = like.new_zeros
     b = torch.zeros(0, dtype=torch.bool, device=like.device)
     return PatchPredictions(f(0, anchors), f(0, anchors, 4), f(0, 4), torch.zeros(0, dtype=torch.long, device=like.device),
-                            b, b, b, f(0))
+                            b, b, b, f(0), torch.zeros(0, dtype=torch.long, device=like.device))

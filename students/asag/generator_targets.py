@@ -15,6 +15,7 @@ Coordinates inside a patch are normalised to it: (0, 0) its top-left corner, (1,
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -62,7 +63,8 @@ class GeneratorLossWeights:
 # ---------------------------------------------------------------------- training windows
 @torch.no_grad()
 def training_windows(top_left: Tensor, image_index: Tensor, targets: list[Target], image_sizes: Tensor,
-                     stride: int, size: int, min_patches: int, nms_iou: float) -> tuple[Tensor, Tensor, Tensor]:
+                     stride: int, size: int, min_patches: int, nms_iou: float,
+                     gt_forcing: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Add loss-only windows so that each image has at least ``min_patches`` at this level.
 
     top_left (M, 2) int64 cells and image_index (M,): the generated windows.
@@ -72,6 +74,8 @@ def training_windows(top_left: Tensor, image_index: Tensor, targets: list[Target
     NMS (IoU ``nms_iou``) that prefers boxes near the others (score -sum of squared centre
     distances), placed at the box's top-left cell, moved inside the image, then shifted up / left
     by a random fraction of the slack that still keeps the box inside the window.
+    ``gt_forcing``: the generated windows are dropped and every GT window takes their place
+    (not loss-only); random windows still fill up to ``min_patches``.
     """
     device = image_index.device
     batch = image_sizes.shape[0]
@@ -91,6 +95,9 @@ def training_windows(top_left: Tensor, image_index: Tensor, targets: list[Target
     slack = (tl + size - boxes[:, 2:] / stride).clamp(min=0)
     gt_tl = torch.floor(tl - torch.rand_like(tl) * slack).clamp(min=0).long()
 
+    if gt_forcing:
+        top_left, image_index = gt_tl, owner
+        gt_tl, owner = gt_tl[:0], owner[:0]
     need = (min_patches - torch.bincount(image_index, minlength=batch)).clamp(min=0)  # (B,)
     order, rank = rank_within_groups(owner, torch.rand(len(owner), device=device))
     take = order[rank < need[owner[order]]]
@@ -214,7 +221,7 @@ def match_patches(cost: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 # ---------------------------------------------------------------------- loss
 def _norm(x: Tensor) -> Tensor:
     """Query-weighting squash: sigmoid(4.5 (x - 1/3)) / sigmoid(3), Norm(1) = 1."""
-    return torch.sigmoid(4.5 * (x - 1 / 3)) / torch.sigmoid(torch.tensor(3.0))
+    return torch.sigmoid(4.5 * (x - 1 / 3)) * (1 + math.exp(-3.0))
 
 
 def patch_group_loss(patches: "PatchPredictions", targets: list[Target], w: GeneratorLossWeights) -> tuple[Tensor, Tensor, Tensor, int]:
