@@ -49,8 +49,6 @@ are :meth:`AnchorGenerator.coco`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
@@ -61,61 +59,14 @@ from students.asag.generator_ops import (
     rank_within_groups, resample_valid_region, valid_cell_mask, xyxy_to_cxcywh,
 )
 from students.asag.generator_targets import GeneratorLossWeights, generator_loss, training_windows
+from students.asag.generator_types import (
+    AnchorOutput, Candidates, PatchPredictions, assemble_anchors, cat_patches, empty_patches, mark_kept,
+)
+
+__all__ = ["AnchorGenerator", "AnchorOutput", "GeneratorLossWeights", "PatchPredictions"]
 
 STRIDES = (8, 16, 32)  # P3, P4, P5
 SOURCE_QUADRANT, SOURCE_P6, SOURCE_P4, SOURCE_P3 = 0, 1, 2, 3
-
-
-@dataclass
-class PatchPredictions:
-    """Raw per-patch predictions of one MLP, with gradients (what the loss matches).
-
-    logits:      (P, N) position-score logits.
-    boxes:       (P, N, 4) patch-normalised cxcywh in [0, 1] (after the sigmoid).
-    regions:     (P, 4) xyxy input pixels each patch covers (the image for P6 copies).
-    image_index: (P,) int64.
-    hflip/vflip: (P,) bool; a P6 copy predicted from a flipped map (targets are flipped alike).
-    whole_image: (P,) bool; P6 patches (area weight emphasises large objects there).
-    max_size:    (P,) float; GT with a side above this (pixels) is no target (inf: no limit).
-    level:       (P,) int64 FPN level the patch was cut from: 5 quadrant, 6 P6, 4 / 3 probe windows.
-    """
-
-    logits: Tensor
-    boxes: Tensor
-    regions: Tensor
-    image_index: Tensor
-    hflip: Tensor
-    vflip: Tensor
-    whole_image: Tensor
-    max_size: Tensor
-    level: Tensor
-
-
-@dataclass
-class AnchorOutput:
-    """What :class:`AnchorGenerator` returns. Shapes in the module docstring; ``probe_windows``
-    counts the windows each probing level ran (generated and, in training, loss-only ones)."""
-
-    boxes: Tensor
-    scores: Tensor
-    valid: Tensor
-    source: Tensor
-    fixed: PatchPredictions
-    probe: PatchPredictions
-    probe_windows: list[int]
-
-
-@dataclass
-class _Candidates:
-    """Flat anchors of a stage: boxes (A, 4) xyxy px, logits (A,), image (A,), source (A,)."""
-
-    boxes: Tensor
-    logits: Tensor
-    image: Tensor
-    source: Tensor
-
-    def take(self, mask: Tensor) -> "_Candidates":
-        return _Candidates(self.boxes[mask], self.logits[mask], self.image[mask], self.source[mask])
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -210,7 +161,7 @@ class AnchorGenerator(nn.Module):
         training = targets is not None
         gt_forcing = gt_forcing and training
         fixed, candidates = self._fixed_stage(levels[2], image_sizes, training)
-        kept: list[_Candidates] = []
+        kept: list[Candidates] = []
         probes: list[PatchPredictions] = []
         windows_run: list[int] = []
         current, first = candidates, True
@@ -219,7 +170,7 @@ class AnchorGenerator(nn.Module):
             if not training and not bool(select.any()):
                 break  # early stop: nothing small and unsure anywhere in the batch
             keep = (current.logits.sigmoid() > self.keep_score) & (~select | gt_forcing)
-            kept.append(current.take(keep) if not first else _mark_kept(current, keep))
+            kept.append(current.take(keep) if not first else mark_kept(current, keep))
             first = False
             top_left, image_index = self._generated_windows(current.take(select), image_sizes, stride)
             loss_only = torch.zeros_like(image_index, dtype=torch.bool)
@@ -235,12 +186,12 @@ class AnchorGenerator(nn.Module):
             current = self._probe_candidates(patch, image_sizes, SOURCE_P4 + k).take(
                 (~loss_only)[:, None].expand(-1, self.anchors_probe).reshape(-1))
         final_keep = current.logits.sigmoid() > self.keep_score
-        kept.append(_mark_kept(current, final_keep) if first else current.take(final_keep))
-        boxes, scores, valid, source = self._assemble(kept, image_sizes)
-        probe = _cat_patches(probes) if probes else _empty_patches(levels[0], self.anchors_probe)
+        kept.append(mark_kept(current, final_keep) if first else current.take(final_keep))
+        boxes, scores, valid, source = assemble_anchors(kept, image_sizes, self.min_anchors, self.max_anchors)
+        probe = cat_patches(probes) if probes else empty_patches(levels[0], self.anchors_probe)
         return AnchorOutput(boxes, scores, valid, source, fixed, probe, windows_run)
 
-    def _select(self, current: "_Candidates", stride: int, batch: int) -> Tensor:
+    def _select(self, current: Candidates, stride: int, batch: int) -> Tensor:
         """(A,) bool: anchors to refine at this stride, small and in the uncertain score band.
 
         An image with fewer than ``min_probe_anchors`` such anchors probes nothing at this level
@@ -281,7 +232,7 @@ class AnchorGenerator(nn.Module):
         tokens = patches.flatten(-2).transpose(-1, -2)  # (..., h*w, c)
         return (norm(tokens) + pos).flatten(-2)
 
-    def _fixed_stage(self, p5: Tensor, image_sizes: Tensor, training: bool) -> tuple[PatchPredictions, _Candidates]:
+    def _fixed_stage(self, p5: Tensor, image_sizes: Tensor, training: bool) -> tuple[PatchPredictions, Candidates]:
         """Quadrants + P6 (+ its 3 flips in training) -> (predictions, candidates of the image)."""
         grid = resample_valid_region(self._compressed(p5, 2, image_sizes), image_sizes, 32, self.fixed_grid)
         q, batch = self.fixed_grid // 2, p5.shape[0]
@@ -311,7 +262,7 @@ class AnchorGenerator(nn.Module):
         boxes = decode_patch_boxes(raw[:, first5, :, :4].detach().sigmoid().flatten(0, 1), regions[:, first5].flatten(0, 1))
         logits = self._suppress_small(boxes, raw[:, first5, :, 4].detach().flatten(0, 1))
         source = torch.tensor([SOURCE_QUADRANT] * 4 + [SOURCE_P6], device=p5.device)
-        cand = _Candidates(boxes.reshape(-1, 4), logits.reshape(-1),
+        cand = Candidates(boxes.reshape(-1, 4), logits.reshape(-1),
                            patch.image_index.reshape(batch, -1)[:, first5].repeat_interleave(self.anchors_fixed, 1).reshape(-1),
                            source.repeat_interleave(self.anchors_fixed).repeat(batch))
         return patch, cand
@@ -322,7 +273,7 @@ class AnchorGenerator(nn.Module):
         return torch.where(small, torch.full_like(logits, SUPPRESSED_LOGIT), logits)
 
     @torch.no_grad()
-    def _generated_windows(self, selected: _Candidates, image_sizes: Tensor, stride: int) -> tuple[Tensor, Tensor]:
+    def _generated_windows(self, selected: Candidates, image_sizes: Tensor, stride: int) -> tuple[Tensor, Tensor]:
         """Selected anchors -> (top_left (M, 2) cells, image_index (M,)) after per-image NMS."""
         centers = 0.5 * (selected.boxes[:, :2] + selected.boxes[:, 2:])
         side = stride * self.probe_patch
@@ -349,7 +300,7 @@ class AnchorGenerator(nn.Module):
             max_size=torch.full((m,), float(p * stride), device=feats.device),
             level=torch.full((m,), 4 - k, dtype=torch.long, device=feats.device))
 
-    def _probe_candidates(self, patch: PatchPredictions, image_sizes: Tensor, source: int) -> _Candidates:
+    def _probe_candidates(self, patch: PatchPredictions, image_sizes: Tensor, source: int) -> Candidates:
         """Window predictions -> flat candidates; centres on padding and tiny boxes suppressed."""
         boxes = decode_patch_boxes(patch.boxes.detach(), patch.regions)  # (M, N2, 4)
         logits = self._suppress_small(boxes, patch.logits.detach())
@@ -358,42 +309,8 @@ class AnchorGenerator(nn.Module):
         outside = (centers[..., 0] >= hw[:, None, 1]) | (centers[..., 1] >= hw[:, None, 0])
         logits = torch.where(outside, torch.full_like(logits, SUPPRESSED_LOGIT), logits)
         image = patch.image_index[:, None].expand_as(logits)
-        return _Candidates(boxes.reshape(-1, 4), logits.reshape(-1), image.reshape(-1),
+        return Candidates(boxes.reshape(-1, 4), logits.reshape(-1), image.reshape(-1),
                            torch.full_like(image.reshape(-1), source))
-
-    def _assemble(self, parts: list[_Candidates], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Kept anchors of every stage -> padded (boxes, scores, valid, source) per image.
-
-        The first part carries every fixed-level candidate with a ``kept`` flag (its source is
-        offset by 10 when not kept): unkept fixed anchors only fill images below ``min_anchors``.
-        """
-        cand = _Candidates(*(torch.cat([getattr(c, f) for c in parts]) for f in ("boxes", "logits", "image", "source")))
-        kept = cand.source < 10
-        source = cand.source % 10
-        batch = image_sizes.shape[0]
-        count = torch.bincount(cand.image[kept], minlength=batch)
-        wanted = count.clamp(min=self.min_anchors, max=self.max_anchors)
-        key = kept.to(cand.logits.dtype) * 2 + cand.logits.sigmoid()
-        order, rank = rank_within_groups(cand.image, key)
-        take = rank < wanted[cand.image[order]]
-        rows, cols = cand.image[order][take], rank[take]
-        width = int(wanted.max()) if batch else 0
-        h, w = image_sizes[:, 0].to(cand.boxes.dtype), image_sizes[:, 1].to(cand.boxes.dtype)
-        zero = torch.zeros_like(w)
-        boxes = torch.stack((zero, zero, w, h), -1)[:, None].repeat(1, width, 1)  # padding: whole image
-        scores = cand.logits.new_full((batch, width), SUPPRESSED_LOGIT)
-        valid = torch.zeros(batch, width, dtype=torch.bool, device=cand.boxes.device)
-        src = torch.full((batch, width), -1, dtype=torch.long, device=cand.boxes.device)
-        boxes[rows, cols] = cand.boxes[order][take]
-        scores[rows, cols] = cand.logits[order][take]
-        valid[rows, cols] = True
-        src[rows, cols] = source[order][take]
-        return boxes, scores, valid, src
-
-
-def _mark_kept(cand: _Candidates, keep: Tensor) -> _Candidates:
-    """All fixed-level candidates, the unkept ones flagged by source + 10 (fillers for min_anchors)."""
-    return _Candidates(cand.boxes, cand.logits, cand.image, torch.where(keep, cand.source, cand.source + 10))
 
 
 def _levels(features: list[Tensor] | dict[str, Tensor]) -> list[Tensor]:
@@ -407,16 +324,3 @@ def _levels(features: list[Tensor] | dict[str, Tensor]) -> list[Tensor]:
     if len(features) < 3:
         raise ValueError(f"AnchorGenerator needs at least 3 FPN maps (P3, P4, P5), got {len(features)}")
     return list(features[:3])
-
-
-def _cat_patches(parts: list[PatchPredictions]) -> PatchPredictions:
-    names = PatchPredictions.__dataclass_fields__
-    return PatchPredictions(**{n: torch.cat([getattr(p, n) for p in parts]) for n in names})
-
-
-def _empty_patches(like: Tensor, anchors: int) -> PatchPredictions:
-    """A probe group with no window (early stop or probe_levels = 0)."""
-    f = like.new_zeros
-    b = torch.zeros(0, dtype=torch.bool, device=like.device)
-    return PatchPredictions(f(0, anchors), f(0, anchors, 4), f(0, 4), torch.zeros(0, dtype=torch.long, device=like.device),
-                            b, b, b, f(0), torch.zeros(0, dtype=torch.long, device=like.device))

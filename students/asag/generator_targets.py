@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -27,9 +25,7 @@ from torchvision.ops import batched_nms
 
 from distill.structures import Target
 from students.asag.generator_ops import cxcywh_to_xyxy, rank_within_groups, xyxy_to_cxcywh
-
-if TYPE_CHECKING:  # pragma: no cover
-    from students.asag.anchor_generator import PatchPredictions
+from students.asag.generator_types import PatchPredictions
 
 
 @dataclass(frozen=True)
@@ -115,7 +111,7 @@ def training_windows(top_left: Tensor, image_index: Tensor, targets: list[Target
 
 # ---------------------------------------------------------------------- targets per patch
 @torch.no_grad()
-def patch_targets(patches: "PatchPredictions", targets: list[Target]) -> tuple[Tensor, Tensor]:
+def patch_targets(patches: PatchPredictions, targets: list[Target]) -> tuple[Tensor, Tensor]:
     """GT of every patch, padded to the largest image's GT count G.
 
     Returns (boxes (P, G, 4) patch-normalised cxcywh, mask (P, G) bool). A GT belongs to a patch
@@ -224,7 +220,7 @@ def _norm(x: Tensor) -> Tensor:
     return torch.sigmoid(4.5 * (x - 1 / 3)) * (1 + math.exp(-3.0))
 
 
-def patch_group_loss(patches: "PatchPredictions", targets: list[Target], w: GeneratorLossWeights) -> tuple[Tensor, Tensor, Tensor, int]:
+def patch_group_loss(patches: PatchPredictions, targets: list[Target], w: GeneratorLossWeights) -> tuple[Tensor, Tensor, Tensor, int]:
     """Un-normalised (cls, l1, giou) sums of one group of patches and its number of matched pairs."""
     logits = patches.logits.float()
     zero = logits.sum() * 0.0
@@ -257,7 +253,7 @@ def patch_group_loss(patches: "PatchPredictions", targets: list[Target], w: Gene
     return cls, l1, giou_loss, len(patch)
 
 
-def generator_loss(fixed: "PatchPredictions", probe: "PatchPredictions", targets: list[Target], image_sizes: Tensor,
+def generator_loss(fixed: PatchPredictions, probe: PatchPredictions, targets: list[Target], image_sizes: Tensor,
                    w: GeneratorLossWeights) -> dict[str, Tensor]:
     """Weighted anchor terms, each group normalised by max(its matched pairs, batch size)."""
     batch = max(len(targets), 1)
