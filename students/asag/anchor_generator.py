@@ -41,11 +41,20 @@ them, and (as in the reference) the generator learns only from its own patch los
 gradients never flow into anchor coordinates through the sampling positions. The per-patch
 predictions in ``fixed`` / ``probe`` keep their gradients for :meth:`AnchorGenerator.loss`.
 
-Defaults for our data (128-160 px, objects 13-64 px): grid 8 (4 x 4 quadrant patches of a 5 x 5
-P5), probe windows of 6 cells (96 px at P4, 48 px at P3; size limits 48 px and 24 px), 10 anchors
-per fixed patch (50 candidates), 5 per probe window, 5-60 anchors per image, hidden width 256.
-COCO-scale settings of the paper (grid 30, patches 15, 50/20 anchors, hidden 1000, 5-200 anchors)
-are :meth:`AnchorGenerator.coco`.
+Hyper-parameters (spec 2.1), ours for 128-160 px scenes with 1-4 objects of 13-64 px, and the
+paper's COCO values (800-1333 px, :meth:`AnchorGenerator.coco`):
+
+    parameter                 ours    COCO 100-q / 300-q   why ours
+    fixed_grid (S_int)        8       30                   P5 is 4-5 cells: 8 resamples it ~1.6x, like 30 on ~25-40
+    fixed patch (S/2)         4       15                   quadrants of 64-80 px
+    probe_patch (p)           6       15                   windows 96 px at P4, 48 px at P3 (P4 is 8-10 cells)
+    probing size limit p*s/2  48/24   120/60 px            the uncertain objects a window can hold
+    anchors_fixed (N1)        10      50 / 150             50 candidates per image for <= 4 objects
+    anchors_probe (N2)        5       20 / 50
+    hidden_dim                256     1000                 token vectors of 128 / 288 values
+    min/max anchors           5/60    5/200, 50/500
+    score band, NMS, keep     0.1-0.7, 0.25, 0.1 (0.05 for 300-q): unchanged
+    min_box_size              3 px    3 px
 """
 from __future__ import annotations
 
