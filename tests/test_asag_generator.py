@@ -92,6 +92,8 @@ def test_shapes_and_valid_masks_in_training_and_inference(counts):
         _check_output(gen(feats, SIZES), SIZES, gen)
     dict_out = gen({"P3": feats[0], "p4": feats[1], "P5": feats[2]}, SIZES)
     assert torch.equal(dict_out.boxes, gen(feats + [feats[2][:, :, ::2, ::2]], SIZES).boxes)  # extra levels ignored
+    with pytest.raises(ValueError, match="stride 8"):
+        gen(feats[1:] + [feats[2][:, :, ::2, ::2]], SIZES)  # P4, P5, P6 given as P3, P4, P5
 
 
 @pytest.mark.parametrize("options", [{}, {"min_probe_anchors": 3, "max_probe_patches": 2}])

@@ -58,6 +58,8 @@ paper's COCO values (800-1333 px, :meth:`AnchorGenerator.coco`):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
@@ -167,6 +169,7 @@ class AnchorGenerator(nn.Module):
         """
         levels = _levels(features)
         image_sizes = image_sizes.to(levels[0].device)
+        _check_cover(levels, image_sizes)
         training = targets is not None
         gt_forcing = gt_forcing and training
         fixed, candidates = self._fixed_stage(levels[2], image_sizes, training)
@@ -320,6 +323,17 @@ class AnchorGenerator(nn.Module):
         image = patch.image_index[:, None].expand_as(logits)
         return Candidates(boxes.reshape(-1, 4), logits.reshape(-1), image.reshape(-1),
                            torch.full_like(image.reshape(-1), source))
+
+
+def _check_cover(levels: list[Tensor], image_sizes: Tensor) -> None:
+    """Each map must cover the largest image at its stride (catches P4, P5, P6 passed as P3-P5)."""
+    if image_sizes.numel() == 0:
+        return
+    h, w = image_sizes.max(0).values.tolist()
+    for x, stride in zip(levels, STRIDES):
+        if x.shape[2] < math.ceil(h / stride) or x.shape[3] < math.ceil(w / stride):
+            raise ValueError(f"FPN map of stride {stride} is {tuple(x.shape[2:])}, too small for images up to "
+                             f"{h}x{w}: pass [P3, P4, P5, ...] (strides 8, 16, 32) or a dict p3/p4/p5")
 
 
 def _levels(features: list[Tensor] | dict[str, Tensor]) -> list[Tensor]:
