@@ -19,7 +19,10 @@ except ImportError:  # pragma: no cover - the students package is mid-refactor o
 from distill.structures import Target
 from students.asag.anchor_generator import AnchorGenerator, PatchPredictions
 from students.asag.generator_ops import SUPPRESSED_LOGIT, gather_windows, place_windows, resample_valid_region
-from students.asag.generator_targets import match_patches, patch_targets, training_windows
+from students.asag.generator_targets import (
+    GeneratorLossWeights, generator_loss, match_patches, patch_targets, training_windows,
+)
+from students.asag.generator_types import empty_patches
 
 C = 16
 SIZES = torch.tensor([[160, 160], [128, 150], [96, 160]])  # (h, w) inside a 160 x 160 canvas
@@ -181,8 +184,8 @@ def test_loss_with_no_ground_truth_is_finite_and_has_gradients():
     assert losses["loss_anchor_l1"] == 0 and losses["loss_anchor_giou"] == 0
     assert torch.isfinite(losses["loss_anchor_cls"]) and losses["loss_anchor_cls"] > 0
     sum(losses.values()).backward()
-    grads = [p.grad for p in gen.mlp_fixed.parameters()] + [p.grad for p in gen.mlp_probe.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    for name, param in gen.named_parameters():  # every part is trained, the P3 / P4 compressions too
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
     assert gen.mlp_fixed[-1].weight.grad.abs().sum() > 0 and gen.mlp_probe[-1].weight.grad.abs().sum() > 0
 
 
@@ -233,6 +236,29 @@ def test_quadrant_and_probe_targets_are_clipped_and_filtered_by_hand():
     assert mask.tolist() == [[True, False, False], [False, True, False]]
     torch.testing.assert_close(gt[0, 0], torch.tensor([0.3, 0.5, 0.6, 0.5]))  # x 50..80 of 50, y 10..30 of 40
     torch.testing.assert_close(gt[1, 1], torch.tensor([20 / 48, 14 / 48, 20 / 48, 20 / 48]))
+
+
+@pytest.mark.parametrize("area_weight", [1.0, 4.0])
+def test_loss_golden_values_on_one_literal_patch(area_weight):
+    # one 100 x 100 quadrant-like patch, GT (10, 10, 50, 50) -> normalised cxcywh (0.3, 0.3, 0.4, 0.4)
+    boxes = torch.tensor([[[0.3, 0.3, 0.4, 0.2],     # IoU 0.5, GIoU 0.5, L1 0.2: matched
+                           [0.8, 0.8, 0.2, 0.2],     # disjoint: a plain negative
+                           [0.3, 0.3, 0.4, 0.25]]])  # IoU 0.625, unmatched: ignored (no score loss)
+    logits = torch.tensor([[1.0, -2.0, -1.0]])
+    patch = PatchPredictions(
+        logits=logits, boxes=boxes, regions=torch.tensor([[0.0, 0, 100, 100]]), image_index=torch.tensor([0]),
+        hflip=torch.tensor([False]), vflip=torch.tensor([False]), whole_image=torch.tensor([False]),
+        max_size=torch.tensor([float("inf")]), level=torch.tensor([5]))
+    target = [Target(torch.tensor([[10.0, 10, 50, 50]]), torch.tensor([0]))]
+    weights = GeneratorLossWeights(cls=1.0, l1=1.0, giou=1.0, area_weight=area_weight, box_weighting=False)
+    losses = generator_loss(patch, empty_patches(logits, 3), target, torch.tensor([[100, 100]]), weights)
+    a = area_weight - (area_weight - 1) * 0.4  # A - (A - 1) sqrt(0.4 * 0.4)
+    sig = torch.sigmoid
+    positive = (math.log1p(math.e) - 0.5 * 1.0) * (sig(torch.tensor(1.0)) - 0.5) ** 2 * a  # BCE(1, 0.5) |0.5 - s|^2 a
+    negative = math.log1p(math.exp(-2.0)) * sig(torch.tensor(-2.0)) ** 2                    # BCE(-2, 0) s^2
+    torch.testing.assert_close(losses["loss_anchor_cls"], positive + negative)
+    torch.testing.assert_close(losses["loss_anchor_l1"], torch.tensor(0.2 * a))
+    torch.testing.assert_close(losses["loss_anchor_giou"], torch.tensor(0.5 * a))
 
 
 def test_per_patch_hungarian_matching_on_a_literal_cost():
