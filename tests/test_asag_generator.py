@@ -99,6 +99,17 @@ def test_shapes_and_valid_masks_in_training_and_inference(counts):
         gen(feats[1:] + [feats[2][:, :, ::2, ::2]], SIZES)  # P4, P5, P6 given as P3, P4, P5
 
 
+def test_bfloat16_autocast_trains_and_gives_float32_anchors():
+    gen, feats, targets = _generator(), [f.bfloat16() for f in _features()], _targets([3, 0, 2])
+    gen.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = gen(feats, SIZES, targets)
+        losses = gen.loss(out, targets, SIZES)
+    sum(losses.values()).backward()
+    assert out.boxes.dtype == out.scores.dtype == torch.float32
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
 @pytest.mark.parametrize("options", [{}, {"min_probe_anchors": 3, "max_probe_patches": 2}])
 def test_batched_equals_each_image_alone(options):
     gen, feats = _generator(**options), _features()

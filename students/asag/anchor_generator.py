@@ -36,7 +36,7 @@ Interface (B images, Q = most anchors of an image in the batch):
   position-score logits, ``valid`` (B, Q) bool, ``source`` (B, Q) int64 (0 quadrant, 1 P6,
   2 P4 probe, 3 P3 probe, -1 padding), and the per-patch predictions the loss needs.
 
-``boxes`` and ``scores`` are **detached**: the proposal block RoIAligns its content queries from
+``boxes`` and ``scores`` are float32 whatever the feature dtype (autocast) and **detached**: the proposal block RoIAligns its content queries from
 them, and (as in the reference) the generator learns only from its own patch losses, so decoder
 gradients never flow into anchor coordinates through the sampling positions. The per-patch
 predictions in ``fixed`` / ``probe`` keep their gradients for :meth:`AnchorGenerator.loss`.
@@ -271,8 +271,9 @@ class AnchorGenerator(nn.Module):
             max_size=torch.full((batch * len(views),), float("inf"), device=p5.device),
             level=torch.where(kinds, 6, 5).repeat(batch))
         first5 = slice(0, 5)
-        boxes = decode_patch_boxes(raw[:, first5, :, :4].detach().sigmoid().flatten(0, 1), regions[:, first5].flatten(0, 1))
-        logits = self._suppress_small(boxes, raw[:, first5, :, 4].detach().flatten(0, 1))
+        boxes = decode_patch_boxes(raw[:, first5, :, :4].detach().float().sigmoid().flatten(0, 1),
+                                   regions[:, first5].flatten(0, 1))
+        logits = self._suppress_small(boxes, raw[:, first5, :, 4].detach().float().flatten(0, 1))
         source = torch.tensor([SOURCE_QUADRANT] * 4 + [SOURCE_P6], device=p5.device)
         cand = Candidates(boxes.reshape(-1, 4), logits.reshape(-1),
                            patch.image_index.reshape(batch, -1)[:, first5].repeat_interleave(self.anchors_fixed, 1).reshape(-1),
@@ -314,8 +315,8 @@ class AnchorGenerator(nn.Module):
 
     def _probe_candidates(self, patch: PatchPredictions, image_sizes: Tensor, source: int) -> Candidates:
         """Window predictions -> flat candidates; centres on padding and tiny boxes suppressed."""
-        boxes = decode_patch_boxes(patch.boxes.detach(), patch.regions)  # (M, N2, 4)
-        logits = self._suppress_small(boxes, patch.logits.detach())
+        boxes = decode_patch_boxes(patch.boxes.detach().float(), patch.regions)  # (M, N2, 4)
+        logits = self._suppress_small(boxes, patch.logits.detach().float())
         centers = xyxy_to_cxcywh(boxes)[..., :2]
         hw = image_sizes[patch.image_index].to(boxes.dtype)  # (M, 2) (h, w)
         outside = (centers[..., 0] >= hw[:, None, 1]) | (centers[..., 1] >= hw[:, None, 0])

@@ -255,7 +255,13 @@ def patch_group_loss(patches: PatchPredictions, targets: list[Target], w: Genera
 
 def generator_loss(fixed: PatchPredictions, probe: PatchPredictions, targets: list[Target], image_sizes: Tensor,
                    w: GeneratorLossWeights) -> dict[str, Tensor]:
-    """Weighted anchor terms, each group normalised by max(its matched pairs, batch size)."""
+    """Weighted anchor terms {"loss_anchor_cls", "loss_anchor_l1", "loss_anchor_giou"} (scalars).
+
+    fixed / probe: the two patch groups of an ``AnchorOutput``; targets: B ground truths in input
+    pixels; image_sizes (B, 2) is accepted for the detector contract (the patch regions already
+    carry the geometry). Each group's sums are divided by max(its matched pairs, B), so a batch
+    and the same batch repeated give the same values; the probe group is not otherwise rescaled.
+    """
     batch = max(len(targets), 1)
     totals = [0.0, 0.0, 0.0]
     for group in (fixed, probe):
