@@ -324,7 +324,7 @@ def test_generator_learns_to_recall_scene_objects(tmp_path):
     """Overfit: the generator alone on frozen random-conv FPN maps of 8 scene images (19 objects).
 
     Measured (1 thread): recall@0.5 0.05 at init, 1.00 after 300 steps (recall@0.7 also 1.00),
-    ~18 anchors per image, ~5 s of training.
+    ~18 anchors per image, 5-8 s of training on the shared 2-core machine.
     """
     from distill.data import DetectionTransform, collate, generate_scenes, load_dataset
 

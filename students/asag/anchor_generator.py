@@ -55,6 +55,11 @@ paper's COCO values (800-1333 px, :meth:`AnchorGenerator.coco`):
     min/max anchors           5/60    5/200, 50/500
     score band, NMS, keep     0.1-0.7, 0.25, 0.1 (0.05 for 300-q): unchanged
     min_box_size              3 px    3 px
+
+Cost (batch 16 scene images at 128 px, 32-channel FPN, 40 objects, 1 CPU thread, medians of 10):
+a training step of the generator alone (forward with targets, loss, backward, AdamW) 17 ms, of
+which Hungarian matching ~1.5 ms; inference 4.5 ms (33 anchors per image). A MobileNetV2-1.0 +
+FPN step on the same batch takes 239 ms, so the generator is ~7% of backbone + FPN + generator.
 """
 from __future__ import annotations
 
