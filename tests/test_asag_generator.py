@@ -1,20 +1,9 @@
 """ASAG's adaptive sparse anchor generator: shapes, batching, probing, targets, matching, learning."""
 import math
-import sys
 import time
-import types
-from pathlib import Path
 
 import pytest
 import torch
-
-try:
-    import students  # noqa: F401
-except ImportError:  # pragma: no cover - the students package is mid-refactor on this base (GFL imports a
-    # contract type not yet in distill.structures); load students.asag without the registry then.
-    _pkg = types.ModuleType("students")
-    _pkg.__path__ = [str(Path(__file__).resolve().parents[1] / "students")]
-    sys.modules["students"] = _pkg
 
 from distill.structures import Target
 from students.asag.anchor_generator import AnchorGenerator, PatchPredictions
