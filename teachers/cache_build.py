@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.loader import collate
-from distill.engine.report import console, make_progress
+from distill.report import console, make_progress
 from distill.errors import CheckpointError
 from teachers.cache_format import (
     FORMAT, MANIFEST, SUMMARY, VERSION, check_shard, json_sha256, read_manifest, variant_code, write_json, write_manifest, write_shard,

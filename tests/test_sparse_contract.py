@@ -11,7 +11,7 @@ from toy_query import ToyQuery
 
 import distill
 from distill.data import DetectionTransform, generate_scenes, load_dataset
-from distill.engine.checkpoint import read_checkpoint, save_checkpoint
+from distill.checkpoint import read_checkpoint, save_checkpoint
 from distill.engine.distiller import Distiller, distillation_terms, loss_keys
 from distill.errors import ConfigError
 from distill.inputs import DistillInputs

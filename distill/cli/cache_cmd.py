@@ -122,7 +122,7 @@ def cache_command(
 
     from distill.config import DataSpec
     from distill.data import DetectionTransform, load_dataset
-    from distill.engine.report import console, key_value_table
+    from distill.report import console, key_value_table
     from recipes import load_recipe
     from teachers import build_cache, class_index_for, load_teacher
 
