@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import Recipe
+from distill.detector import TeacherSource
 from distill.engine.evaluate import evaluate_detector
 from distill.engine.trainer import FitResult, Trainer
 from distill.inputs import DistillInputs
@@ -93,7 +94,7 @@ class Distiller:
         self.needs = teacher_needs(self.losses)
         self.needs_features = "features" in self.needs
         self.cache = cache
-        self.source = cache if cache is not None else teacher
+        self.source: TeacherSource = cache if cache is not None else teacher
         check_pair(student.spec, self.source.spec, self.losses)
 
     def to(self, device: torch.device | str) -> "Distiller":

@@ -42,6 +42,7 @@ Registry (timm style): ``@register_loss`` on the class (keyed by its ``name``), 
 from __future__ import annotations
 
 import fnmatch
+from abc import ABC, abstractmethod
 import inspect
 import math
 from typing import Any, ClassVar, Mapping
@@ -59,7 +60,7 @@ TEACHER_PARTS = frozenset({"features", "head"})
 __all__ = ["DistillInputs", "DistillLoss", "register_loss", "create_loss", "list_losses", "loss_parameters", "TEACHER_PARTS"]
 
 
-class DistillLoss(nn.Module):
+class DistillLoss(nn.Module, ABC):
     """Base class: holds the weight and pairer, runs :meth:`loss` in fp32."""
 
     name: ClassVar[str]
@@ -91,9 +92,9 @@ class DistillLoss(nn.Module):
         with torch.autocast(device_type=pairs.weight.device.type, enabled=False):
             return self.weight * self.loss(student, teacher, pairs)
 
+    @abstractmethod
     def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
-        """The unweighted loss; every registered loss implements it (registry contract test)."""
-        raise NotImplementedError
+        """The unweighted loss of the pairs, a () fp32 tensor."""
 
     def extra_repr(self) -> str:
         return f"weight={self.weight}, pairer={self.pairer}"
