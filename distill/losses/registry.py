@@ -18,6 +18,9 @@ with one call contract::
 - ``loss.needs`` (class attribute) names the teacher parts the loss reads: ``"features"`` (backbone +
   FPN) or ``"head"`` (predictions). The engine runs only those parts of the frozen teacher (plus what
   the pairer needs, ``pairer.teacher_needs``).
+- ``loss.heads``: ``"final"`` (default) distils the student's final predictions; ``"all"`` also
+  each auxiliary head / earlier decoder stage (``Predictions.aux``) against the same teacher
+  predictions, each head paired with its own matches; the term is the mean over heads.
 - ``loss.check_pair`` is part of the contract: the pairer's check (families, strides), then the
   loss's own (classes, bins, channels). The engine calls it for every loss before any batch runs.
 - ``loss.legacy_sums_over_batch`` tells whether ``legacy=True`` reproduces a reference normalisation
@@ -56,6 +59,9 @@ from distill.pairers import Pairer, create_pairer
 from distill.structures import DetectorSpec, Pairs
 
 TEACHER_PARTS = frozenset({"features", "head"})
+# "final": the student's final predictions only; "all": also every auxiliary head / earlier stage
+# (``Predictions.aux``, each with its own ``Matches.aux``), the term being the mean over heads.
+HEADS = ("final", "all")
 
 __all__ = ["DistillInputs", "DistillLoss", "register_loss", "create_loss", "list_losses", "loss_parameters", "TEACHER_PARTS"]
 
@@ -67,11 +73,16 @@ class DistillLoss(nn.Module, ABC):
     needs: ClassVar[frozenset[str]]
     legacy_sums_over_batch: ClassVar[bool] = False
 
-    def __init__(self, *, weight: float = 1.0, pairer: str = "main", pairer_params: Mapping[str, Any] | None = None):
+    def __init__(self, *, weight: float = 1.0, pairer: str = "main", pairer_params: Mapping[str, Any] | None = None, heads: str = "final"):
         super().__init__()
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"loss {self.name!r}: weight must be a finite number >= 0, got {weight!r}")
+        if heads not in HEADS:
+            raise ConfigError(f"loss {self.name!r}: heads must be one of {', '.join(HEADS)}, got {heads!r}")
+        if heads == "all" and "features" in self.needs:
+            raise ConfigError(f"loss {self.name!r} reads FPN features, which auxiliary heads share; heads: all is for prediction losses")
         self.weight = float(weight)
+        self.heads = heads
         self.pairer: Pairer = create_pairer(pairer, **dict(pairer_params or {}))
 
     @property
@@ -97,7 +108,7 @@ class DistillLoss(nn.Module, ABC):
         """The unweighted loss of the pairs, a () fp32 tensor."""
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, pairer={self.pairer}"
+        return f"weight={self.weight}, pairer={self.pairer}, heads={self.heads}"
 
 
 def check_same_classes(loss: str, student: DetectorSpec, teacher: DetectorSpec) -> None:
