@@ -24,7 +24,7 @@ from rich.table import Table
 
 from distill import create_loss
 from distill.data import DetectionTransform, collate, load_dataset
-from distill.engine.checkpoint import load_detector, resolve_checkpoint
+from distill.checkpoint import load_detector, resolve_checkpoint
 from distill.losses import DistillInputs
 from teachers import load_teacher
 

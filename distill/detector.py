@@ -27,7 +27,8 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from distill.structures import Detections, DetectorSpec, Matches, Predictions, Target
+from distill.inputs import DistillInputs
+from distill.structures import Batch, Detections, DetectorSpec, Matches, Predictions, Target
 
 
 @runtime_checkable
@@ -58,6 +59,21 @@ class GridAssigner(Protocol):
     def grid_matches(
         self, points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]], targets: list[Target], image_sizes: Tensor | None
     ) -> Matches: ...
+
+
+@runtime_checkable
+class TeacherSource(Protocol):
+    """What the Distiller reads the teacher side from: ``teachers.FrozenTeacher`` (runs the frozen
+    detector) and ``teachers.TeacherCache`` (serves stored rows; its misses are its own errors).
+
+    ``needs`` names what the losses and pairers read: ``"head"`` (predictions), ``"features"``
+    (FPN maps), ``"matches"`` (the teacher's own matching of the batch's GT).
+    """
+
+    @property
+    def spec(self) -> DetectorSpec: ...
+
+    def inputs(self, batch: Batch, student: DistillInputs, needs: frozenset[str]) -> DistillInputs: ...
 
 
 FAMILIES = ("dense", "sparse")

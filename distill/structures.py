@@ -245,6 +245,8 @@ class Matches:
                 weight, max class sigmoid; Query Weighting: the positive weight), or None.
     extras:     named per-image tensors, e.g. ``"pos_thresholds"``: B tensors (G_b,) — the ATSS
                 IoU threshold of each GT, which the VLR region needs.
+    aux:        the matches of each auxiliary head / earlier stage, in ``Predictions.aux`` order
+                (a DETR-style criterion matches every head on its own).
 
     A dense assigner gives a GT many predictions; a Hungarian matcher at most one, and each
     prediction appears at most once per image in both cases.
@@ -254,6 +256,7 @@ class Matches:
     gt_index: list[Tensor]
     weight: list[Tensor] | None = None
     extras: dict[str, list[Tensor]] = field(default_factory=dict)
+    aux: list["Matches"] = field(default_factory=list)
 
     @property
     def num_images(self) -> int:

@@ -37,9 +37,10 @@ from distill.structures import Batch, BoxBins, DenseOutputs, DetectorSpec
 from teachers.cache_format import (
     VARIANTS, check_shard, check_shard_size, covers, open_shard, read_manifest, region_from_json, variant_code,
 )
+from teachers.cache_queries import QUERY_PARTS, stack_queries
 from teachers.cache_select import CacheSpec, fingerprint
 
-PARTS = {"head": ("head.loc", "head.cls", "head.reg"), "feat": ("feat.loc", "feat.rows")}
+PARTS = {"head": ("head.loc", "head.cls", "head.reg"), "feat": ("feat.loc", "feat.rows"), **QUERY_PARTS}
 
 
 class CacheMissError(CheckpointError):
@@ -182,13 +183,14 @@ class TeacherCache:
         self.manifest = manifest
         self.fingerprint = manifest["fingerprint"]
         layout = manifest["layout"]
+        self.kind = layout.get("kind", "dense")  # "dense": region rows of a dense teacher; "queries": a sparse one's
         self.canvas = tuple(layout["canvas"])
-        self.level_sizes = [tuple(s) for s in layout["level_sizes"]]
-        self.num_locations = int(layout["num_locations"])
+        self.level_sizes = [tuple(s) for s in layout.get("level_sizes", [])]
+        self.num_locations = int(layout.get("num_locations", 0))
         self.num_classes, self.bins = layout.get("num_classes"), layout.get("bins")
         self.variants = tuple(self.fingerprint["variants"])
         selection = self.fingerprint["selection"]
-        self.head_regions, self.feature_regions = selection["head"], selection["features"]
+        self.head_regions, self.feature_regions = selection.get("head", []), selection.get("features", [])
         self._held = {"head": self.describe("head"), "feature": self.describe("features")}  # for error messages
         shard_size = manifest["build"]["shard_size"]
         self._shard_of = {image_id: i // shard_size for i, image_id in enumerate(manifest["image_ids"])}
@@ -233,7 +235,10 @@ class TeacherCache:
         key = (id(teacher), id(dataset), tuple(id(loss) for loss in losses), size_divisor, id(student))
         if getattr(self, "_checked", None) == key:
             return
-        spec = CacheSpec(self.variants, self._regions("head"), self._regions("features"), size_divisor)
+        if self.kind == "queries":
+            spec = CacheSpec(self.variants, (), (), size_divisor, queries=True)
+        else:
+            spec = CacheSpec(self.variants, self._regions("head"), self._regions("features"), size_divisor)
         try:
             current = fingerprint(teacher, dataset, spec, student)
         except ConfigError as exc:
@@ -244,12 +249,25 @@ class TeacherCache:
                     f"{self.folder}: teacher cache was built for {what} ({describe_difference(self.fingerprint[section], current[section], section)}); "
                     "rebuild it with 'detkd cache' for this teacher, data and recipe"
                 )
-        cached, now = self.fingerprint["selection"]["assigner"], current["selection"]["assigner"]
-        if cached != now:
+        if current["selection"] != self.fingerprint["selection"]:
             raise CheckpointError(
-                f"{self.folder}: cache selected locations with the assignment {describe_difference(cached, now, 'assigner')}; "
+                f"{self.folder}: cache was built with {describe_difference(self.fingerprint['selection'], current['selection'], 'selection')}; "
                 "rebuild it for this recipe"
             )
+        if self.kind == "queries":
+            self._check_query_losses(losses)
+        else:
+            self._check_region_losses(losses)
+        missing = [v for v in drawn_variants(dataset.transform.hflip_prob) if v not in self.variants]
+        if missing:
+            keep = "1" if "hflip" in self.variants else "0"
+            raise CheckpointError(
+                f"{self.folder}: training draws variant {', '.join(missing)} (data.hflip_prob {dataset.transform.hflip_prob}) but the cache "
+                f"holds {', '.join(self.variants)} only; rebuild it with --variants none,hflip or pass --set data.hflip_prob={keep}"
+            )
+        self._checked = key
+
+    def _check_region_losses(self, losses) -> None:
         for loss in losses:
             region = getattr(loss.pairer, "region", None)  # a RegionPairer's region; matched pairers have none
             if region is None:
@@ -263,14 +281,14 @@ class TeacherCache:
                         f"{self.folder}: loss '{loss.name}' reads teacher {part} in region {region}, but the cache holds "
                         f"{part} rows for {self.describe(part) or 'no region'} only; rebuild it with 'detkd cache --recipe RECIPE' or --dense"
                     )
-        missing = [v for v in drawn_variants(dataset.transform.hflip_prob) if v not in self.variants]
-        if missing:
-            keep = "1" if "hflip" in self.variants else "0"
-            raise CheckpointError(
-                f"{self.folder}: training draws variant {', '.join(missing)} (data.hflip_prob {dataset.transform.hflip_prob}) but the cache "
-                f"holds {', '.join(self.variants)} only; rebuild it with --variants none,hflip or pass --set data.hflip_prob={keep}"
-            )
-        self._checked = key
+
+    def _check_query_losses(self, losses) -> None:
+        for loss in losses:
+            if "features" in loss.needs or getattr(loss.pairer, "region", None) is not None:
+                raise CheckpointError(
+                    f"{self.folder}: loss '{loss.name}' ({loss.pairer}) needs a dense teacher's rows or features; this cache holds a "
+                    "sparse teacher's query rows and matches (for prediction losses with gt_bridged / teacher_set pairs)"
+                )
 
     def _regions(self, part: str) -> tuple[Region, ...]:
         return tuple(region_from_json(r) for r in (self.head_regions if part == "head" else self.feature_regions))
@@ -279,7 +297,8 @@ class TeacherCache:
     def spec(self) -> DetectorSpec:
         """The cached teacher as pair checks see it (classes already mapped to the student's)."""
         teacher = self.fingerprint["teacher"]
-        return DetectorSpec("dense", int(self.num_classes or teacher["num_classes"]), tuple(teacher["strides"]), teacher["fpn_channels"], self.bins)
+        family = "sparse" if self.kind == "queries" else "dense"
+        return DetectorSpec(family, int(self.num_classes or teacher["num_classes"]), tuple(teacher["strides"]), teacher["fpn_channels"], self.bins)
 
     def training_set(self, dataset) -> CachedVariantDataset:
         """``dataset`` collated on the cache canvas, drawing cached variants only."""
@@ -299,12 +318,14 @@ class TeacherCache:
             raise CheckpointError(
                 f"{self.folder}: image id {image_id} is not cached {'flipped' if flipped else 'unflipped'} (variants: {', '.join(self.variants)})"
             )
-        head_start, head_count, feat_start, feat_count = entry
+        first_start, first_count, second_start, second_count = entry
+        parts = (("query", "match") if self.kind == "queries" else ("head", "feat"))
         out = {}
         try:
-            for part, start, count in (("head", head_start, head_count), ("feat", feat_start, feat_count)):
-                if (part == "head" and self.has_head) or (part == "feat" and self.has_features):
-                    out.update({name: handle.get_slice(name)[start : start + count] for name in PARTS[part]})
+            for part, start, count in zip(parts, (first_start, second_start), (first_count, second_count)):
+                if self.kind == "queries" or (part == "head" and self.has_head) or (part == "feat" and self.has_features):
+                    names = [n for n in PARTS[part] if n in handle.keys()]
+                    out.update({name: handle.get_slice(name)[start : start + count] for name in names})
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{self.folder / self.manifest['shards'][k]['file']}: unreadable cache shard ({exc})") from None
         return out
@@ -329,9 +350,13 @@ class TeacherCache:
             self._handles.popitem(last=False)
         return handle, self._entries[k]
 
-    def inputs(self, batch: Batch, student: DistillInputs, needs: frozenset[str] = frozenset({"head"})) -> CachedTeacherInputs:
+    def inputs(self, batch: Batch, student: DistillInputs, needs: frozenset[str] = frozenset({"head"})) -> DistillInputs:
         """The teacher side of ``batch`` for the losses (the teacher-source protocol); ``student``: the
         student's side, whose dense grid must be the cache canvas's."""
+        keys = [(int(i), bool(f)) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
+        if self.kind == "queries":  # a sparse teacher: its predictions and matches as the online teacher gives them
+            predictions, matches = stack_queries([self.rows(i, f) for i, f in keys], batch.images.device)
+            return DistillInputs(self.spec, predictions, None, matches, batch.image_sizes)
         outputs = student.predictions
         if not isinstance(outputs, DenseOutputs) or [tuple(s) for s in outputs.level_sizes] != self.level_sizes:
             grid = getattr(outputs, "level_sizes", "no dense grid")
@@ -340,7 +365,6 @@ class TeacherCache:
                 f"(canvas {self.canvas[0]}x{self.canvas[1]}); collate training batches on the cache canvas (TeacherCache.training_set)"
             )
         device = outputs.points.device
-        keys = [(int(i), bool(f)) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
         entries = [self.rows(i, f) for i, f in keys]
         result = CachedTeacherInputs(
             spec=self.spec, image_sizes=batch.image_sizes, points=outputs.points, strides=outputs.strides,

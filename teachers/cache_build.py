@@ -25,12 +25,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.loader import collate
-from distill.engine.report import console, make_progress
+from distill.report import console, make_progress
 from distill.errors import CheckpointError
 from teachers.cache_format import (
     FORMAT, MANIFEST, SUMMARY, VERSION, check_shard, json_sha256, read_manifest, variant_code, write_json, write_manifest, write_shard,
 )
 from distill.ops.grid import dense_points
+from distill.errors import ConfigError
+from teachers.cache_queries import query_rows, query_shard_tensors
 from teachers.cache_select import CacheSpec, fingerprint, flat_features, require_grid_assigner, teacher_rows
 
 DEFAULT_SHARD_SIZE = 256
@@ -78,6 +80,9 @@ def probe_layout(teacher, canvas: tuple[int, int], spec: CacheSpec) -> tuple[dic
     """
     model = teacher.model
     device = next(model.parameters()).device
+    if spec.queries:  # no grid: classes and bins are the teacher's spec
+        layout = {"canvas": list(canvas), "kind": "queries", "num_classes": int(teacher.spec.num_classes), "bins": teacher.spec.bins}
+        return layout, torch.zeros(0, 2, device=device), torch.zeros(0, device=device)
     features = model.features(torch.zeros(1, 3, *canvas, device=device))
     level_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
     layout: dict[str, Any] = {"canvas": list(canvas), "level_sizes": [list(s) for s in level_sizes], "num_locations": sum(h * w for h, w in level_sizes)}
@@ -110,6 +115,8 @@ def shard_tensors(keys: list[tuple[int, int]], rows: list[dict[str, Tensor]], la
 
 def dense_bytes_per_entry(layout: dict[str, Any]) -> int:
     """fp16 bytes of the dense teacher maps of one image on the canvas, for the stored parts."""
+    if layout.get("kind") == "queries":
+        return 0  # no dense maps to compare with
     n = layout["num_locations"]
     head = n * (layout["num_classes"] + 4 * layout["bins"]) * 2 if "num_classes" in layout else 0
     return head + n * layout.get("feature_channels", 0) * 2
@@ -121,7 +128,7 @@ def build_cache(
     out: str | Path,
     spec: CacheSpec,
     *,
-    matcher,
+    matcher=None,
     shard_size: int | None = None,
     batch_size: int | None = None,
     num_workers: int = 0,
@@ -137,7 +144,12 @@ def build_cache(
     of the fingerprint. Returns the summary also written to ``out/summary.json``.
     """
     out = Path(out)
-    matcher = require_grid_assigner(matcher)
+    if (teacher.spec.family == "sparse") != spec.queries:
+        raise ConfigError(
+            f"a {teacher.spec.family} teacher is cached as " + ("query rows (its predictions are queries)" if teacher.spec.family == "sparse" else "dense regions")
+        )
+    if not spec.queries:
+        matcher = require_grid_assigner(matcher)
     fp = fingerprint(teacher, dataset, spec, matcher)
     canvas = tuple(fp["input"]["canvas"])
     layout, points, strides = probe_layout(teacher, canvas, spec)
@@ -155,12 +167,17 @@ def build_cache(
         rows: list[dict[str, Tensor]] = []
         k = first
         for batch in entry_loader(dataset, todo, batch_size, canvas, num_workers):
-            rows += teacher_rows(teacher, matcher, batch.to(device), spec, points, strides, [tuple(s) for s in layout["level_sizes"]])
+            if spec.queries:
+                rows += query_rows(teacher, batch.to(device))
+            else:
+                rows += teacher_rows(teacher, matcher, batch.to(device), spec, points, strides, [tuple(s) for s in layout["level_sizes"]])
             keys += [(int(i), variant_code(bool(f))) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
             bar.update(task, advance=len(batch))
             if len(keys) == len(todo[k - first]):  # the shard is complete: write it, then the manifest
-                record = write_shard(out, k, shard_tensors(keys, rows, layout), manifest["key"])
-                record.update(entries=len(keys), head_rows=sum(len(r.get("head.loc", ())) for r in rows), feature_rows=sum(len(r.get("feat.loc", ())) for r in rows))
+                tensors = query_shard_tensors(keys, rows) if spec.queries else shard_tensors(keys, rows, layout)
+                record = write_shard(out, k, tensors, manifest["key"])
+                head_rows = sum(len(r.get("q.valid" if spec.queries else "head.loc", ())) for r in rows)
+                record.update(entries=len(keys), head_rows=head_rows, feature_rows=sum(len(r.get("feat.loc", ())) for r in rows))
                 manifest["shards"].append(record)
                 manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
                 write_manifest(out, manifest)
@@ -201,7 +218,7 @@ def summarize(out: Path, manifest: dict[str, Any], seconds: float = 0.0, built_e
         "fraction_of_dense": round(per_entry / dense, 4) if dense else None,
         "head_rows_per_entry": round(sum(s["head_rows"] for s in shards) / max(entries, 1), 2),
         "feature_rows_per_entry": round(sum(s["feature_rows"] for s in shards) / max(entries, 1), 2),
-        "locations_per_entry": manifest["layout"]["num_locations"],
+        "locations_per_entry": manifest["layout"].get("num_locations"),
     }
 
 

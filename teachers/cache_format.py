@@ -38,7 +38,7 @@ from safetensors.torch import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from distill.engine.checkpoint import atomic_write
+from distill.checkpoint import atomic_write
 from distill.errors import CheckpointError
 from distill.regions import REGIONS, Region, create_region
 

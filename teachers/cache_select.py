@@ -39,20 +39,25 @@ class CacheSpec:
     head_regions:    regions whose class / bin logits are stored (empty: no head rows).
     feature_regions: regions whose FPN feature vectors are stored (empty: no features).
     size_divisor:    the canvas is the input size rounded up to it (the recipe's data.size_divisor).
+    queries:         a sparse teacher's cache: every query row and its matches
+                     (``teachers.cache_queries``) instead of dense regions (both region lists empty).
 
-    Which student assignment selects the locations is given to ``build_cache`` (its ``matcher``).
+    Which student assignment selects dense locations is given to ``build_cache`` (its ``matcher``).
     """
 
     variants: tuple[str, ...] = VARIANTS
     head_regions: tuple[Region, ...] = (create_region("main"), create_region("vlr"))
     feature_regions: tuple[Region, ...] = ()
     size_divisor: int = 32
+    queries: bool = False
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants or len(set(self.variants)) != len(self.variants):
             raise ConfigError(f"cache variants must be distinct names from {', '.join(VARIANTS)}, got {', '.join(self.variants) or 'none'}")
-        if not self.head_regions and not self.feature_regions:
+        if self.queries and (self.head_regions or self.feature_regions):
+            raise ConfigError("a query cache (sparse teacher) stores every query row: it takes no head or feature regions")
+        if not self.queries and not self.head_regions and not self.feature_regions:
             raise ConfigError("a teacher cache needs head regions, feature regions, or both")
         # Canonical order, so that the same request always gives the same fingerprint.
         object.__setattr__(self, "variants", tuple(v for v in VARIANTS if v in self.variants))
@@ -62,7 +67,7 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
     """The cache a distillation recipe needs: its losses' regions per part and its flips."""
     from distill.losses import create_loss
 
-    head, feats = [], []
+    head, feats, matched = [], [], []
     for i, spec in enumerate(recipe.losses):
         try:
             loss = create_loss(spec.name, weight=spec.weight, pairer=spec.pairer, pairer_params=spec.pairer_params, **spec.params)
@@ -70,12 +75,19 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
             raise ConfigError(f"recipe {recipe.name}: losses[{i}]: {exc}") from None
         region = getattr(loss.pairer, "region", None)  # RegionPairer; a matched pairer has none
         if region is None:
-            raise ConfigError(
-                f"recipe {recipe.name}: losses[{i}] ({loss.name}) pairs with {loss.pairer.name!r}; the teacher cache stores rows of "
-                "dense regions (main, vlr, gt_boxes, all) only"
-            )
+            matched.append((i, loss))
+            continue
         (head if "head" in loss.needs else []).append(region)
         (feats if "features" in loss.needs else []).append(region)
+    if matched and (head or feats or any("features" in loss.needs for _, loss in matched)):
+        i, loss = matched[0]
+        raise ConfigError(
+            f"recipe {recipe.name}: losses[{i}] ({loss.name}) pairs with {loss.pairer.name!r}: a teacher cache holds either dense "
+            "regions (a dense teacher) or query rows (a sparse teacher, prediction losses only), not both"
+        )
+    if matched:
+        variants = variants if variants is not None else tuple(v for v, drawn in (("none", recipe.data.hflip_prob < 1.0), ("hflip", recipe.data.hflip_prob > 0.0)) if drawn)
+        return CacheSpec(variants, (), (), recipe.data.size_divisor, queries=True)
     if not head and not feats:
         raise ConfigError(f"recipe {recipe.name} has no distillation losses: there is nothing to cache")
     if dense:
@@ -117,7 +129,7 @@ def require_grid_assigner(matcher) -> GridAssigner:
 
 def fingerprint(teacher, dataset, spec: CacheSpec, matcher) -> dict[str, Any]:
     """Everything the cached rows depend on. ``teacher``: FrozenTeacher; ``dataset``: CocoDetection;
-    ``matcher``: the student whose ``grid_matches`` selects the locations.
+    ``matcher``: the student whose ``grid_matches`` selects the locations (None for a query cache).
 
     Sections ``teacher``, ``data`` and ``input`` must equal the run's; ``selection`` and ``variants``
     must cover what the run asks for. Paths are not part of it: a moved dataset stays valid.
@@ -152,7 +164,11 @@ def fingerprint(teacher, dataset, spec: CacheSpec, matcher) -> dict[str, Any]:
         "selection": {
             "head": regions_json(list(spec.head_regions)),
             "features": regions_json(list(spec.feature_regions)),
-            "assigner": dict(require_grid_assigner(matcher).matching_config),
+            **(
+                {"queries": True, "teacher_config": teacher.model.config}  # its matcher's settings live there
+                if spec.queries
+                else {"assigner": dict(require_grid_assigner(matcher).matching_config)}
+            ),
         },
         "variants": list(spec.variants),
     }

@@ -125,7 +125,7 @@ def _clone_matches(matches: Matches | None) -> Matches | None:
 
 def load_teacher(path_or_run: str | Path) -> FrozenTeacher:
     """A frozen teacher from a checkpoint file or a run folder (its best checkpoint)."""
-    from distill.engine.checkpoint import load_detector, resolve_checkpoint
+    from distill.checkpoint import load_detector, resolve_checkpoint
 
     path = resolve_checkpoint(path_or_run)
     model, meta = load_detector(path)

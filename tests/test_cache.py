@@ -10,7 +10,7 @@ from cli_helpers import invoke, one_error_line
 import distill
 from distill.cli.cache_cmd import parse_regions
 from distill.data import DetectionTransform, build_loader, collate, generate_scenes, load_dataset, set_epoch
-from distill.engine.checkpoint import save_checkpoint
+from distill.checkpoint import save_checkpoint
 from distill.errors import CheckpointError, DataError
 from distill.losses import DistillInputs
 from distill.regions import create_region
@@ -390,3 +390,10 @@ def test_the_cached_training_set_survives_worker_processes(caches, train_set):
     batches = list(loader)
     assert len(batches) == 2 and all(b.images.shape[-2:] == (64, 64) for b in batches)
     assert [b.flipped.tolist() for b in batches] == [[train_set.flip_for(i, 1) for i in ids] for ids in [list(s) for s in torch.tensor(list(loader.sampler)).split(4)]]
+
+
+def test_the_cache_and_the_frozen_teacher_are_one_teacher_source(caches, teacher):
+    from distill.detector import TeacherSource
+
+    assert isinstance(caches["selected"], TeacherSource) and isinstance(teacher, TeacherSource)
+    assert caches["selected"].spec == teacher.spec  # the same pair checks apply to both

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from distill.engine.checkpoint import (
+from distill.checkpoint import (
     atomic_write,
     load_train_state,
     read_checkpoint,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from distill.data import DetectionTransform, collate, generate_scenes, load_dataset
-from distill.engine.checkpoint import save_checkpoint
+from distill.checkpoint import save_checkpoint
 from distill.engine.distiller import distillation_terms
 from distill.inputs import DistillInputs
 from distill.losses import create_loss

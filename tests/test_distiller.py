@@ -8,7 +8,7 @@ from torchvision.ops import sigmoid_focal_loss
 
 import distill
 from distill.config import LossSpec, Recipe, ModelSpec, TrainSpec, DataSpec, EvalSpec
-from distill.engine.checkpoint import read_checkpoint
+from distill.checkpoint import read_checkpoint
 from distill.engine.distiller import Distiller, loss_keys
 from distill.errors import CheckpointError, ConfigError
 from distill.ops.atss import atss_assign

@@ -11,7 +11,7 @@ from toy_query import ToyQuery
 
 import distill
 from distill.data import DetectionTransform, generate_scenes, load_dataset
-from distill.engine.checkpoint import read_checkpoint, save_checkpoint
+from distill.checkpoint import read_checkpoint, save_checkpoint
 from distill.engine.distiller import Distiller, distillation_terms, loss_keys
 from distill.errors import ConfigError
 from distill.inputs import DistillInputs
@@ -244,3 +244,25 @@ def test_sparse_pair_refusals_reach_the_cli_as_one_line(scenes, tmp_path):
     assert result.exit_code == 2
     assert "'vlr'" in one_error_line(result) and "sparse" in one_error_line(result)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_heads_all_distils_every_auxiliary_head_with_its_own_matches():
+    student, teacher, gts = literal_pair()
+    # an auxiliary head (an earlier stage) whose own matching put GT 0 on query 0 and GT 1 on query 2
+    aux_logits = torch.full((1, 4, 3), -1.0)
+    aux_logits[0, 0] = torch.tensor([2.0, -2.0, 0.5])
+    aux = Predictions(aux_logits, student.predictions.boxes.clone(), student.predictions.valid)
+    student.predictions.aux = [aux]
+    student.matches.aux = [Matches([torch.tensor([0, 2])], [torch.tensor([0, 1])])]
+    final = distill.create_loss("kd", pairer="gt_bridged", temperature=1.0)
+    every = distill.create_loss("kd", pairer="gt_bridged", temperature=1.0, heads="all")
+    terms = distillation_terms([final, every], ["final", "all"], student, teacher, gts)
+    aux_side = DistillInputs(SPARSE, aux, None, student.matches.aux[0], SIZES)
+    aux_pairs = create_pairer("gt_bridged")(aux_side, teacher, gts, "predictions")
+    assert aux_pairs.student.tolist() == [0, 2] and aux_pairs.teacher.tolist() == [2, 0]  # GT 0 -> t2, GT 1 -> t0
+    aux_value = final(aux_side, teacher, aux_pairs)
+    torch.testing.assert_close(terms["all"], (terms["final"] + aux_value) / 2)
+    with pytest.raises(ConfigError, match="no parameter .heads."):  # FPN features are shared by every head
+        distill.create_loss("feature", pairer="gt_boxes", heads="all")
+    with pytest.raises(ConfigError, match="heads must be one of final, all"):
+        distill.create_loss("kd", heads="every")

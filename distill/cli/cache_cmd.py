@@ -122,9 +122,11 @@ def cache_command(
 
     from distill.config import DataSpec
     from distill.data import DetectionTransform, load_dataset
-    from distill.engine.report import console, key_value_table
+    from distill.report import console, key_value_table
     from recipes import load_recipe
     from teachers import build_cache, class_index_for, load_teacher
+    from teachers.cache_format import VARIANTS
+    from teachers.cache_select import CacheSpec, spec_from_recipe
 
     if set_ and recipe is None:
         raise ConfigError("--set changes a recipe: pass --recipe too")
@@ -140,17 +142,24 @@ def cache_command(
     index = class_index_for(dataset.classes, frozen.classes, class_map, where=where)
     if index is not None:
         frozen.class_index = torch.tensor(index, dtype=torch.long)
-    spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
+    if frozen.spec.family == "sparse":  # every query row and the teacher's matches; nothing to select
+        if regions or feature_regions or features or dense:
+            raise ConfigError(f"{where}: a sparse teacher's cache stores every query row; --regions, --features and --dense select dense locations")
+        chosen = parse_variants(variants) or (spec_from_recipe(resolved).variants if resolved else VARIANTS)
+        spec, matcher = CacheSpec(chosen, (), (), resolved.data.size_divisor if resolved else 32, queries=True), None
+    else:
+        spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
+        matcher = cache_matcher(resolved, len(dataset.classes))
     source = {"teacher": where, "data": str(data), "split": split, "recipe": recipe}
     summary = build_cache(
-        frozen, dataset, out, spec, matcher=cache_matcher(resolved, len(dataset.classes)), shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
+        frozen, dataset, out, spec, matcher=matcher, shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
     )
     if summary.get("already_complete"):
         console.print(f"{out}: cache already complete (nothing to do)")
     rows = {
         "images": summary["images"],
         "variants": ",".join(summary["variants"]),
-        "head regions": ", ".join(map(str, spec.head_regions)) or "-",
+        "head regions": "every query + the teacher's matches" if spec.queries else ", ".join(map(str, spec.head_regions)) or "-",
         "feature regions": ", ".join(map(str, spec.feature_regions)) or "-",
         "shards": summary["shards"],
         "built this run (images x variants)": summary["built_entries"],

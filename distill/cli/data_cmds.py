@@ -20,7 +20,7 @@ def scenes_command(
 ) -> None:
     """Write a deterministic COCO dataset of scenes built from real Fashion-MNIST photographs."""
     from distill.data import generate_scenes
-    from distill.engine.report import console, key_value_table
+    from distill.report import console, key_value_table
 
     summary = generate_scenes(out, num_train=train, num_val=val, size=size, seed=seed, overwrite=overwrite)
     console.print(key_value_table(f"scenes written to {out}", summary))

@@ -26,7 +26,7 @@ def demo_command(
 
     from distill.engine.demo import run_demo
     from distill.engine.predict import predict_images
-    from distill.engine.report import console, metrics_table
+    from distill.report import console, metrics_table
     from distill.errors import ConfigError
     from recipes import load_recipe
 

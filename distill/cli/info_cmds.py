@@ -5,7 +5,7 @@ import typer
 from rich.table import Table
 
 from distill.cli.app import app, user_errors
-from distill.engine.report import console
+from distill.report import console
 
 
 @app.command("recipes")

@@ -65,9 +65,9 @@ def eval_command(
 ) -> None:
     """COCO metrics of a checkpoint on a dataset split."""
     from distill.data import DetectionTransform, load_dataset
-    from distill.engine.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
+    from distill.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
     from distill.engine.evaluate import evaluate_detector
-    from distill.engine.report import console, key_value_table, make_progress
+    from distill.report import console, key_value_table, make_progress
     from teachers.checks import check_same_classes
 
     path = resolve_checkpoint(checkpoint)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Recipe
-from distill.engine.checkpoint import atomic_write_text
+from distill.checkpoint import atomic_write_text
 from distill.errors import ConfigError
 
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.config import Recipe
+from distill.detector import TeacherSource
 from distill.engine.evaluate import evaluate_detector
 from distill.engine.trainer import FitResult, Trainer
 from distill.inputs import DistillInputs
@@ -54,18 +55,33 @@ def teacher_needs(losses: Sequence[DistillLoss]) -> frozenset[str]:
     return frozenset(needs)
 
 
+def student_heads(student: DistillInputs) -> list[DistillInputs]:
+    """The final head, then every auxiliary head / earlier stage with its own matches."""
+    heads = [student]
+    preds, matches = student.predictions, student.matches
+    for i, aux in enumerate(preds.aux if preds is not None else []):
+        aux_matches = matches.aux[i] if matches is not None and i < len(matches.aux) else None
+        heads.append(DistillInputs(student.spec, aux, student.features, aux_matches, student.image_sizes))
+    return heads
+
+
 def distillation_terms(
     losses: Sequence[DistillLoss], keys: Sequence[str], student: DistillInputs, teacher: DistillInputs, targets
 ) -> dict[str, Tensor]:
     """Every distillation term of one batch, keyed by ``keys``. Pairers are hashable, so each
-    distinct (pairer, space) is computed once and shared by the losses that use it."""
+    distinct (pairer, space, head) is computed once and shared by the losses that use it. A loss
+    with ``heads="all"`` is the mean of its value on every student head."""
     pairs: dict[Any, Pairs] = {}
     terms: dict[str, Tensor] = {}
+    heads = student_heads(student) if any(loss.heads == "all" for loss in losses) else [student]
     for key, loss in zip(keys, losses):
-        slot = (loss.pairer, loss.space)
-        if slot not in pairs:
-            pairs[slot] = loss.pairer(student, teacher, targets, loss.space)
-        terms[key] = loss(student, teacher, pairs[slot])
+        values = []
+        for h, side in enumerate(heads if loss.heads == "all" else heads[:1]):
+            slot = (loss.pairer, loss.space, h)
+            if slot not in pairs:
+                pairs[slot] = loss.pairer(side, teacher, targets, loss.space)
+            values.append(loss(side, teacher, pairs[slot]))
+        terms[key] = values[0] if len(values) == 1 else torch.stack(values).mean()
     return terms
 
 
@@ -93,7 +109,7 @@ class Distiller:
         self.needs = teacher_needs(self.losses)
         self.needs_features = "features" in self.needs
         self.cache = cache
-        self.source = cache if cache is not None else teacher
+        self.source: TeacherSource = cache if cache is not None else teacher
         check_pair(student.spec, self.source.spec, self.losses)
 
     def to(self, device: torch.device | str) -> "Distiller":

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from distill.engine.checkpoint import atomic_write, atomic_write_text, load_detector
+from distill.checkpoint import atomic_write, atomic_write_text, load_detector
 from distill.errors import DataError
 from distill.structures import Detections, Target
 

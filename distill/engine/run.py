@@ -6,7 +6,7 @@ from pathlib import Path
 
 from distill.config import Recipe
 from distill.engine.build import apply_threads, build_datasets, build_detector, run_meta
-from distill.engine.checkpoint import atomic_write_text
+from distill.checkpoint import atomic_write_text
 from distill.engine.trainer import FitResult, Trainer
 from distill.errors import ConfigError
 
@@ -73,7 +73,7 @@ def check_teacher_quality(teacher, val_set, recipe: Recipe, force: bool, show_pr
     noise: this is the most common failure users of KD tools report.
     """
     from distill.engine.evaluate import evaluate_detector
-    from distill.engine.report import make_progress
+    from distill.report import make_progress
 
     with make_progress(show_progress) as bar:
         task = bar.add_task("teacher eval", total=len(val_set), info="")

@@ -28,9 +28,9 @@ import yaml
 from torch import Tensor, nn
 
 from distill.config import Recipe
-from distill.engine.checkpoint import atomic_write_text, load_train_state, read_checkpoint, save_checkpoint, save_train_state
+from distill.checkpoint import atomic_write_text, load_train_state, read_checkpoint, save_checkpoint, save_train_state
 from distill.engine.evaluate import evaluate_detector
-from distill.engine.report import console, make_progress, metrics_table
+from distill.report import console, make_progress, metrics_table
 from distill.engine.schedule import lr_factor
 from distill.errors import DetkdError
 from distill.structures import Batch

@@ -45,10 +45,11 @@ class BoxDistillation(DistillLoss):
         weight: float = 1.0,
         pairer: str = "gt_bridged",
         pairer_params: Mapping[str, Any] | None = None,
+        heads: str = "final",
         l1_weight: float = 5.0,
         giou_weight: float = 2.0,
     ):
-        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params)
+        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params, heads=heads)
         for key, value in (("l1_weight", l1_weight), ("giou_weight", giou_weight)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"loss 'box': {key} must be a finite number >= 0, got {value!r}")

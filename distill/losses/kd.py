@@ -55,11 +55,12 @@ class ClassificationKD(DistillLoss):
         weight: float = 1.0,
         pairer: str = "main",
         pairer_params: Mapping[str, Any] | None = None,
+        heads: str = "final",
         temperature: float = 2.0,
         mode: str = "bce",
         legacy: bool = False,
     ):
-        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params)
+        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params, heads=heads)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ConfigError(f"loss 'kd': temperature must be > 0, got {temperature!r}")
         if mode not in KD_MODES:

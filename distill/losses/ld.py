@@ -136,6 +136,7 @@ class LocalizationDistillation(DistillLoss):
         weight: float = 1.0,
         pairer: str = "main",
         pairer_params: Mapping[str, Any] | None = None,
+        heads: str = "final",
         temperature: float = 10.0,
         weight_by_quality: bool | None = None,
         legacy: bool = False,
@@ -143,7 +144,7 @@ class LocalizationDistillation(DistillLoss):
         resample_bins: str | bool = "off",
         normalize: str = "weight",
     ):
-        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params)
+        super().__init__(weight=weight, pairer=pairer, pairer_params=pairer_params, heads=heads)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ConfigError(f"loss 'ld': temperature must be > 0, got {temperature!r}")
         if weight_by_quality is None:

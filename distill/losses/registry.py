@@ -18,6 +18,9 @@ with one call contract::
 - ``loss.needs`` (class attribute) names the teacher parts the loss reads: ``"features"`` (backbone +
   FPN) or ``"head"`` (predictions). The engine runs only those parts of the frozen teacher (plus what
   the pairer needs, ``pairer.teacher_needs``).
+- ``loss.heads``: ``"final"`` (default) distils the student's final predictions; ``"all"`` also
+  each auxiliary head / earlier decoder stage (``Predictions.aux``) against the same teacher
+  predictions, each head paired with its own matches; the term is the mean over heads.
 - ``loss.check_pair`` is part of the contract: the pairer's check (families, strides), then the
   loss's own (classes, bins, channels). The engine calls it for every loss before any batch runs.
 - ``loss.legacy_sums_over_batch`` tells whether ``legacy=True`` reproduces a reference normalisation
@@ -42,6 +45,7 @@ Registry (timm style): ``@register_loss`` on the class (keyed by its ``name``), 
 from __future__ import annotations
 
 import fnmatch
+from abc import ABC, abstractmethod
 import inspect
 import math
 from typing import Any, ClassVar, Mapping
@@ -55,22 +59,30 @@ from distill.pairers import Pairer, create_pairer
 from distill.structures import DetectorSpec, Pairs
 
 TEACHER_PARTS = frozenset({"features", "head"})
+# "final": the student's final predictions only; "all": also every auxiliary head / earlier stage
+# (``Predictions.aux``, each with its own ``Matches.aux``), the term being the mean over heads.
+HEADS = ("final", "all")
 
 __all__ = ["DistillInputs", "DistillLoss", "register_loss", "create_loss", "list_losses", "loss_parameters", "TEACHER_PARTS"]
 
 
-class DistillLoss(nn.Module):
+class DistillLoss(nn.Module, ABC):
     """Base class: holds the weight and pairer, runs :meth:`loss` in fp32."""
 
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]]
     legacy_sums_over_batch: ClassVar[bool] = False
 
-    def __init__(self, *, weight: float = 1.0, pairer: str = "main", pairer_params: Mapping[str, Any] | None = None):
+    def __init__(self, *, weight: float = 1.0, pairer: str = "main", pairer_params: Mapping[str, Any] | None = None, heads: str = "final"):
         super().__init__()
         if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
             raise ConfigError(f"loss {self.name!r}: weight must be a finite number >= 0, got {weight!r}")
+        if heads not in HEADS:
+            raise ConfigError(f"loss {self.name!r}: heads must be one of {', '.join(HEADS)}, got {heads!r}")
+        if heads == "all" and "features" in self.needs:
+            raise ConfigError(f"loss {self.name!r} reads FPN features, which auxiliary heads share; heads: all is for prediction losses")
         self.weight = float(weight)
+        self.heads = heads
         self.pairer: Pairer = create_pairer(pairer, **dict(pairer_params or {}))
 
     @property
@@ -91,12 +103,12 @@ class DistillLoss(nn.Module):
         with torch.autocast(device_type=pairs.weight.device.type, enabled=False):
             return self.weight * self.loss(student, teacher, pairs)
 
+    @abstractmethod
     def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
-        """The unweighted loss; every registered loss implements it (registry contract test)."""
-        raise NotImplementedError
+        """The unweighted loss of the pairs, a () fp32 tensor."""
 
     def extra_repr(self) -> str:
-        return f"weight={self.weight}, pairer={self.pairer}"
+        return f"weight={self.weight}, pairer={self.pairer}, heads={self.heads}"
 
 
 def check_same_classes(loss: str, student: DetectorSpec, teacher: DetectorSpec) -> None:

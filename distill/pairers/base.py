@@ -13,6 +13,7 @@ matching of the batch's ground truth).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from distill.errors import ConfigError
@@ -22,7 +23,7 @@ from distill.structures import DetectorSpec, Pairs, Target
 SPACES = ("predictions", "features")
 
 
-class Pairer:
+class Pairer(ABC):
     """Base class of every pairer (subclasses are frozen dataclasses)."""
 
     name: ClassVar[str]
@@ -36,8 +37,9 @@ class Pairer:
                 + ("feature losses need a dense region (gt_boxes, all, or main / vlr for dense students)" if space == "features" else "")
             )
 
+    @abstractmethod
     def __call__(self, student: DistillInputs, teacher: DistillInputs, targets: list[Target], space: str) -> Pairs:
-        raise NotImplementedError  # every registered pairer implements it (registry contract test)
+        """The pairs of one batch in ``space``."""
 
     def __str__(self) -> str:
         return self.name
