@@ -252,3 +252,40 @@ def test_query_sources_are_registered_by_name_and_recorded_in_config():
     assert isinstance(rebuilt.query_source, PaddedSource) and rebuilt.query_source.scale.item() == pytest.approx(0.4)
     with pytest.raises(ConfigError, match="unknown query source 'nope'.*learned"):
         _model(query_source="nope")
+
+
+def test_matches_carry_every_aux_heads_own_matching():
+    model = _model(groups=2).train()
+    sizes = image_sizes()
+    pred = model(images(), sizes)
+    _, matches = model.loss(pred, targets(), sizes)
+    assert len(matches.aux) == len(pred.aux) == 4
+    for aux_pred, aux in zip(pred.aux, matches.aux):
+        assert [len(i) for i in aux.pred_index] == [0, 1, 3] and all((i < 12).all() for i in aux.pred_index)  # group 0
+        alone = model.criterion.matcher(aux_pred, targets(), sizes, pred.queries.groups)
+        for b in range(3):
+            keep = alone.pred_index[b] < 12
+            assert alone.pred_index[b][keep].tolist() == aux.pred_index[b].tolist()
+
+
+def test_asag_generator_feeds_the_student():
+    from students.asag.generator_source import GeneratorSource
+
+    kw = {k: v for k, v in TINY.items() if k != "num_queries"}
+    model = _model("asag_s_gen", **kw).train()
+    assert isinstance(model.query_source, GeneratorSource) and model.config["params"]["query_source"] == "asag"
+    x, sizes = torch.randn(3, 3, 128, 128), torch.tensor([[128, 128], [96, 112], [128, 128]])
+    tg = targets()
+    pred = model.head(model.features(x), sizes, tg)  # targets: the generator's training windows
+    assert pred.valid.any(1).all() and pred.valid.shape == pred.logits.shape[:2]
+    losses, matches = model.loss(pred, tg, sizes)
+    assert {"loss_anchor_cls", "loss_anchor_l1", "loss_anchor_giou", "loss_cls", "loss_cls_prop"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    for b, index in enumerate(matches.pred_index):
+        assert pred.valid[b, index].all()
+    model.eval()
+    with torch.no_grad():
+        pred = model(x, sizes)
+    assert pred.aux == [] and all(len(d.scores) <= model.max_detections for d in model.postprocess(pred, sizes))
+    with pytest.raises(Exception, match="strides 8, 16 and 32"):
+        _model("asag_s_gen", **{**kw, "strides": (16, 32)})

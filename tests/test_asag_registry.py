@@ -13,7 +13,7 @@ SPARSE = [n for n in list_students() if student_entrypoint(n).__module__ == "stu
 
 
 def test_sparse_family_is_registered():
-    assert {"asag_s", "asag_a", "sparse_rcnn6"} <= set(SPARSE)
+    assert {"asag_s", "asag_s_gen", "asag_a", "sparse_rcnn6"} <= set(SPARSE)
 
 
 @pytest.fixture(scope="module", params=SPARSE)

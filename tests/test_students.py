@@ -27,7 +27,7 @@ _SPARSE_TINY = dict(
     num_heads=4, roi_canonical=48.0, pretrained=None,
 )
 TINY_BY_NAME: dict[str, dict] = {"toy_query": {}, "asag_s": _SPARSE_TINY, "asag_a": {**_SPARSE_TINY, "sampling_points": 8, "mixing_out_points": 16},
-                                  "sparse_rcnn6": _SPARSE_TINY}
+                                  "asag_s_gen": _SPARSE_TINY, "sparse_rcnn6": _SPARSE_TINY}
 
 
 def tiny_kwargs(name: str) -> dict:

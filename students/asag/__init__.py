@@ -14,6 +14,7 @@ Plugging in an anchor source (the ASAG generator)::
     create_student("asag_s", query_source="asag", query_source_params={...})
 """
 from students.asag import adamixer, box_ops, criterion, decoder, layers, matcher, postprocess, proposal  # noqa: F401
+from students.asag import generator_source  # noqa: F401  (registers the query source "asag")
 from students.asag.model import SparseDetector, SparsePredictions  # registers asag_s, asag_a, sparse_rcnn6
 from students.asag.proposal import LearnedAnchors, ProposalBlock, Queries, QuerySource, create_query_source, register_query_source
 

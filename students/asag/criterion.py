@@ -95,7 +95,8 @@ class SetCriterion:
     ) -> tuple[dict[str, Tensor], Matches]:
         """Losses of the main head (``loss_cls``, ``loss_l1``, ``loss_giou`` [, ``loss_dfl``]) and of every
         ``predictions.aux[i]`` (same keys + ``_{aux_names[i]}``, default ``_aux{i}``), weighted; and the
-        main head's matches (``weight``: the per-query box weight the losses used).
+        main head's matches (``weight``: the per-query box weight the losses used), with each aux
+        head's own matches in ``matches.aux`` (``Predictions.aux`` order).
         """
         if len(targets) != predictions.num_images:
             raise ValueError(f"{len(targets)} targets for a batch of {predictions.num_images} images")
@@ -105,8 +106,9 @@ class SetCriterion:
         losses, matches = self.head_loss(predictions, targets, image_sizes, normalizer, groups)
         names = aux_names or [f"aux{i}" for i in range(len(predictions.aux))]
         for name, aux in zip(names, predictions.aux):
-            aux_losses, _ = self.head_loss(aux, targets, image_sizes, normalizer, groups)
+            aux_losses, aux_matches = self.head_loss(aux, targets, image_sizes, normalizer, groups)
             losses.update({f"{k}_{name}": v for k, v in aux_losses.items()})
+            matches.aux.append(aux_matches)
         return losses, matches
 
     def head_loss(

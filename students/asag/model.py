@@ -203,7 +203,8 @@ class SparseDetector(nn.Module):
     def loss(
         self, predictions: Predictions, targets: list[Target], image_sizes: Tensor | None
     ) -> tuple[dict[str, Tensor], Matches]:
-        """Weighted terms of every head (each with its own Hungarian matching) and the main head's matches."""
+        """Weighted terms of every head (each with its own Hungarian matching) and the main head's matches
+        (``Matches.aux``: each aux head's own, in ``predictions.aux`` order; group 0 only with groups)."""
         image_sizes = self._sizes_from(predictions, image_sizes)
         groups = getattr(predictions, "queries", None)
         groups = groups.groups if groups is not None else None
@@ -244,7 +245,8 @@ def _first_group(matches: Matches, groups: Tensor | None) -> Matches:
         return matches
     keep = [groups[i] == 0 for i in matches.pred_index]
     weight = None if matches.weight is None else [w[k] for w, k in zip(matches.weight, keep)]
-    return Matches([i[k] for i, k in zip(matches.pred_index, keep)], [g[k] for g, k in zip(matches.gt_index, keep)], weight)
+    aux = [_first_group(a, groups) for a in matches.aux]
+    return Matches([i[k] for i, k in zip(matches.pred_index, keep)], [g[k] for g, k in zip(matches.gt_index, keep)], weight, aux=aux)
 
 
 def _check_args(num_classes, fpn_channels, num_queries, groups, stages, parallel_heads, num_heads, box_head) -> None:
@@ -287,6 +289,13 @@ _register(
     "asag_s",
     "ASAG-S student: proposal block + one Sparse R-CNN decoder layer, 4 parallel heads in training, Query "
     "Weighting; learned anchors until the ASAG generator is plugged in (set_query_source).",
+)
+_register(
+    "asag_s_gen",
+    "ASAG-S fed by the Adaptive Sparse Anchor Generator (query_source 'asag'; P3-P5 FPN, image-specific "
+    "anchors padded per batch): proposal block + one dynamic layer, 4 parallel heads in training, Query Weighting.",
+    query_source="asag",
+    strides=(8, 16, 32),
 )
 _register(
     "asag_a",

@@ -1,0 +1,62 @@
+"""The Adaptive Sparse Anchor Generator as the sparse detector's query source ``"asag"``.
+
+``GeneratorSource`` adapts :class:`~students.asag.anchor_generator.AnchorGenerator` to the
+:class:`~students.asag.proposal.QuerySource` protocol: it hands the generator the P3-P5 maps of the
+detector's FPN, returns its padded anchors as :class:`Queries` (the raw :class:`AnchorOutput` rides in
+``extras["anchors"]``) and adds the generator's own losses (``loss_anchor_*``) to the detector's.
+
+Training behaviour follows the generator's rule: its training windows (GT / random probe patches,
+P6 flips) run when targets reach ``head(features, image_sizes, targets)``; a caller that gives none
+(the plain trainer) gets the inference path in training too, and the patch losses of that path.
+"""
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from distill.errors import ConfigError
+from distill.structures import Target
+from students.asag.anchor_generator import AnchorGenerator
+from students.asag.proposal import Queries, register_query_source
+
+__all__ = ["GeneratorSource"]
+
+GENERATOR_STRIDES = (8, 16, 32)
+
+
+class GeneratorSource(nn.Module):
+    """``forward(features, image_sizes, targets=None) -> Queries``; ``loss(queries, targets, image_sizes)``.
+
+    features: the detector's FPN maps at ``strides``; the generator reads those at strides 8, 16, 32.
+    """
+
+    def __init__(self, generator: AnchorGenerator, strides: tuple[int, ...]) -> None:
+        super().__init__()
+        missing = [s for s in GENERATOR_STRIDES if s not in strides]
+        if missing:
+            raise ConfigError(f"query source 'asag' needs FPN strides 8, 16 and 32; the detector has {tuple(strides)}")
+        self.generator = generator
+        self.levels = [list(strides).index(s) for s in GENERATOR_STRIDES]
+
+    def forward(self, features: list[Tensor], image_sizes: Tensor, targets: list[Target] | None = None) -> Queries:
+        out = self.generator([features[i] for i in self.levels], image_sizes, targets if self.training else None)
+        return Queries(out.boxes, out.valid, extras={"anchors": out})
+
+    def loss(self, queries: Queries, targets: list[Target], image_sizes: Tensor) -> dict[str, Tensor]:
+        losses = self.generator.loss(queries.extras["anchors"], [t.to(image_sizes.device) for t in targets], image_sizes)
+        # A level the batch did not probe (early stop) leaves its compression branch out of the graph;
+        # a zero term keeps every generator parameter in it (DDP's unused-parameter check).
+        first = next(iter(losses))
+        losses[first] = losses[first] + sum(p.sum() for p in self.generator.parameters()) * 0
+        return losses
+
+
+@register_query_source("asag")
+def _asag(num_queries: int, dim: int, groups: int, strides: tuple[int, ...], **params) -> GeneratorSource:
+    """``params``: AnchorGenerator keyword arguments (``compress_dim``, ``anchors_fixed``, ``max_anchors``, ...)."""
+    if groups != 1:
+        raise ConfigError("query source 'asag' gives image-specific anchors: groups must be 1")
+    try:
+        generator = AnchorGenerator(dim, **params)
+    except TypeError as exc:
+        raise ConfigError(f"query source 'asag': {exc}") from exc
+    return GeneratorSource(generator, tuple(strides))
