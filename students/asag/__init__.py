@@ -1,4 +1,7 @@
-"""Sparse (query-based) detectors: ASAG-S student and a multi-stage sparse teacher (issue #9).
+"""Sparse (query-based) detectors: ASAG-S / ASAG-A students and a multi-stage sparse teacher (issue #9).
+
+Registered: ``asag_s`` (learned anchors), ``asag_s_gen`` (the ASAG generator), ``asag_a`` (AdaMixer-lite),
+``sparse_rcnn6`` (6 stacked stages).
 
 Modules: ``box_ops`` (codings), ``matcher`` (Hungarian), ``criterion`` (focal / Query Weighting,
 L1, GIoU, DFL), ``layers``, ``proposal`` (query sources + proposal block), ``decoder`` (one
@@ -15,7 +18,7 @@ Plugging in an anchor source (the ASAG generator)::
 """
 from students.asag import adamixer, box_ops, criterion, decoder, layers, matcher, postprocess, proposal  # noqa: F401
 from students.asag import generator_source  # noqa: F401  (registers the query source "asag")
-from students.asag.model import SparseDetector, SparsePredictions  # registers asag_s, asag_a, sparse_rcnn6
+from students.asag.model import SparseDetector, SparsePredictions  # registers asag_s, asag_s_gen, asag_a, sparse_rcnn6
 from students.asag.proposal import LearnedAnchors, ProposalBlock, Queries, QuerySource, create_query_source, register_query_source
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Sparse (query-based) detectors: the one-layer ASAG-S student and a multi-stage Sparse R-CNN teacher.
+"""Sparse (query-based) detectors: one-layer ASAG students and a multi-stage Sparse R-CNN teacher.
 
 Pipeline (``features`` then ``head``)::
 
