@@ -35,7 +35,7 @@ def test_sparse_rcnn6_overfits_scene_images(tmp_path):
         metrics = evaluate_detector(model, dataset, batch_size=4)  # pycocotools on the same 4 images
     finally:
         torch.set_num_threads(threads)
-    # Measured: AP 0.963, AP50 1.0 after 300 steps (~32 s on one shared CPU thread).
-    assert metrics["AP50"] >= 0.95, metrics
-    assert metrics["AP"] >= 0.8, metrics
-    assert seconds < 120, seconds
+    # Measured: AP 0.93-0.96, AP50 1.0 after 300 steps; ~32 s of training on one CPU thread of
+    # the 2-core dev machine when quiet (up to ~120 s when shared), so time is reported, not asserted.
+    assert metrics["AP50"] >= 0.95, (metrics, seconds)
+    assert metrics["AP"] >= 0.8, (metrics, seconds)
