@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from distill.config import Recipe
 from distill.engine.evaluate import evaluate_detector
+from distill.engine.forward import student_forward, unwrap
 from distill.engine.trainer import FitResult, Trainer
 from distill.losses import DistillInputs, DistillLoss
 from distill.structures import Batch
@@ -100,9 +101,8 @@ class Distiller:
 
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """Student losses plus every distillation term, for one batch."""
-        features = student.features(batch.images)
-        outputs = student.head(features)
-        terms, assignment = student.loss(outputs, batch.targets, batch.image_sizes)
+        features, outputs = student_forward(student)(batch.images, batch.image_sizes)  # DDP-visible forward
+        terms, assignment = unwrap(student).loss(outputs, batch.targets, batch.image_sizes)
         if not self.losses:
             return terms
         s_in = DistillInputs(outputs=outputs, features=features if self.needs_features else None, assignment=assignment)
@@ -117,14 +117,21 @@ class Distiller:
         t_features, t_outputs = self.teacher.run(batch.images, head=self.needs_head)
         return DistillInputs(outputs=t_outputs, features=t_features if self.needs_features else None)
 
-    def fit(self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True) -> FitResult:
+    def fit(
+        self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True, runtime=None
+    ) -> FitResult:
         if self.recipe is None:
             raise ValueError("Distiller.fit needs a recipe (its train/eval settings)")
         meta = {"student": self.student.config, "classes": list(train_set.classes), "cat_ids": list(train_set.cat_ids), "image_size": self.recipe.data.image_size, **(meta or {})}
         if self.cache is not None:  # refuse a cache that does not fit, then draw only cached variants
             self.cache.check_run(self.teacher, train_set, self.losses, self.recipe.data.size_divisor, self.student)
             train_set = self.cache.training_set(train_set)
-        trainer = Trainer(self.student, self.recipe, train_set, val_set, out, meta, step_fn=self.step, extra_modules=self.trainable_extras, show_progress=show_progress)
+        if runtime is not None:
+            self.to(runtime.torch_device)  # student, teacher (never DDP-wrapped) and loss modules
+        trainer = Trainer(
+            self.student, self.recipe, train_set, val_set, out, meta, step_fn=self.step, extra_modules=self.trainable_extras,
+            show_progress=show_progress, runtime=runtime,
+        )
         return trainer.fit(resume=resume)
 
     def evaluate(self, dataset, batch_size: int = 16) -> dict[str, dict[str, float]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distill.engine.distributed import mean_over_ranks
 from distill.errors import ConfigError
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import square_anchors
@@ -156,15 +157,16 @@ class GFL(nn.Module):
         iou[b_idx, n_idx] = _aligned_iou(pred_boxes.detach(), gt_boxes)
         valid = assignment.valid_mask
         qfl = quality_focal_loss(cls[valid], assignment.labels[valid], iou[valid]).sum()
-        num_pos = assignment.pos_mask.sum(dim=1).clamp(min=1).sum().clamp(min=1)
+        num_pos = mean_over_ranks(assignment.pos_mask.sum(dim=1).clamp(min=1).sum()).clamp(min=1)  # DDP: global count
         losses = {"loss_qfl": self.qfl_weight * qfl / num_pos}
 
+        weight = assignment.quality_weight[b_idx, n_idx]  # (P,)
+        # All-reduced before the early return: every rank must join the collective.
+        weight_sum = mean_over_ranks(weight.sum()).clamp(min=WEIGHT_SUM_EPS)
         if len(b_idx) == 0:
             zero = reg.sum() * 0  # keeps the regression branch in the graph (DDP, unused-param checks)
             losses.update(loss_giou=zero, loss_dfl=zero.clone())
             return losses, assignment
-        weight = assignment.quality_weight[b_idx, n_idx]  # (P,)
-        weight_sum = weight.sum().clamp(min=WEIGHT_SUM_EPS)
         giou = (giou_loss(pred_boxes, gt_boxes) * weight).sum() / weight_sum
         losses["loss_giou"] = self.giou_weight * giou
         if self.dfl_weight > 0:
