@@ -5,6 +5,8 @@ import contextlib
 import json
 from pathlib import Path
 
+import yaml
+
 from distill.config import Recipe
 from distill.engine.build import apply_threads, build_datasets, build_detector, run_meta
 from distill.engine import distributed as dist
@@ -51,11 +53,14 @@ def prepare_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool)
     return out, train_set, val_set, model
 
 
-def write_run_info(out: Path, meta: dict, kind: str, resume: bool) -> None:
+def write_run_info(out: Path, meta: dict, kind: str, resume: bool, recipe_dict: dict | None = None) -> None:
     if not dist.is_main():
         return
     out.mkdir(parents=True, exist_ok=True)
     if not resume or not (out / "run.json").is_file():  # a resumed run keeps the run.json it started with
+        # recipe.yaml before run.json: a folder with a run.json can always be resumed
+        if recipe_dict is not None:
+            atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe_dict, sort_keys=False))
         atomic_write_text(out / "run.json", json.dumps({**meta, "kind": kind}, indent=2, sort_keys=True) + "\n")
 
 
@@ -84,7 +89,7 @@ def train_run(
         out, train_set, val_set, model = prepare_run(recipe, data, out, resume)
         meta = run_meta(model, train_set, recipe, data)
         meta["kind"] = "train"
-        write_run_info(out, meta, "train", resume)
+        write_run_info(out, meta, "train", resume, recipe.to_dict())
         trainer = Trainer(model, recipe, train_set, val_set, out, meta, show_progress=show_progress, runtime=runtime)
         return trainer.fit(resume=resume)
 
@@ -176,6 +181,6 @@ def _distill(recipe, teacher_path, data, out, force, resume, show_progress, cach
     meta["teacher"] = {"path": str(Path(teacher.meta.get("path")).resolve()), "val": teacher_metrics, "force": bool(force)}
     if teacher_cache is not None:
         meta["teacher"]["cache"] = {"path": str(Path(cache).resolve()), "key": teacher_cache.manifest["key"]}
-    write_run_info(out, meta, "distill", resume)
+    write_run_info(out, meta, "distill", resume, recipe.to_dict())
     distiller = Distiller(student, teacher, losses, recipe, cache=teacher_cache)
     return distiller.fit(train_set, val_set, out, meta=meta, resume=resume, show_progress=show_progress, runtime=runtime)
