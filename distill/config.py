@@ -184,7 +184,7 @@ def override_source(error: ConfigError, pairs: list[str], source: str) -> Config
     key = re.sub(r"\[(\d+)\]", r".\1", match.group(1))
     for pair in reversed(pairs):
         set_key = pair.split("=", 1)[0].strip()
-        if key == set_key or key.startswith(set_key + "."):
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
             return ConfigError(f"--set {pair}: " + message[len(source) + 2:])
     return error
 
