@@ -375,3 +375,22 @@ def test_the_cached_training_set_survives_worker_processes(caches, train_set):
     batches = list(loader)
     assert len(batches) == 2 and all(b.images.shape[-2:] == (64, 64) for b in batches)
     assert [b.flipped.tolist() for b in batches] == [[train_set.flip_for(i, 1) for i in ids] for ids in [list(s) for s in torch.tensor(list(loader.sampler)).split(4)]]
+
+
+def test_a_pickle_shard_with_a_matching_manifest_is_never_unpickled(caches, tmp_path):
+    import hashlib
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (pytest.fail, ("unpickled!",))
+
+    folder = copy_cache(caches, tmp_path)
+    payload = pickle.dumps(Boom())
+    (folder / "shard-00000.safetensors").write_bytes(payload)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0].update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))  # passes the checks
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    cache = TeacherCache.open(folder)
+    with pytest.raises(CheckpointError, match="unreadable cache shard"):
+        cache.rows(cache.manifest["image_ids"][0], False)

@@ -240,7 +240,7 @@ class Trainer:
         """Resume of a run that already reached its last epoch: nothing to do, summary kept."""
         summary = read_summary(self.out) if dist.is_main() else None
         if dist.is_main():
-            console.print(f"{self.out}: already trained for {self.recipe.train.epochs} epochs (step {step}); pass --epochs N to extend it", markup=False, highlight=False)
+            console.print(f"{self.out}: already trained for {self.recipe.train.epochs} epochs (step {step}); pass --epochs N to extend it", markup=False, highlight=False, soft_wrap=True)
         seconds = float(summary.get("seconds", 0.0)) if summary else 0.0
         result = FitResult(self.recipe.train.epochs, step, max(best_ap, 0.0), metrics, seconds)
         if dist.is_main() and summary is None:
