@@ -93,3 +93,17 @@ def test_single_process_helpers_are_no_ops():
     assert dist.mean_over_ranks(value) is value
     assert dist.world_size() == 1 and dist.is_main() and dist.local_batch_size(5) == 5
     dist.barrier()
+
+
+def test_two_processes_build_the_same_cache_bytes(setup):
+    """Shards dealt to the ranks; rank 0 writes the manifest. Same thread count, so the same bytes."""
+    args = ["cache", setup / "one", "--data", setup / "data", "--recipe", "ld-tiny", "--set", "data.image_size=64", "--shard-size", 3, "--no-progress"]
+    detkd(*args, "--out", setup / "c1")
+    detkd(*args, "--out", setup / "c2", procs=2)
+    names = sorted(p.name for p in (setup / "c1").iterdir())
+    assert names == sorted(p.name for p in (setup / "c2").iterdir()) and len([n for n in names if n.startswith("shard-")]) == 6
+    for name in names:
+        if name.startswith("shard-"):
+            assert (setup / "c1" / name).read_bytes() == (setup / "c2" / name).read_bytes(), name
+    m1, m2 = (json.loads((setup / c / "manifest.json").read_text()) for c in ("c1", "c2"))
+    assert m1["shards"] == m2["shards"] and m2["complete"]

@@ -137,9 +137,16 @@ def cache_command(
         frozen.class_index = torch.tensor(index, dtype=torch.long, device=torch_device)
     spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
     source = {"teacher": where, "data": str(data), "split": split, "recipe": recipe}
-    summary = build_cache(
-        frozen, dataset, out, spec, shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
-    )
+    from distill.engine import distributed as dist
+    from distill.engine.run import session
+
+    with session(str(torch_device), "off"):  # under torchrun: shards dealt to the ranks
+        summary = build_cache(
+            frozen, dataset, out, spec, shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
+        )
+        main = dist.is_main()
+    if not main:  # rank 0 reports
+        return
     if summary.get("already_complete"):
         console.print(f"{out}: cache already complete (nothing to do)")
     rows = {

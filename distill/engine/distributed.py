@@ -120,3 +120,12 @@ def local_batch_size(global_batch: int) -> int:
     if global_batch % world:
         raise ConfigError(f"train.batch_size {global_batch} is the global batch and must be divisible by the {world} processes")
     return global_batch // world
+
+
+def gather_objects(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` on one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
