@@ -203,6 +203,7 @@ class Trainer:
 
         started = time.perf_counter()
         train_seconds, images = 0.0, 0
+        self.epoch_seconds: list[tuple[float, int]] = []  # (seconds, images) per epoch, for summary figures
         with make_progress(self.show_progress and main) as progress:
             task = progress.add_task("train", total=spec.epochs * steps_per_epoch, completed=step, info="")
             for epoch in range(start_epoch, spec.epochs):
@@ -217,6 +218,7 @@ class Trainer:
                     images += spec.batch_size
                     progress.update(task, advance=1, info=f"ep {epoch + 1}/{spec.epochs} loss {record.get('loss', float('nan')):.3f}")
                 train_seconds += time.perf_counter() - tick
+                self.epoch_seconds.append((time.perf_counter() - tick, steps_per_epoch * spec.batch_size))
                 last_epoch = epoch == spec.epochs - 1
                 self._check_weights(epoch, step)
                 improved = False
@@ -254,6 +256,9 @@ class Trainer:
             "seconds": round(result.seconds, 2), "seed": spec.seed, "world_size": dist.world_size(), "device": self.runtime.device,
             "amp": self.runtime.amp, "train_seconds": round(train_seconds, 3), "images_per_s": round(images / train_seconds, 2) if train_seconds else None,
         }
+        later = getattr(self, "epoch_seconds", [])[1:]  # without the first epoch's warm-up (allocator, caches)
+        if later and sum(t for t, _ in later) > 0:
+            summary["steady_images_per_s"] = round(sum(n for _, n in later) / sum(t for t, _ in later), 2)
         if self.device.type == "cuda":
             summary["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
