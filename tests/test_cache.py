@@ -148,9 +148,13 @@ def test_a_region_the_cache_does_not_hold_is_a_clear_error(caches, teacher, trai
         loss(s_in, cache.inputs(batch, s_in.outputs), mask)
     with pytest.raises(CheckpointError, match=r"loss 'kd' reads teacher head in region all, but the cache holds head rows for gt_boxes, main, vlr"):
         cache.check_run(teacher, train_set, [loss], 32)
-    cache.check_run(teacher, train_set, [distill.create_loss("ld", region="vlr", region_params={"gamma": 0.25})], 32)  # defaults spelled out
+    # Both losses stay alive: check_run remembers the last checked objects by id(), and a freed
+    # loss's id can be reused by the next one.
+    spelled_out = distill.create_loss("ld", region="vlr", region_params={"gamma": 0.25})
+    other_gamma = distill.create_loss("ld", region="vlr", region_params={"gamma": 0.5})
+    cache.check_run(teacher, train_set, [spelled_out], 32)  # defaults spelled out
     with pytest.raises(CheckpointError, match="region vlr.*gamma"):
-        cache.check_run(teacher, train_set, [distill.create_loss("ld", region="vlr", region_params={"gamma": 0.5})], 32)
+        cache.check_run(teacher, train_set, [other_gamma], 32)
     caches["dense"].check_run(teacher, train_set, [loss], 32)  # 'all' covers every region
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 TINY = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8",
-        "--set", "train.threads=1", "--set", "train.eval_every=1", "--epochs", "4", "--no-progress"]
+        "--set", "train.threads=1", "--set", "train.eval_every=1", "--epochs", "3", "--no-progress"]
 
 
 def command(run, data):
@@ -63,7 +63,7 @@ def test_repeated_sigkills_resume_to_the_uninterrupted_result(tmp_path):
 
     killed = tmp_path / "killed"
     rng = random.Random(0)
-    plan = ["save", ("time", rng.uniform(2, 6)), "save", "save", ("time", rng.uniform(3, 8))]
+    plan = ["save", ("time", rng.uniform(2, 6)), "save", "save"]
     kills = 0
     for item in plan:
         how, delay = (item, 0.0) if isinstance(item, str) else item
@@ -77,5 +77,5 @@ def test_repeated_sigkills_resume_to_the_uninterrupted_result(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     steps = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == list(range(16))
-    assert json.loads((killed / "summary.json").read_text())["steps"] == 16
+    assert steps == list(range(12))
+    assert json.loads((killed / "summary.json").read_text())["steps"] == 12

@@ -158,7 +158,7 @@ class Trainer:
     def _resume(self) -> tuple[int, int, float, dict]:
         """(start epoch, step, best AP, info) from the training state; the metrics log is cut there."""
         info = load_train_state(self.out / STATE, self.optimizer, self.extra, model=self.model)
-        if info.get("kind", self.meta.get("kind")) != self.meta.get("kind"):
+        if None not in (info.get("kind"), self.meta.get("kind")) and info["kind"] != self.meta["kind"]:
             raise CheckpointError(f"{self.out}: is a {info.get('kind')} run; resume it with detkd {info.get('kind')}")
         if dist.is_main():
             truncate_metrics(self.out, info["step"])
@@ -322,10 +322,11 @@ class Trainer:
     def _skip(self, record: dict[str, Any], values: dict[str, float], step: int, epoch: int) -> dict[str, Any]:
         """A non-finite loss or gradient: no update; a warning naming the term; stop after a few."""
         bad = [k for k, v in values.items() if k != "loss" and not math.isfinite(v)] or ["gradients"]
-        if self.scaler is not None and bad == ["gradients"]:
-            self.scaler.update()  # fp16 overflow: the scaler lowers its scale, an expected skip
-            self._log({**record, "skipped": "fp16 overflow"})
-            return record
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the scale; also required before the next unscale_()
+            if bad == ["gradients"]:  # fp16 overflow with a finite loss: an expected skip
+                self._log({**record, "skipped": "fp16 overflow"})
+                return record
         self.bad_steps += 1
         self._log({**record, "skipped": ", ".join(bad)})
         where = f"step {step} (epoch {epoch + 1})"
