@@ -304,3 +304,10 @@ def test_predict_refuses_before_writing(run, data, tmp_path, monkeypatch):
 def test_bad_cache_options(args, expected, run, data, tmp_path):
     assert expected in one_error_line(invoke("cache", run, "--data", data, "--out", tmp_path / "c", "--no-progress", *args))
     assert not (tmp_path / "c").exists()
+
+
+def test_bracketed_output_paths_are_printed_literally(run, data, tmp_path):
+    out = tmp_path / "m[/x]" / "metrics.json"
+    result = invoke("eval", run, "--data", data, "--out", out, "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.output.replace("\n", "") and out.is_file()

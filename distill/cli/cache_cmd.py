@@ -148,7 +148,7 @@ def cache_command(
     if not main:  # rank 0 reports
         return
     if summary.get("already_complete"):
-        console.print(f"{out}: cache already complete (nothing to do)")
+        console.print(f"{out}: cache already complete (nothing to do)", markup=False)
     rows = {
         "images": summary["images"],
         "variants": ",".join(summary["variants"]),
@@ -164,4 +164,4 @@ def cache_command(
         "fraction of dense": summary["fraction_of_dense"],
     }
     console.print(key_value_table(f"teacher cache {out}", rows))
-    console.print(f"manifest and summary.json in {out}; use it with: detkd distill RECIPE --teacher {teacher} --data {data} --cache {out}")
+    console.print(f"manifest and summary.json in {out}; use it with: detkd distill RECIPE --teacher {teacher} --data {data} --cache {out}", markup=False)

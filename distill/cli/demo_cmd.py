@@ -49,4 +49,4 @@ def demo_command(
     gain = result["final"]["distilled"]["AP"] - result["final"]["baseline"]["AP"]
     closed = "n/a (the teacher is not better than the baseline)" if gap is None else f"{100 * gap:.0f}%"
     console.print(f"distillation: {gain:+.3f} AP over the baseline, teacher-student gap closed {closed}")
-    console.print(f"runs in {out}, summary {out / 'demo.json'}, predictions drawn in {pictures[0].parent}")
+    console.print(f"runs in {out}, summary {out / 'demo.json'}, predictions drawn in {pictures[0].parent}", markup=False)

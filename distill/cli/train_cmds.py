@@ -96,7 +96,7 @@ def eval_command(
     record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset),
               "class_agnostic": class_agnostic, "metrics": metrics}
     atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    console.print(f"metrics written to {out}")
+    console.print(f"metrics written to {out}", markup=False)
 
 
 @app.command("predict")
