@@ -8,7 +8,8 @@ warm-up and evaluation excluded). On the CPU
 each process gets ``--cores / N`` threads, so the processes share the same cores. On CUDA every
 precision in ``--amp`` is measured, with the peak GPU memory of rank 0.
 
-    python benchmarks/scale.py                          # CPU, 1 and 2 processes
+    python benchmarks/scale.py                          # CPU, 1 and 2 processes sharing the cores
+    python benchmarks/scale.py --threads-per-proc 1 --out benchmarks/results/scale-1thread
     python benchmarks/scale.py --device cuda --procs 1 --amp off,bf16 --images 512 --size 320 --batch 32
 
 Results: a rich table, and JSON in benchmarks/results/scale.json (``--out``).
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--procs", default="1,2", help="process counts, e.g. 1,2")
     parser.add_argument("--amp", default="off", help="precisions, e.g. off,bf16 (CUDA: fp16 too)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="CPU threads shared by the processes")
+    parser.add_argument("--threads-per-proc", type=int, default=None, help="fixed threads per process (default: --cores / procs)")
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8, help="global batch (every process count)")
@@ -68,7 +70,7 @@ def main() -> None:
             for procs in map(int, args.procs.split(",")):
                 run = args.out / f"{mode}-{amp}-p{procs}"
                 shutil.rmtree(run, ignore_errors=True)
-                threads = max(1, args.cores // procs) if args.device == "cpu" else 1
+                threads = args.threads_per_proc or (max(1, args.cores // procs) if args.device == "cpu" else 1)
                 if mode == "train":
                     cmd = ["train", args.student, "--data", str(data)]
                 else:
