@@ -286,3 +286,21 @@ def test_cuda_placement_of_model_batch_and_teacher_when_available():
     from distill.engine.device import make_runtime
 
     assert make_runtime("auto").device.startswith("cuda")
+
+
+@pytest.mark.parametrize("target", ["mkdir", "mkstemp"])
+def test_a_read_only_file_system_is_one_line(target, data, tmp_path, monkeypatch):
+    """Simulated (the tests may run as root, which ignores permissions): EROFS from the OS."""
+    import pathlib
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    if target == "mkdir":
+        real = pathlib.Path.mkdir
+        monkeypatch.setattr(pathlib.Path, "mkdir", lambda self, *a, **k: refuse() if "ro-run" in str(self) else real(self, *a, **k))
+    else:
+        monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    line = one_error_line(train(data, tmp_path / "ro-run", "--epochs", 1))
+    assert "Read-only file system" in line and "ro-run" in line

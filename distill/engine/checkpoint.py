@@ -52,6 +52,24 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def make_dir(path: Path) -> Path:
+    """``mkdir -p`` with a read-only or full disk reported as one :class:`OutputError` line."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot create the folder ({exc.strerror or exc})") from None
+    return Path(path)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line (metrics log); a full disk is one :class:`OutputError` line."""
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+
+
 def remove_temp_files(folder: Path) -> list[Path]:
     """Delete the ``.NAME.*.tmp`` leftovers of writes a kill interrupted; returns what was removed."""
     removed = []

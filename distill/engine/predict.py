@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from distill.engine.checkpoint import atomic_write, atomic_write_text, load_detector
+from distill.engine.checkpoint import atomic_write, atomic_write_text, load_detector, make_dir
 from distill.errors import DataError
 from distill.structures import Detections, Target
 
@@ -93,7 +93,7 @@ def predict_images(checkpoint: Path, images: list[Path], out: Path, score_thresh
     require_meta(meta, path, "image_size")
     model.to(torch_device)
     pictures = [read_image(Path(p)) for p in images]  # every input readable before any output
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     written, records = [], []
     for path, image in zip(images, pictures):
         det = detect(model, image, meta["image_size"], meta.get("size_divisor", 32))

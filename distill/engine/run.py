@@ -10,7 +10,7 @@ import yaml
 from distill.config import Recipe
 from distill.engine.build import apply_threads, build_datasets, build_detector, run_meta
 from distill.engine import distributed as dist
-from distill.engine.checkpoint import atomic_write_text
+from distill.engine.checkpoint import atomic_write_text, make_dir
 from distill.engine.device import make_runtime
 from distill.engine.trainer import FitResult, Trainer
 from distill.errors import ConfigError
@@ -56,7 +56,7 @@ def prepare_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool)
 def write_run_info(out: Path, meta: dict, kind: str, resume: bool, recipe_dict: dict | None = None) -> None:
     if not dist.is_main():
         return
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     if not resume or not (out / "run.json").is_file():  # a resumed run keeps the run.json it started with
         # recipe.yaml before run.json: a folder with a run.json can always be resumed
         if recipe_dict is not None:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from distill.config import Recipe
 from distill.engine import distributed as dist
-from distill.engine.checkpoint import atomic_write_text, check_finite, save_checkpoint, save_train_state, load_train_state
+from distill.engine.checkpoint import append_line, atomic_write_text, check_finite, load_train_state, make_dir, save_checkpoint, save_train_state
 from distill.engine.device import Runtime, autocast, grad_scaler
 from distill.engine.evaluate import evaluate_detector
 from distill.engine.forward import StudentForward, student_forward, unwrap
@@ -131,8 +131,7 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if dist.is_main():
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record, sort_keys=True) + "\n")
+            append_line(self.out / "metrics.jsonl", json.dumps(record, sort_keys=True) + "\n")
 
     def _save(self, name: str, epoch: int, step: int, metrics: dict[str, float] | None) -> None:
         meta = {**self.meta, "recipe": self.recipe.to_dict(), "epoch": epoch, "step": step, "metrics": metrics}
@@ -173,7 +172,7 @@ class Trainer:
         spec = self.recipe.train
         main = dist.is_main()
         if main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            make_dir(self.out)
             clean_leftovers(self.out)
         dist.barrier()
         check_splits(self.train_set, self.val_set)
