@@ -107,3 +107,11 @@ def test_two_processes_build_the_same_cache_bytes(setup):
             assert (setup / "c1" / name).read_bytes() == (setup / "c2" / name).read_bytes(), name
     m1, m2 = (json.loads((setup / c / "manifest.json").read_text()) for c in ("c1", "c2"))
     assert m1["shards"] == m2["shards"] and m2["complete"]
+    # ... and distilling from it under DDP reads each rank's rows: the same run as one process
+    args = ["distill", "ld-tiny", "--teacher", setup / "one", "--data", setup / "data", "--force", "--cache", setup / "c1", *TINY]
+    detkd(*args, "--out", setup / "dc1")
+    detkd(*args, "--out", setup / "dc2", procs=2)
+    a, b = step_losses(setup / "dc1"), step_losses(setup / "dc2")
+    assert sorted(a) == sorted(b) == list(range(8))
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
