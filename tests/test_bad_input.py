@@ -8,7 +8,7 @@ import torch
 from cli_helpers import invoke, one_error_line
 from PIL import Image
 
-from distill.engine.checkpoint import read_checkpoint, save_checkpoint
+from distill.engine.checkpoint import read_checkpoint
 
 SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8", "--no-progress"]
 
@@ -220,9 +220,6 @@ def variant(run, tmp_path, name, meta_change=None, state_change=None):
         meta_change(meta)
     if state_change:
         state_change(state)
-    model = torch.nn.Module()
-    for key, value in state.items():  # a module whose state dict is exactly ``state``
-        model.register_buffer(key.replace(".", "__"), value)
     path = tmp_path / f"{name}.safetensors"
     from safetensors.torch import save_file
 

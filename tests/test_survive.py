@@ -11,7 +11,7 @@ from cli_helpers import invoke, one_error_line
 from safetensors.torch import load_file
 
 from distill.engine import trainer as trainer_module
-from distill.engine.checkpoint import load_detector, load_train_state, read_checkpoint, save_checkpoint
+from distill.engine.checkpoint import load_detector, load_train_state, read_checkpoint
 from distill.errors import CheckpointError
 
 SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8", "--no-progress"]

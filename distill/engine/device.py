@@ -72,8 +72,3 @@ def grad_scaler(runtime: Runtime):
     if runtime.amp != "fp16":
         return None
     return torch.amp.GradScaler(runtime.torch_device.type)
-
-
-def loader_settings(runtime: Runtime, num_workers: int) -> dict:
-    """DataLoader keywords: pinned host memory for CUDA copies; workers as the recipe says."""
-    return {"pin_memory": runtime.torch_device.type == "cuda", "num_workers": num_workers}
