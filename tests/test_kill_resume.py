@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 TINY = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8",
-        "--set", "train.threads=1", "--set", "train.eval_every=1", "--epochs", "3", "--no-progress"]
+        "--set", "train.threads=1", "--set", "train.eval_every=1", "--epochs", "4", "--no-progress"]
 
 
 def command(run, data):
@@ -35,7 +35,10 @@ def saving(run) -> bool:
 
 def run_and_kill(run, data, how: str, delay: float) -> bool:
     """Start (or resume) the run; SIGKILL it at the next save ('save') or after ``delay`` s. True if killed."""
-    proc = subprocess.Popen(command(run, data), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # DETKD_TEST_SAVE_PAUSE holds every atomic write 0.2 s between its temporary file and the rename,
+    # so that the polling below reliably lands the kill inside a save
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DETKD_TEST_SAVE_PAUSE": "0.2"}
+    proc = subprocess.Popen(command(run, data), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     started = time.monotonic()
     while proc.poll() is None:
         if (how == "save" and saving(run)) or (how == "time" and time.monotonic() - started > delay):
@@ -62,19 +65,19 @@ def test_repeated_sigkills_resume_to_the_uninterrupted_result(tmp_path):
 
     killed = tmp_path / "killed"
     rng = random.Random(0)
-    plan = ["save", ("time", rng.uniform(2, 6)), "save", "save"]
-    kills = 0
+    plan = ["save", ("time", rng.uniform(2, 6)), "save", "save", ("time", rng.uniform(3, 8))]
+    kills = {"save": 0, "time": 0}
     for item in plan:
         how, delay = (item, 0.0) if isinstance(item, str) else item
-        kills += run_and_kill(killed, data, how, delay)
+        kills[how] += run_and_kill(killed, data, how, delay)
     while run_and_kill(killed, data, "none", 0):  # finish
         pass
-    assert kills >= 3
+    assert kills["save"] == 3 and kills["time"] >= 1, kills
     assert not list(killed.rglob("*.tmp"))  # leftovers of the kills were removed
     a, b = tensors(straight), tensors(killed)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
     steps = [r["step"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert steps == list(range(12))
-    assert json.loads((killed / "summary.json").read_text())["steps"] == 12
+    assert steps == list(range(16))
+    assert json.loads((killed / "summary.json").read_text())["steps"] == 16

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +42,8 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(Path(tmp))
+        if os.environ.get("DETKD_TEST_SAVE_PAUSE"):  # test hook: widens the window a kill test aims at
+            time.sleep(float(os.environ["DETKD_TEST_SAVE_PAUSE"]))
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
