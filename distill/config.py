@@ -7,6 +7,8 @@ keyword arguments are checked against their registries when the run is built.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -171,6 +173,23 @@ def build_dataclass(cls: type, data: Any, source: str, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+|[-+]?(nan|inf|\.nan|\.inf)", re.IGNORECASE)
+
+
+def override_source(error: ConfigError, pairs: list[str], source: str) -> ConfigError:
+    """An error about a key set by ``--set`` names the override, not the recipe file."""
+    message = str(error)
+    match = re.match(re.escape(source) + r": .*?'([^']+)'", message)
+    if match is None:
+        return error
+    key = re.sub(r"\[(\d+)\]", r".\1", match.group(1))
+    for pair in reversed(pairs):
+        set_key = pair.split("=", 1)[0].strip()
+        if key == set_key or key.startswith(set_key + ".") or set_key.startswith(key + "."):
+            return ConfigError(f"--set {pair}: " + message[len(source) + 2:])
+    return error
+
+
 def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
     """Parse ``--set a.b=value`` pairs; values are YAML (``0.01``, ``[1, 2]``, ``null``, ``sgd``)."""
     parsed = []
@@ -182,6 +201,8 @@ def parse_overrides(pairs: list[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {pair!r}: value is not valid YAML ({exc.problem})") from None
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot, no exponent sign) as a string
         parsed.append((key.strip().split("."), value))
     return parsed
 
@@ -216,7 +237,7 @@ def apply_overrides(raw: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str) -> Recipe:
-    return build_dataclass(Recipe, raw, source)
+    return check_ranges(build_dataclass(Recipe, raw, source), source)
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -233,3 +254,50 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
     return raw
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges: a well-typed recipe can still be meaningless (batch size 0, a NaN lr). One line each.
+
+
+def _ranges(recipe: Recipe) -> list[tuple[str, Any, bool, str]]:
+    """(dotted key, value, ok, requirement) for every numeric setting."""
+    t, d, e = recipe.train, recipe.data, recipe.eval
+
+    def finite(v) -> bool:
+        return isinstance(v, (int, float)) and math.isfinite(v)
+
+    checks = [
+        ("train.epochs", t.epochs, t.epochs >= 1, ">= 1"),
+        ("train.batch_size", t.batch_size, t.batch_size >= 1, ">= 1"),
+        ("train.lr", t.lr, finite(t.lr) and t.lr > 0, "a finite number > 0"),
+        ("train.weight_decay", t.weight_decay, finite(t.weight_decay) and t.weight_decay >= 0, "a finite number >= 0"),
+        ("train.momentum", t.momentum, finite(t.momentum) and 0 <= t.momentum < 1, "in [0, 1)"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.warmup_ratio", t.warmup_ratio, finite(t.warmup_ratio) and 0 <= t.warmup_ratio <= 1, "in [0, 1]"),
+        ("train.gamma", t.gamma, finite(t.gamma) and t.gamma > 0, "a finite number > 0"),
+        ("train.min_lr_ratio", t.min_lr_ratio, finite(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
+        ("train.grad_clip", t.grad_clip, t.grad_clip is None or (finite(t.grad_clip) and t.grad_clip > 0), "null or a finite number > 0"),
+        ("train.eval_every", t.eval_every, t.eval_every >= 1, ">= 1"),
+        ("train.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
+        ("train.threads", t.threads, t.threads is None or t.threads >= 1, "null or >= 1"),
+        ("data.image_size", d.image_size, d.image_size >= 1, ">= 1"),
+        ("data.size_divisor", d.size_divisor, d.size_divisor >= 1, ">= 1"),
+        ("data.hflip_prob", d.hflip_prob, finite(d.hflip_prob) and 0 <= d.hflip_prob <= 1, "in [0, 1]"),
+        ("eval.batch_size", e.batch_size, e.batch_size >= 1, ">= 1"),
+        ("eval.score_thresh", e.score_thresh, finite(e.score_thresh) and 0 <= e.score_thresh <= 1, "in [0, 1]"),
+        ("eval.nms_iou", e.nms_iou, finite(e.nms_iou) and 0 < e.nms_iou <= 1, "in (0, 1]"),
+        ("eval.max_detections", e.max_detections, e.max_detections >= 1, ">= 1"),
+    ]
+    checks += [(f"train.milestones[{i}]", m, m >= 1, ">= 1") for i, m in enumerate(t.milestones)]
+    checks += [(f"losses[{i}].weight", spec.weight, finite(spec.weight) and spec.weight >= 0, "a finite number >= 0") for i, spec in enumerate(recipe.losses)]
+    if recipe.teacher is not None:
+        checks.append(("teacher.min_ap", recipe.teacher.min_ap, finite(recipe.teacher.min_ap) and 0 <= recipe.teacher.min_ap <= 1, "in [0, 1]"))
+    return checks
+
+
+def check_ranges(recipe: Recipe, source: str) -> Recipe:
+    for key, value, ok, requirement in _ranges(recipe):
+        if not ok:
+            raise ConfigError(f"{source}: '{key}' must be {requirement}, got {value!r}")
+    return recipe

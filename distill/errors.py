@@ -19,3 +19,7 @@ class ConfigError(DetkdError):
 
 class CheckpointError(DetkdError):
     """A checkpoint or cache is missing, corrupt, or does not fit."""
+
+
+class OutputError(DetkdError):
+    """An output file cannot be written (disk full, read-only folder); the previous file is kept."""

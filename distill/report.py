@@ -54,3 +54,11 @@ def key_value_table(title: str, values: Mapping[str, Any]) -> Table:
     for key, value in values.items():
         table.add_row(key, fmt(value))
     return table
+
+
+err_console = Console(stderr=True)
+
+
+def warn(message: str) -> None:
+    """One 'warning:' line on stderr; the message is printed literally (paths may hold brackets)."""
+    err_console.print(Text.assemble(("warning: ", "bold yellow"), message), soft_wrap=True, highlight=False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from distill.config import Recipe, apply_overrides, read_yaml, recipe_from_dict
+from distill.config import Recipe, apply_overrides, override_source, read_yaml, recipe_from_dict
 from distill.errors import ConfigError
 
 
@@ -34,7 +34,10 @@ def recipe_path(name_or_path: str | Path) -> Path:
 def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = recipe_path(name_or_path)
     raw = apply_overrides(read_yaml(path), overrides or [])
-    return recipe_from_dict(raw, str(path))
+    try:
+        return recipe_from_dict(raw, str(path))
+    except ConfigError as exc:
+        raise override_source(exc, list(overrides or []), str(path)) from None
 
 
 __all__ = ["list_recipes", "load_recipe", "recipe_path"]

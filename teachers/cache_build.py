@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.loader import collate
+from distill import distributed as dist
 from distill.report import console, make_progress
 from distill.errors import CheckpointError
 from teachers.cache_format import (
@@ -142,6 +143,10 @@ def build_cache(
     ``on_shard(k, record)`` runs after shard ``k`` and the manifest are on disk (tests interrupt
     builds with it). ``source`` (paths, split) is stored in the manifest for people; it is not part
     of the fingerprint. Returns the summary also written to ``out/summary.json``.
+
+    Under torchrun the shards are dealt round-robin to the ranks (each writes its own shard files,
+    byte-identical to a one-process build); rank 0 alone writes the manifest, after each round, in
+    shard order, so an interrupted build still resumes after the last complete shard.
     """
     out = Path(out)
     if (teacher.spec.family == "sparse") != spec.queries:
@@ -153,45 +158,65 @@ def build_cache(
     fp = fingerprint(teacher, dataset, spec, matcher)
     canvas = tuple(fp["input"]["canvas"])
     layout, points, strides = probe_layout(teacher, canvas, spec)
-    manifest = _start_or_resume(out, fp, layout, dataset, shard_size, batch_size, source)
+    main, rank, world = dist.is_main(), dist.rank(), dist.world_size()
+    manifest = _start_or_resume(out, fp, layout, dataset, shard_size, batch_size, source) if main else None
+    dist.barrier()
+    manifest = manifest or read_manifest(out)
     shard_size, batch_size = manifest["build"]["shard_size"], manifest["build"]["batch_size"]
     first = len(manifest["shards"])
     if manifest["complete"]:
         return {**summarize(out, manifest), "already_complete": True}
     todo = [shard_pairs(len(dataset), spec.variants, shard_size, k) for k in range(first, manifest["num_shards"])]
+    mine = list(range(rank, len(todo), world))  # positions in todo of this rank's shards
+    rounds = math.ceil(len(todo) / world)
     device = points.device
     started = time.perf_counter()
-    with make_progress(show_progress) as bar:
-        task = bar.add_task("teacher cache", total=sum(map(len, todo)), info=f"shard {first}/{manifest['num_shards']}")
+    with make_progress(show_progress and main) as bar:
+        task = bar.add_task("teacher cache", total=sum(len(todo[i]) for i in mine), info=f"shard {first}/{manifest['num_shards']}")
         keys: list[tuple[int, int]] = []
         rows: list[dict[str, Tensor]] = []
-        k = first
-        for batch in entry_loader(dataset, todo, batch_size, canvas, num_workers):
+        done = 0
+        for batch in entry_loader(dataset, [todo[i] for i in mine], batch_size, canvas, num_workers):
             if spec.queries:
                 rows += query_rows(teacher, batch.to(device))
             else:
                 rows += teacher_rows(teacher, matcher, batch.to(device), spec, points, strides, [tuple(s) for s in layout["level_sizes"]])
             keys += [(int(i), variant_code(bool(f))) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
             bar.update(task, advance=len(batch))
-            if len(keys) == len(todo[k - first]):  # the shard is complete: write it, then the manifest
+            if len(keys) == len(todo[mine[done]]):  # the shard is complete: write it, then the manifest
+                k = first + mine[done]
                 tensors = query_shard_tensors(keys, rows) if spec.queries else shard_tensors(keys, rows, layout)
                 record = write_shard(out, k, tensors, manifest["key"])
                 head_rows = sum(len(r.get("q.valid" if spec.queries else "head.loc", ())) for r in rows)
                 record.update(entries=len(keys), head_rows=head_rows, feature_rows=sum(len(r.get("feat.loc", ())) for r in rows))
-                manifest["shards"].append(record)
-                manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
-                write_manifest(out, manifest)
-                keys, rows, k = [], [], k + 1
-                bar.update(task, info=f"shard {k}/{manifest['num_shards']}")
-                if on_shard is not None:
-                    on_shard(k - 1, record)
+                _record_round(out, manifest, record, on_shard)
+                keys, rows, done = [], [], done + 1
+                bar.update(task, info=f"shard {len(manifest['shards'])}/{manifest['num_shards']}")
+        for _ in range(rounds - len(mine)):  # this rank has no shard in the last round
+            _record_round(out, manifest, None, on_shard)
     seconds = time.perf_counter() - started
-    if not manifest["complete"]:  # a dataset of 0 images has no shard to write
+    if main and not manifest["complete"]:  # a dataset of 0 images has no shard to write
         manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
         write_manifest(out, manifest)
     summary = summarize(out, manifest, seconds=seconds, built_entries=sum(map(len, todo)), resumed_at=first)
-    write_json(out / SUMMARY, summary, indent=2)
+    if main:
+        write_json(out / SUMMARY, summary, indent=2)
+    dist.barrier()
     return summary
+
+
+def _record_round(out: Path, manifest: dict[str, Any], record: dict[str, Any] | None, on_shard) -> None:
+    """Collect one round's shard records from every rank (in shard order) and write the manifest."""
+    records = dist.gather_objects(record)
+    for rec in records:
+        if rec is None:
+            continue
+        manifest["shards"].append(rec)
+        manifest["complete"] = len(manifest["shards"]) == manifest["num_shards"]
+        if dist.is_main():
+            write_manifest(out, manifest)
+        if on_shard is not None:
+            on_shard(len(manifest["shards"]) - 1, rec)
 
 
 def summarize(out: Path, manifest: dict[str, Any], seconds: float = 0.0, built_entries: int = 0, resumed_at: int = 0) -> dict[str, Any]:

@@ -163,9 +163,13 @@ def test_a_region_the_cache_does_not_hold_is_a_clear_error(caches, teacher, trai
         loss(s_in, cache.inputs(batch, s_in), pairs)
     with pytest.raises(CheckpointError, match=r"loss 'kd' reads teacher head in region all, but the cache holds head rows for gt_boxes, main, vlr"):
         cache.check_run(teacher, train_set, [loss], 32, MATCHER)
-    cache.check_run(teacher, train_set, [distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.25})], 32, MATCHER)  # defaults spelled out
+    # Both losses stay alive: check_run remembers the last checked objects by id(), and a freed
+    # loss's id can be reused by the next one.
+    spelled_out = distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.25})
+    other_gamma = distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.5})
+    cache.check_run(teacher, train_set, [spelled_out], 32, MATCHER)  # defaults spelled out
     with pytest.raises(CheckpointError, match="region vlr.*gamma"):
-        cache.check_run(teacher, train_set, [distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.5})], 32, MATCHER)
+        cache.check_run(teacher, train_set, [other_gamma], 32, MATCHER)
     caches["dense"].check_run(teacher, train_set, [loss], 32, MATCHER)  # 'all' covers every region
 
 
@@ -397,3 +401,22 @@ def test_the_cache_and_the_frozen_teacher_are_one_teacher_source(caches, teacher
 
     assert isinstance(caches["selected"], TeacherSource) and isinstance(teacher, TeacherSource)
     assert caches["selected"].spec == teacher.spec  # the same pair checks apply to both
+
+
+def test_a_pickle_shard_with_a_matching_manifest_is_never_unpickled(caches, tmp_path):
+    import hashlib
+    import pickle
+
+    class Boom:
+        def __reduce__(self):
+            return (pytest.fail, ("unpickled!",))
+
+    folder = copy_cache(caches, tmp_path)
+    payload = pickle.dumps(Boom())
+    (folder / "shard-00000.safetensors").write_bytes(payload)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["shards"][0].update(sha256=hashlib.sha256(payload).hexdigest(), bytes=len(payload))  # passes the checks
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    cache = TeacherCache.open(folder)
+    with pytest.raises(CheckpointError, match="unreadable cache shard"):
+        cache.rows(cache.manifest["image_ids"][0], False)

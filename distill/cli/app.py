@@ -6,6 +6,7 @@ from typing import Callable
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from distill.errors import DetkdError
 
@@ -16,6 +17,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+DEVICE_HELP = "auto (CUDA when available) | cpu | cuda | cuda:N; under torchrun each rank uses cuda:LOCAL_RANK."
+AMP_HELP = "Mixed precision: off | bf16 | fp16 (fp16 with a GradScaler, CUDA only)."
+
 data_app = typer.Typer(help="Datasets: generate the embedded default data.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -30,7 +34,8 @@ def user_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except DetkdError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+            # Text, not markup: user paths and messages like '[x, y, w, h]' print literally.
+            err_console.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)
             raise typer.Exit(code=2) from None
 
     return wrapper

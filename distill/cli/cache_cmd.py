@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from distill.cli.app import app, user_errors
+from distill.cli.app import DEVICE_HELP, app, user_errors
 from distill.cli.train_cmds import SET_HELP
 from distill.errors import ConfigError
 
@@ -116,6 +116,7 @@ def cache_command(
     batch_size: int = typer.Option(None, "--batch-size", help="Teacher batch size (default 16)."),
     workers: int = typer.Option(0, "--workers", help="Data loader workers."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Run the frozen teacher once over a split; store its logits (and features) at the distilled locations, fp16."""
     import torch
@@ -131,7 +132,15 @@ def cache_command(
     if set_ and recipe is None:
         raise ConfigError("--set changes a recipe: pass --recipe too")
     resolved = load_recipe(recipe, set_) if recipe else None
-    frozen = load_teacher(teacher)
+    from distill.engine.device import resolve_device
+
+    for option, value in (("--shard-size", shard_size), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be >= 1, got {value}")
+    if workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {workers}")
+    torch_device = resolve_device(device)
+    frozen = load_teacher(teacher).to(torch_device)
     where = str(frozen.meta.get("path", teacher))
     size = image_size or (resolved.data.image_size if resolved else frozen.meta.get("image_size"))
     if size is None:
@@ -141,7 +150,7 @@ def cache_command(
     class_map = resolved.teacher.class_map if resolved and resolved.teacher else {}
     index = class_index_for(dataset.classes, frozen.classes, class_map, where=where)
     if index is not None:
-        frozen.class_index = torch.tensor(index, dtype=torch.long)
+        frozen.class_index = torch.tensor(index, dtype=torch.long, device=torch_device)
     if frozen.spec.family == "sparse":  # every query row and the teacher's matches; nothing to select
         if regions or feature_regions or features or dense:
             raise ConfigError(f"{where}: a sparse teacher's cache stores every query row; --regions, --features and --dense select dense locations")
@@ -151,11 +160,19 @@ def cache_command(
         spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
         matcher = cache_matcher(resolved, len(dataset.classes))
     source = {"teacher": where, "data": str(data), "split": split, "recipe": recipe}
-    summary = build_cache(
-        frozen, dataset, out, spec, matcher=matcher, shard_size=shard_size, batch_size=batch_size, num_workers=workers, show_progress=progress, source=source
-    )
+    from distill import distributed as dist
+    from distill.engine.run import session
+
+    with session(str(torch_device), "off"):  # under torchrun: shards dealt to the ranks
+        summary = build_cache(
+            frozen, dataset, out, spec, matcher=matcher, shard_size=shard_size, batch_size=batch_size, num_workers=workers,
+            show_progress=progress, source=source,
+        )
+        main = dist.is_main()
+    if not main:  # rank 0 reports
+        return
     if summary.get("already_complete"):
-        console.print(f"{out}: cache already complete (nothing to do)")
+        console.print(f"{out}: cache already complete (nothing to do)", markup=False)
     rows = {
         "images": summary["images"],
         "variants": ",".join(summary["variants"]),
@@ -171,4 +188,4 @@ def cache_command(
         "fraction of dense": summary["fraction_of_dense"],
     }
     console.print(key_value_table(f"teacher cache {out}", rows))
-    console.print(f"manifest and summary.json in {out}; use it with: detkd distill RECIPE --teacher {teacher} --data {data} --cache {out}")
+    console.print(f"manifest and summary.json in {out}; use it with: detkd distill RECIPE --teacher {teacher} --data {data} --cache {out}", markup=False)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from distill.cli.app import app, user_errors
+from distill.cli.app import AMP_HELP, DEVICE_HELP, app, user_errors
 from distill.cli.train_cmds import SET_HELP, resolve_recipe
 from distill.errors import ConfigError
 
@@ -23,18 +23,24 @@ def distill_command(
     resume: Path = typer.Option(None, "--resume", help="Continue the distillation run in this folder."),
     cache: Path = typer.Option(None, "--cache", help="Teacher cache from 'detkd cache' for this teacher and data: the teacher is not run in training steps."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    amp: str = typer.Option("off", "--amp", help=AMP_HELP),
 ) -> None:
     """Distill a student from a frozen teacher (student losses + the recipe's KD / LD / feature terms)."""
     from distill.engine.run import distill_run, read_run_info
 
-    resolved = resolve_recipe(recipe, resume, epochs, set_)
     if resume is not None:
-        info = read_run_info(resume)
+        info = read_run_info(resume, kind="distill")
+        recorded_teacher = info.get("teacher") if isinstance(info.get("teacher"), dict) else {}
+        if "path" not in recorded_teacher:
+            raise ConfigError(f"{resume}/run.json: corrupt run.json (no teacher path)")
         data = data or Path(info["data"])
-        teacher = teacher or Path(info["teacher"]["path"])
-        recorded = info["teacher"].get("cache")
+        teacher = teacher or Path(recorded_teacher["path"])
+        recorded = recorded_teacher.get("cache")
         cache = cache or (Path(recorded["path"]) if recorded else None)
+        force = force or bool(recorded_teacher.get("force"))  # the run was started with --force
         out = resume
+    resolved = resolve_recipe(recipe, resume, epochs, set_)
     if teacher is None or data is None or out is None:
         raise ConfigError("detkd distill needs --teacher, --data and --out (or --resume RUN)")
-    distill_run(resolved, teacher, data, out, force=force, resume=resume is not None, show_progress=progress, cache=cache)
+    distill_run(resolved, teacher, data, out, force=force, resume=resume is not None, show_progress=progress, cache=cache, device=device, amp=amp)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from distill.cli.app import app, user_errors
+from distill.cli.app import AMP_HELP, DEVICE_HELP, app, user_errors
 from distill.errors import ConfigError
 
 SET_HELP = "Override a recipe key, e.g. --set train.lr=0.01 --set student.params.fpn_channels=64 (repeatable)."
@@ -16,6 +16,8 @@ def resolve_recipe(recipe: str | None, resume: Path | None, epochs: int | None, 
     """The recipe of a new run, or the stored recipe of the run being resumed (plus overrides)."""
     from recipes import load_recipe
 
+    if epochs is not None and epochs < 1:
+        raise ConfigError(f"--epochs must be >= 1, got {epochs}")
     overrides = list(overrides) + ([f"train.epochs={epochs}"] if epochs is not None else [])
     if resume is not None:
         stored = Path(resume) / "recipe.yaml"
@@ -37,17 +39,19 @@ def train_command(
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this folder from its last checkpoint."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show the progress bar."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    amp: str = typer.Option("off", "--amp", help=AMP_HELP),
 ) -> None:
-    """Train a detector from a recipe (no teacher)."""
+    """Train a detector from a recipe (no teacher). Under torchrun: DDP, --set train.batch_size is the global batch."""
     from distill.engine.run import read_run_info, train_run
 
-    resolved = resolve_recipe(recipe, resume, epochs, set_)
     if resume is not None:
-        data = data or Path(read_run_info(resume)["data"])
+        data = data or Path(read_run_info(resume, kind="train")["data"])
         out = resume
+    resolved = resolve_recipe(recipe, resume, epochs, set_)
     if data is None or out is None:
         raise ConfigError("detkd train needs --data and --out (or --resume RUN)")
-    train_run(resolved, data, out, resume=resume is not None, show_progress=progress)
+    train_run(resolved, data, out, resume=resume is not None, show_progress=progress, device=device, amp=amp)
 
 
 @app.command("eval")
@@ -62,16 +66,23 @@ def eval_command(
         False, "--class-agnostic", help="Match boxes regardless of class: separates class confusion from localization."
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """COCO metrics of a checkpoint on a dataset split."""
     from distill.data import DetectionTransform, load_dataset
-    from distill.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
+    from distill.checkpoint import atomic_write_text, load_detector, require_meta, resolve_checkpoint
+    from distill.engine.device import resolve_device
     from distill.engine.evaluate import evaluate_detector
     from distill.report import console, key_value_table, make_progress
     from teachers.checks import check_same_classes
 
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    torch_device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
     model, meta = load_detector(path)
+    require_meta(meta, path, "image_size")
+    model.to(torch_device)
     dataset = load_dataset(data, split, DetectionTransform(meta["image_size"], hflip_prob=0.0))
     check_same_classes(meta["classes"], dataset.classes, what=str(path), where=str(data))
     with make_progress(progress) as bar:
@@ -85,7 +96,7 @@ def eval_command(
     record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset),
               "class_agnostic": class_agnostic, "metrics": metrics}
     atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
-    console.print(f"metrics written to {out}")
+    console.print(f"metrics written to {out}", markup=False)
 
 
 @app.command("predict")
@@ -95,8 +106,9 @@ def predict_command(
     images: list[Path] = typer.Argument(..., help="Image files."),
     out: Path = typer.Option(..., "--out", help="Folder for the annotated PNGs and detections.json."),
     score_thresh: float = typer.Option(0.3, "--score-thresh", help="Draw detections above this score."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Draw a checkpoint's detections on images (PNG per image, plus detections.json)."""
     from distill.engine.predict import predict_images
 
-    predict_images(checkpoint, images, out, score_thresh=score_thresh)
+    predict_images(checkpoint, images, out, score_thresh=score_thresh, device=device)

@@ -123,6 +123,8 @@ def check_structure(data: Any, path: Path) -> None:
         numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
         if len(bbox) != 4 or not numbers:
             raise DataError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {bbox}")
+        if any(isinstance(v, int) and abs(v) > 2**53 for v in bbox):  # float() of such ints overflows or rounds
+            raise DataError(f"{where}: bbox {bbox} has a coordinate too large for a float")
 
 
 def _box_problem(bbox: list[float], width: int, height: int) -> tuple[str, bool] | None:

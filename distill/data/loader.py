@@ -63,25 +63,46 @@ def collate(samples: list[Sample], size_divisor: int = 32, pad_to: tuple[int, in
 
 
 class EpochSampler(Sampler[int]):
-    """Indices ``0..n-1``, shuffled by a permutation that depends only on ``(seed, epoch)``."""
+    """Indices ``0..n-1``, shuffled by a permutation that depends only on ``(seed, epoch)``.
 
-    def __init__(self, num_items: int, shuffle: bool, seed: int = 0) -> None:
+    Sharded over ``world`` ranks (DDP): the permutation is cut into global batches of ``block``
+    indices and rank ``r`` takes the r-th of the ``world`` equal slices of each, so the ranks
+    together see exactly the global batches of one process; an incomplete last block is dropped.
+    """
+
+    def __init__(self, num_items: int, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1, block: int | None = None) -> None:
         self.num_items = num_items
         self.shuffle = shuffle
         self.seed = int(seed)
         self.epoch = 0
+        self.rank, self.world = int(rank), int(world)
+        self.block = int(block or world)
+        if self.block % self.world:
+            raise ValueError(f"EpochSampler: block {self.block} is not divisible by world {self.world}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __iter__(self) -> Iterator[int]:
+    def _order(self) -> list[int]:
         if not self.shuffle:
-            return iter(range(self.num_items))
+            return list(range(self.num_items))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+        return torch.randperm(self.num_items, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
+        if self.world == 1:
+            return iter(order)
+        share = self.block // self.world
+        mine = []
+        for start in range(0, len(order) - self.block + 1, self.block):
+            mine += order[start + self.rank * share : start + (self.rank + 1) * share]
+        return iter(mine)
 
     def __len__(self) -> int:
-        return self.num_items
+        if self.world == 1:
+            return self.num_items
+        return (self.num_items // self.block) * (self.block // self.world)
 
 
 def build_loader(
@@ -92,18 +113,26 @@ def build_loader(
     num_workers: int = 0,
     drop_last: bool = False,
     size_divisor: int = 32,
+    rank: int = 0,
+    world: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A :class:`DataLoader` over ``dataset`` yielding :class:`Batch` objects.
 
     Shuffling comes from an :class:`EpochSampler`; call :func:`set_epoch` every epoch. A dataset
     with a ``pad_to`` attribute (height, width) is collated on that fixed canvas instead of the
     batch's own padded size: a teacher cache holds rows computed on one canvas (``teachers.cache``).
+
+    ``batch_size`` is the global batch; with ``world`` > 1 ranks each loads ``batch_size / world``
+    of it (see :class:`EpochSampler`).
     """
+    local = batch_size // world
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), shuffle, seed),
+        batch_size=local,
+        sampler=EpochSampler(len(dataset), shuffle, seed, rank=rank, world=world, block=batch_size),
         num_workers=num_workers,
+        pin_memory=pin_memory,
         collate_fn=functools.partial(collate, size_divisor=size_divisor, pad_to=getattr(dataset, "pad_to", None)),
         drop_last=drop_last,
         persistent_workers=False,  # workers must be rebuilt to see the dataset's new epoch

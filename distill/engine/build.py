@@ -60,7 +60,7 @@ def run_meta(model: nn.Module, dataset, recipe: Recipe, data: str | Path) -> dic
         "cat_ids": list(dataset.cat_ids),
         "image_size": recipe.data.image_size,
         "size_divisor": recipe.data.size_divisor,
-        "data": str(data),
+        "data": str(Path(data).resolve()),  # absolute: a resume from another folder finds it
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
         "command": " ".join(sys.argv),
     }

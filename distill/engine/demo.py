@@ -51,6 +51,8 @@ def run_demo(
     seed: int,
     force: bool = False,
     show_progress: bool = True,
+    device: str | None = "cpu",
+    amp: str | None = "off",
 ) -> dict[str, Any]:
     """Generate data, train teacher and baseline, distill; returns what ``OUT/demo.json`` holds."""
     from distill.data import generate_scenes
@@ -68,10 +70,10 @@ def run_demo(
     if not (data / "val.json").is_file():
         generate_scenes(data, num_train=num_train, num_val=num_val, size=recipe.data.image_size, seed=seed)
     stages = {
-        "teacher": lambda run, resume: train_run(teacher_recipe, data, run, resume=resume, show_progress=show_progress),
-        "baseline": lambda run, resume: train_run(baseline_recipe(recipe), data, run, resume=resume, show_progress=show_progress),
+        "teacher": lambda run, resume: train_run(teacher_recipe, data, run, resume=resume, show_progress=show_progress, device=device, amp=amp),
+        "baseline": lambda run, resume: train_run(baseline_recipe(recipe), data, run, resume=resume, show_progress=show_progress, device=device, amp=amp),
         "distilled": lambda run, resume: distill_run(
-            recipe, out / "teacher", data, run, force=force, resume=resume, show_progress=show_progress
+            recipe, out / "teacher", data, run, force=force, resume=resume, show_progress=show_progress, device=device, amp=amp
         ),
     }
     summaries = {}

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from distill.config import Recipe
 from distill.detector import TeacherSource
 from distill.engine.evaluate import evaluate_detector
+from distill.engine.forward import student_forward, unwrap
 from distill.engine.trainer import FitResult, Trainer
 from distill.inputs import DistillInputs
 from distill.losses import DistillLoss
@@ -126,24 +127,31 @@ class Distiller:
 
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """Student losses plus every distillation term, for one batch."""
-        features = student.features(batch.images)
-        predictions = student.head(features, batch.image_sizes)
-        terms, matches = student.loss(predictions, batch.targets, batch.image_sizes)
+        features, predictions = student_forward(student)(batch.images, batch.image_sizes)  # DDP-visible forward
+        detector = unwrap(student)
+        terms, matches = detector.loss(predictions, batch.targets, batch.image_sizes)
         if not self.losses:
             return terms
-        s_in = DistillInputs(student.spec, predictions, features if self.needs_features else None, matches, batch.image_sizes)
+        s_in = DistillInputs(detector.spec, predictions, features if self.needs_features else None, matches, batch.image_sizes)
         t_in = self.source.inputs(batch, s_in, self.needs)
         terms.update(distillation_terms(self.losses, self.keys, s_in, t_in, batch.targets))
         return terms
 
-    def fit(self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True) -> FitResult:
+    def fit(
+        self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True, runtime=None
+    ) -> FitResult:
         if self.recipe is None:
             raise ValueError("Distiller.fit needs a recipe (its train/eval settings)")
         meta = {"student": self.student.config, "classes": list(train_set.classes), "cat_ids": list(train_set.cat_ids), "image_size": self.recipe.data.image_size, **(meta or {})}
         if self.cache is not None:  # refuse a cache that does not fit, then draw only cached variants
             self.cache.check_run(self.teacher, train_set, self.losses, self.recipe.data.size_divisor, self.student)
             train_set = self.cache.training_set(train_set)
-        trainer = Trainer(self.student, self.recipe, train_set, val_set, out, meta, step_fn=self.step, extra_modules=self.trainable_extras, show_progress=show_progress)
+        if runtime is not None:
+            self.to(runtime.torch_device)  # student, teacher (never DDP-wrapped) and loss modules
+        trainer = Trainer(
+            self.student, self.recipe, train_set, val_set, out, meta, step_fn=self.step, extra_modules=self.trainable_extras,
+            show_progress=show_progress, runtime=runtime,
+        )
         return trainer.fit(resume=resume)
 
     def evaluate(self, dataset, batch_size: int = 16) -> dict[str, dict[str, float]]:

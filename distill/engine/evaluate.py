@@ -74,8 +74,10 @@ def evaluate_detector(
     model.eval()
     results: list[dict[str, Any]] = []
     done = 0
+    device = next(model.parameters()).device
     try:
         for batch in iter_eval_batches(dataset, batch_size):
+            batch = batch.to(device) if device.type != "cpu" else batch
             outputs = model.head(model.features(batch.images), batch.image_sizes)  # the contract, not forward()
             detections = model.postprocess(outputs, batch.image_sizes)
             results.extend(to_coco_results(batch, detections, dataset.cat_ids))

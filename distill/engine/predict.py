@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from distill.checkpoint import atomic_write, atomic_write_text, load_detector
+from distill.checkpoint import atomic_write, atomic_write_text, load_detector, make_dir
 from distill.errors import DataError
 from distill.structures import Detections, Target
 
@@ -18,8 +19,13 @@ PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114
 
 def read_image(path: Path) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse the whole range.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise DataError(f"{path}: image refused, {exc}") from None
     except (OSError, UnidentifiedImageError) as exc:
         raise DataError(f"{path}: cannot read image ({exc.__class__.__name__})") from None
 
@@ -58,18 +64,38 @@ def detect(model, image: Image.Image, image_size: int, size_divisor: int = 32) -
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # (3, H, W)
     tensor, _, scale = DetectionTransform(image_size, hflip_prob=0.0)(pixels, torch.zeros(0, 4), flip=False)
     sample = Sample(image=tensor, target=Target.empty(), image_id=0, scale=scale, flipped=False)
-    batch = collate([sample], size_divisor=size_divisor)
+    batch = collate([sample], size_divisor=size_divisor).to(next(model.parameters()).device)
     det = model.postprocess(model.head(model.features(batch.images), batch.image_sizes), batch.image_sizes)[0]
-    return Detections(boxes=det.boxes / sample.scale, scores=det.scores, labels=det.labels)
+    return Detections(boxes=det.boxes.cpu() / sample.scale, scores=det.scores.cpu(), labels=det.labels.cpu())
 
 
-def predict_images(checkpoint: Path, images: list[Path], out: Path, score_thresh: float = 0.3) -> list[Path]:
-    model, meta = load_detector(checkpoint)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written, records = [], []
+def check_outputs(images: list[Path], out: Path) -> None:
+    """Refuse, before anything is written, an --out that is a file and inputs whose PNGs would collide."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: --out is a file; predictions go into a folder")
+    seen: dict[str, Path] = {}
     for path in images:
-        image = read_image(Path(path))
+        stem = Path(path).stem
+        if stem in seen:
+            raise DataError(f"{seen[stem]} and {path}: same file name, both would be written to {out / (stem + '.pred.png')}; predict them into separate --out folders")
+        seen[stem] = Path(path)
+
+
+def predict_images(checkpoint: Path, images: list[Path], out: Path, score_thresh: float = 0.3, device: str | None = "cpu") -> list[Path]:
+    from distill.checkpoint import require_meta, resolve_checkpoint
+    from distill.engine.device import resolve_device
+
+    out = Path(out)
+    check_outputs(images, out)
+    torch_device = resolve_device(device)
+    path = resolve_checkpoint(checkpoint)
+    model, meta = load_detector(path)
+    require_meta(meta, path, "image_size")
+    model.to(torch_device)
+    pictures = [read_image(Path(p)) for p in images]  # every input readable before any output
+    make_dir(out)
+    written, records = [], []
+    for path, image in zip(images, pictures):
         det = detect(model, image, meta["image_size"], meta.get("size_divisor", 32))
         target = out / f"{Path(path).stem}.pred.png"
         drawn = draw_detections(image, det, meta["classes"], score_thresh)

@@ -1,26 +1,44 @@
 """Whole runs from a recipe: what ``detkd train`` and the Python API call."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
+import yaml
+
 from distill.config import Recipe
 from distill.engine.build import apply_threads, build_datasets, build_detector, run_meta
-from distill.checkpoint import atomic_write_text
+from distill import distributed as dist
+from distill.checkpoint import atomic_write_text, make_dir
+from distill.engine.device import make_runtime
 from distill.engine.trainer import FitResult, Trainer
 from distill.errors import ConfigError
 
 
 def check_fresh_run_dir(out: Path) -> None:
-    if (out / "checkpoints").exists() or (out / "train_state.safetensors").exists():
+    """A new run needs a folder without a saved step (a run killed before its first save holds
+    none: it starts again); ``--out`` must not be a file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out}: --out is a file; the run folder must be a new or empty folder")
+    if (out / "train_state.safetensors").exists():
         raise ConfigError(f"{out}: already holds a run; pass --resume {out} to continue it, or choose another --out")
 
 
-def read_run_info(run: Path) -> dict:
+def read_run_info(run: Path, kind: str | None = None) -> dict:
+    """The run.json of ``run``; with ``kind``, refuse a run of the other kind (train vs distill)."""
     path = Path(run) / "run.json"
     if not path.is_file():
         raise ConfigError(f"{run}: not a detkd run folder (no run.json)")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: corrupt run.json ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(info, dict) or not isinstance(info.get("data"), str):
+        raise ConfigError(f"{path}: corrupt run.json (no 'data' path)")
+    if kind is not None and info.get("kind", kind) != kind:
+        raise ConfigError(f"{run}: is a {info.get('kind')} run; resume it with detkd {info.get('kind')} --resume {run}")
+    return info
 
 
 def prepare_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool):
@@ -28,25 +46,52 @@ def prepare_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool)
     out = Path(out)
     if not resume:
         check_fresh_run_dir(out)
+    dist.barrier()  # every rank checked the folder before rank 0 writes into it
     apply_threads(recipe)
     train_set, val_set = build_datasets(recipe, data)
     model = build_detector(recipe, num_classes=len(train_set.classes))
     return out, train_set, val_set, model
 
 
-def write_run_info(out: Path, meta: dict, kind: str, resume: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume:  # a resumed run keeps the run.json it started with
+def write_run_info(out: Path, meta: dict, kind: str, resume: bool, recipe_dict: dict | None = None) -> None:
+    if not dist.is_main():
+        return
+    make_dir(out)
+    if not resume or not (out / "run.json").is_file():  # a resumed run keeps the run.json it started with
+        # recipe.yaml before run.json: a folder with a run.json can always be resumed
+        if recipe_dict is not None:
+            atomic_write_text(out / "recipe.yaml", yaml.safe_dump(recipe_dict, sort_keys=False))
         atomic_write_text(out / "run.json", json.dumps({**meta, "kind": kind}, indent=2, sort_keys=True) + "\n")
 
 
-def train_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False, show_progress: bool = True) -> FitResult:
-    """Train ``recipe``'s detector on ``data``; writes everything into ``out``."""
-    out, train_set, val_set, model = prepare_run(recipe, data, out, resume)
-    meta = run_meta(model, train_set, recipe, data)
-    write_run_info(out, meta, "train", resume)
-    trainer = Trainer(model, recipe, train_set, val_set, out, meta, show_progress=show_progress)
-    return trainer.fit(resume=resume)
+@contextlib.contextmanager
+def session(device: str | None, amp: str | None):
+    """The run's Runtime; joins (and leaves) the torchrun process group when launched by torchrun."""
+    runtime = make_runtime(device, amp)
+    joined = not dist.is_distributed() and dist.init_from_env(runtime.torch_device)
+    try:
+        yield runtime
+    finally:
+        if joined:
+            dist.shutdown()
+
+
+def train_run(
+    recipe: Recipe, data: str | Path, out: str | Path, resume: bool = False, show_progress: bool = True,
+    device: str | None = "cpu", amp: str | None = "off",
+) -> FitResult:
+    """Train ``recipe``'s detector on ``data``; writes everything into ``out``.
+
+    ``device``: auto | cpu | cuda[:N]; ``amp``: off | bf16 | fp16. Under torchrun, DDP (gloo on the
+    CPU, nccl on CUDA) with ``train.batch_size`` as the global batch.
+    """
+    with session(device, amp) as runtime:
+        out, train_set, val_set, model = prepare_run(recipe, data, out, resume)
+        meta = run_meta(model, train_set, recipe, data)
+        meta["kind"] = "train"
+        write_run_info(out, meta, "train", resume, recipe.to_dict())
+        trainer = Trainer(model, recipe, train_set, val_set, out, meta, show_progress=show_progress, runtime=runtime)
+        return trainer.fit(resume=resume)
 
 
 def build_losses(recipe: Recipe, student, teacher) -> list:
@@ -96,6 +141,8 @@ def distill_run(
     resume: bool = False,
     show_progress: bool = True,
     cache: str | Path | None = None,
+    device: str | None = "cpu",
+    amp: str | None = "off",
 ) -> FitResult:
     """Distill ``recipe``'s student from the teacher checkpoint on ``data``; writes into ``out``.
 
@@ -103,6 +150,13 @@ def distill_run(
     then come from it and the teacher is not run in training steps. A cache that does not fit the
     teacher, data, transform, regions or flips is refused before anything else runs.
     """
+    if not recipe.losses:
+        raise ConfigError(f"recipe {recipe.name}: has no distillation terms (losses is empty); train it with detkd train instead")
+    with session(device, amp) as runtime:
+        return _distill(recipe, teacher_path, data, out, force, resume, show_progress, cache, runtime)
+
+
+def _distill(recipe, teacher_path, data, out, force, resume, show_progress, cache, runtime) -> FitResult:
     import torch
 
     from distill.engine.distiller import Distiller
@@ -110,11 +164,11 @@ def distill_run(
     from teachers.checks import check_pair, class_index_for
 
     out, train_set, val_set, student = prepare_run(recipe, data, out, resume)
-    teacher = load_teacher(teacher_path)
+    teacher = load_teacher(teacher_path).to(runtime.torch_device)
     class_map = recipe.teacher.class_map if recipe.teacher else {}
     index = class_index_for(train_set.classes, teacher.classes, class_map, where=str(teacher.meta.get("path", teacher_path)))
     if index is not None:
-        teacher.class_index = torch.tensor(index, dtype=torch.long)
+        teacher.class_index = torch.tensor(index, dtype=torch.long, device=runtime.torch_device)
     losses = build_losses(recipe, student, teacher)
     check_pair(student.spec, teacher.spec, losses)
     teacher_cache = None
@@ -123,9 +177,10 @@ def distill_run(
         teacher_cache.check_run(teacher, train_set, losses, recipe.data.size_divisor, student)
     teacher_metrics = check_teacher_quality(teacher, val_set, recipe, force, show_progress)
     meta = run_meta(student, train_set, recipe, data)
-    meta["teacher"] = {"path": teacher.meta.get("path"), "val": teacher_metrics}
+    meta["kind"] = "distill"
+    meta["teacher"] = {"path": str(Path(teacher.meta.get("path")).resolve()), "val": teacher_metrics, "force": bool(force)}
     if teacher_cache is not None:
-        meta["teacher"]["cache"] = {"path": str(cache), "key": teacher_cache.manifest["key"]}
-    write_run_info(out, meta, "distill", resume)
+        meta["teacher"]["cache"] = {"path": str(Path(cache).resolve()), "key": teacher_cache.manifest["key"]}
+    write_run_info(out, meta, "distill", resume, recipe.to_dict())
     distiller = Distiller(student, teacher, losses, recipe, cache=teacher_cache)
-    return distiller.fit(train_set, val_set, out, meta=meta, resume=resume, show_progress=show_progress)
+    return distiller.fit(train_set, val_set, out, meta=meta, resume=resume, show_progress=show_progress, runtime=runtime)

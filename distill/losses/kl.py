@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.distributed import mean_over_ranks
+
 
 def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """(R, K), (R, K) -> (R,): ``T^2 * mean_k p_k (log p_k - log q_k)``, p = softmax(t/T), q = softmax(s/T).
@@ -66,4 +68,5 @@ def weighted_sum(row_loss: Tensor, weights: Tensor, normalizer: Tensor | float) 
     """
     total = (row_loss * weights.float()).sum()
     normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=total.device)
+    normalizer = mean_over_ranks(normalizer)  # DDP: the global normaliser, see distill.distributed
     return total / normalizer.clamp(min=torch.finfo(torch.float32).tiny)

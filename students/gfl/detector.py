@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distill.distributed import mean_over_ranks
 from distill.errors import ConfigError
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import square_anchors
@@ -183,14 +184,16 @@ class GFL(nn.Module):
         valid = outputs.valid if image_sizes is None else valid_locations(outputs.points, image_sizes, cls.shape[0])
         qfl = quality_focal_loss(cls[valid], labels[valid], iou[valid]).sum()
         num_pos = sum(max(len(index), 1) for index in matches.pred_index)  # sum_i max(#pos_i, 1)
+        num_pos = mean_over_ranks(torch.tensor(float(num_pos), device=cls.device)).clamp(min=1)  # DDP: global count
         losses = {"loss_qfl": self.qfl_weight * qfl / num_pos}
 
+        weight = torch.cat(matches.weight)  # (P,) quality weights
+        # All-reduced before the early return: every rank must join the collective.
+        weight_sum = mean_over_ranks(weight.sum()).clamp(min=WEIGHT_SUM_EPS)
         if len(b_idx) == 0:
             zero = reg.sum() * 0  # keeps the regression branch in the graph (DDP, unused-param checks)
             losses.update(loss_giou=zero, loss_dfl=zero.clone())
             return losses, matches
-        weight = torch.cat(matches.weight)  # (P,) quality weights
-        weight_sum = weight.sum().clamp(min=WEIGHT_SUM_EPS)
         giou = (giou_loss(pred_boxes, gt_boxes) * weight).sum() / weight_sum
         losses["loss_giou"] = self.giou_weight * giou
         if self.dfl_weight > 0:

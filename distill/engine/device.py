@@ -1,0 +1,74 @@
+"""Where a run computes (``--device``) and in which precision (``--amp``).
+
+``auto`` is CUDA when available, else the CPU; under torchrun every rank uses ``cuda:LOCAL_RANK``.
+Mixed precision autocasts the student's forward and loss (the distillation kernels cast to fp32
+themselves); fp16 needs a GradScaler and CUDA, bf16 runs on either.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from distill.errors import ConfigError
+
+AMP_MODES = ("off", "bf16", "fp16")
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Device and precision of a run; not part of the recipe (a resumed run may move machines)."""
+
+    device: str = "cpu"
+    amp: str = "off"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+def resolve_device(text: str | None, option: str = "--device") -> torch.device:
+    """``auto | cpu | cuda | cuda:N`` -> a torch device; refused with one line when unusable."""
+    text = (text or "auto").strip().lower()
+    if not _DEVICE.fullmatch(text):
+        raise ConfigError(f"{option} {text!r}: expected auto, cpu, cuda or cuda:N")
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{option} {text}: CUDA is not available on this machine (use --device cpu)")
+        if text == "cuda" and "LOCAL_RANK" in os.environ:
+            text = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun rank
+        index = torch.device(text).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ConfigError(f"{option} {text}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return torch.device(text)
+
+
+def make_runtime(device: str | None = None, amp: str | None = None) -> Runtime:
+    amp = (amp or "off").strip().lower()
+    if amp not in AMP_MODES:
+        raise ConfigError(f"--amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
+    resolved = resolve_device(device)
+    if amp == "fp16" and resolved.type != "cuda":
+        raise ConfigError("--amp fp16 needs a CUDA device (its GradScaler guards fp16 gradients); use --amp bf16 on the CPU")
+    return Runtime(device=str(resolved), amp=amp)
+
+
+def autocast(runtime: Runtime):
+    """The autocast context of ``runtime`` (a null context when AMP is off)."""
+    if runtime.amp == "off":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if runtime.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=runtime.torch_device.type, dtype=dtype)
+
+
+def grad_scaler(runtime: Runtime):
+    """A GradScaler for fp16, else None."""
+    if runtime.amp != "fp16":
+        return None
+    return torch.amp.GradScaler(runtime.torch_device.type)
