@@ -21,11 +21,11 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from distill.distributed import mean_over_ranks
 from distill.structures import BoxBins, Matches, Predictions, Target
 from students.asag.box_ops import aligned_iou, encode_bins, normalize_boxes
 from students.asag.matcher import HungarianMatcher, area_weight
@@ -44,10 +44,7 @@ def num_boxes(targets: list[Target], device: torch.device | str) -> Tensor:
     rank holds it (DETR's ``num_boxes``).
     """
     total = torch.tensor(float(sum(len(t.boxes) for t in targets)), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(total)
-        total = total / dist.get_world_size()
-    return total.clamp(min=1.0)
+    return torch.as_tensor(mean_over_ranks(total), device=device).clamp(min=1.0)
 
 
 def qw_norm(x: Tensor) -> Tensor:
