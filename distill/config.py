@@ -53,7 +53,7 @@ class TrainSpec:
     grad_clip: float | None = 35.0
     eval_every: int = 1
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int | None = None  # DataLoader workers; None = auto (distill.engine.device.auto_workers)
     threads: int | None = None  # torch.set_num_threads; None keeps torch's default
 
 
@@ -279,7 +279,7 @@ def _ranges(recipe: Recipe) -> list[tuple[str, Any, bool, str]]:
         ("train.min_lr_ratio", t.min_lr_ratio, finite(t.min_lr_ratio) and 0 <= t.min_lr_ratio <= 1, "in [0, 1]"),
         ("train.grad_clip", t.grad_clip, t.grad_clip is None or (finite(t.grad_clip) and t.grad_clip > 0), "null or a finite number > 0"),
         ("train.eval_every", t.eval_every, t.eval_every >= 1, ">= 1"),
-        ("train.num_workers", t.num_workers, t.num_workers >= 0, ">= 0"),
+        ("train.num_workers", t.num_workers, t.num_workers is None or t.num_workers >= 0, "null (auto) or >= 0"),
         ("train.threads", t.threads, t.threads is None or t.threads >= 1, "null or >= 1"),
         ("data.image_size", d.image_size, d.image_size >= 1, ">= 1"),
         ("data.size_divisor", d.size_divisor, d.size_divisor >= 1, ">= 1"),

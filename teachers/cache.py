@@ -232,8 +232,10 @@ class TeacherCache:
         users; the second call on the same objects returns at once (the fingerprint hashes the
         teacher's weights and the annotation file, which on COCO takes seconds).
         """
-        key = (id(teacher), id(dataset), tuple(id(loss) for loss in losses), size_divisor, id(student))
-        if getattr(self, "_checked", None) == key:
+        # The objects themselves (held, compared by identity): an id() of a freed object can be reused.
+        key = (size_divisor, teacher, dataset, student, *losses)
+        checked = getattr(self, "_checked", None)
+        if checked is not None and len(checked) == len(key) and checked[0] == size_divisor and all(a is b for a, b in zip(checked[1:], key[1:])):
             return
         if self.kind == "queries":
             spec = CacheSpec(self.variants, (), (), size_divisor, queries=True)

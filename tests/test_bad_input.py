@@ -45,7 +45,7 @@ RECIPE_CASES = [
     (["--set", "train.batch_size=0"], "'train.batch_size' must be >= 1, got 0"),
     (["--set", "train.batch_size=-2"], "'train.batch_size' must be >= 1, got -2"),
     (["--set", "train.eval_every=0"], "'train.eval_every' must be >= 1"),
-    (["--set", "train.num_workers=-1"], "'train.num_workers' must be >= 0"),
+    (["--set", "train.num_workers=-1"], "'train.num_workers' must be null (auto) or >= 0"),
     (["--set", "train.threads=0"], "'train.threads' must be null or >= 1"),
     (["--epochs", "-1"], "--epochs must be >= 1, got -1"),
     (["--epochs", "0"], "--epochs must be >= 1, got 0"),

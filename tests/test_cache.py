@@ -420,3 +420,11 @@ def test_a_pickle_shard_with_a_matching_manifest_is_never_unpickled(caches, tmp_
     cache = TeacherCache.open(folder)
     with pytest.raises(CheckpointError, match="unreadable cache shard"):
         cache.rows(cache.manifest["image_ids"][0], False)
+
+
+def test_check_run_is_not_skipped_for_a_new_loss_that_reuses_a_freed_id(caches, teacher, train_set):
+    cache = caches["selected"]
+    for _ in range(20):  # fresh loss objects each time: CPython often hands out the freed id again
+        cache.check_run(teacher, train_set, [distill.create_loss("ld", pairer="vlr")], 32, MATCHER)
+        with pytest.raises(CheckpointError, match="region vlr.*gamma"):
+            cache.check_run(teacher, train_set, [distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.5})], 32, MATCHER)

@@ -304,3 +304,13 @@ def test_a_read_only_file_system_is_one_line(target, data, tmp_path, monkeypatch
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
     line = one_error_line(train(data, tmp_path / "ro-run", "--epochs", 1))
     assert "Read-only file system" in line and "ro-run" in line
+
+
+def test_dataloader_workers_default_by_device_and_recipe_wins():
+    import torch
+
+    from distill.engine.device import auto_workers
+
+    assert auto_workers(None, torch.device("cpu")) == 0  # the training cores decode small images best
+    assert auto_workers(3, torch.device("cpu")) == 3 and auto_workers(0, torch.device("cuda")) == 0  # the recipe's value wins
+    assert 1 <= auto_workers(None, torch.device("cuda"), world=2) <= 4

@@ -72,3 +72,17 @@ def grad_scaler(runtime: Runtime):
     if runtime.amp != "fp16":
         return None
     return torch.amp.GradScaler(runtime.torch_device.type)
+
+
+def auto_workers(requested: int | None, device: torch.device, world: int = 1) -> int:
+    """DataLoader workers: the recipe's ``train.num_workers`` when set, else a default for the device.
+
+    CPU: 0 — the cores are the ones training, and non-persistent workers (rebuilt every epoch so they
+    see the epoch's flips) cost more than decoding small images in the main process. CUDA: enough
+    decoding processes to keep the GPU fed, the machine's cores shared between the ranks, at most 4.
+    """
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    return max(1, min(4, (os.cpu_count() or 1) // max(world, 1)))

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from distill.config import Recipe
 from distill import distributed as dist
 from distill.checkpoint import append_line, atomic_write_text, check_finite, load_train_state, make_dir, save_checkpoint, save_train_state
-from distill.engine.device import Runtime, autocast, grad_scaler
+from distill.engine.device import Runtime, auto_workers, autocast, grad_scaler
 from distill.engine.evaluate import evaluate_detector
 from distill.engine.forward import StudentForward, student_forward, unwrap
 from distill.report import console, make_progress, metrics_table, warn
@@ -178,7 +178,7 @@ class Trainer:
         check_splits(self.train_set, self.val_set)
         dist.local_batch_size(spec.batch_size)
         loader = build_loader(
-            self.train_set, spec.batch_size, shuffle=True, seed=spec.seed, num_workers=spec.num_workers, drop_last=True,
+            self.train_set, spec.batch_size, shuffle=True, seed=spec.seed, num_workers=auto_workers(spec.num_workers, self.device, dist.world_size()), drop_last=True,
             rank=dist.rank(), world=dist.world_size(), pin_memory=self.device.type == "cuda",
         )
         steps_per_epoch = len(loader)
