@@ -4,14 +4,16 @@ A detector is an ``nn.Module`` with explicit stages, so the engine can pull what
 without hooks::
 
     features = model.features(images)                 # list of FPN maps (B, C_l, H_l, W_l)
-    predictions = model.head(features, image_sizes)   # Predictions (DenseOutputs for dense heads)
+    predictions = model.head(features, image_sizes, targets)   # Predictions (DenseOutputs for dense heads)
     losses, matches = model.loss(predictions, targets, image_sizes)
     matches = model.match(predictions, targets, image_sizes)   # matching alone (teachers)
     detections = model.postprocess(predictions, image_sizes)   # list[Detections]
     model(images, image_sizes) == model.head(model.features(images), image_sizes)
 
 ``image_sizes`` is (B, 2) int64 (height, width) of each image inside the batch padding; ``None``
-means every image fills the canvas. Attributes: ``family`` ("dense" | "sparse"), ``spec``
+means every image fills the canvas. ``targets`` reach the head in training steps only (None in
+evaluation and for a frozen teacher): a head whose query generation learns from the ground truth
+(ASAG's anchor generator: GT and random probe windows) reads them; every other head ignores them. Attributes: ``family`` ("dense" | "sparse"), ``spec``
 (:class:`~distill.structures.DetectorSpec`), ``config`` (registry name + params, set by
 ``students.create_student``).
 
@@ -41,7 +43,7 @@ class Detector(Protocol):
 
     def features(self, images: Tensor) -> list[Tensor]: ...
 
-    def head(self, features: list[Tensor], image_sizes: Tensor | None = None) -> Predictions: ...
+    def head(self, features: list[Tensor], image_sizes: Tensor | None = None, targets: list[Target] | None = None) -> Predictions: ...
 
     def loss(self, predictions: Predictions, targets: list[Target], image_sizes: Tensor) -> tuple[dict[str, Tensor], Matches]: ...
 

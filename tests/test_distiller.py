@@ -49,7 +49,7 @@ class TinyDense(nn.Module):
         p3 = self.stem(images)
         return [p3] + [nn.functional.avg_pool2d(p3, 2**k, ceil_mode=True) for k in range(1, 5)]
 
-    def head(self, features: list[Tensor], image_sizes: Tensor | None = None) -> DenseOutputs:
+    def head(self, features: list[Tensor], image_sizes: Tensor | None = None, targets=None) -> DenseOutputs:
         sizes = [(f.shape[-2], f.shape[-1]) for f in features]
         points, strides = [], []
         for (h, w), s in zip(sizes, self.strides):
@@ -152,7 +152,7 @@ def test_teacher_runs_only_the_parts_the_losses_need(monkeypatch):
     student, teacher_model = gfl(), gfl(seed=1)
     calls = []
     original = teacher_model.head
-    monkeypatch.setattr(teacher_model, "head", lambda f, sizes=None: calls.append(1) or original(f, sizes))
+    monkeypatch.setattr(teacher_model, "head", lambda f, sizes=None, targets=None: calls.append(1) or original(f, sizes))
     feature_only = [distill.create_loss("feature", pairer="all")]
     Distiller(student, FrozenTeacher(teacher_model), feature_only).step(student, scene_batch())
     assert calls == []

@@ -266,3 +266,23 @@ def test_heads_all_distils_every_auxiliary_head_with_its_own_matches():
         distill.create_loss("feature", pairer="gt_boxes", heads="all")
     with pytest.raises(ConfigError, match="heads must be one of final, all"):
         distill.create_loss("kd", heads="every")
+
+
+def test_training_steps_hand_the_targets_to_the_head_and_evaluation_does_not(scenes, monkeypatch):
+    """A head that learns its queries from the GT (ASAG's generator) sees the targets in training only."""
+    from distill.data import collate
+    from distill.engine.evaluate import evaluate_detector
+    from distill.engine.trainer import detector_step
+
+    _, train, val = scenes
+    model = create_student("toy_query", num_classes=10)
+    seen = []
+    original = model.head
+    monkeypatch.setattr(model, "head", lambda f, sizes=None, targets=None: seen.append(targets) or original(f, sizes, targets))
+    batch = collate([train.get(i, False) for i in range(2)])
+    detector_step(model, batch)
+    teacher = FrozenTeacher(ToyQuery(10))
+    Distiller(model, teacher, [distill.create_loss("kd", pairer="gt_bridged")]).step(model, batch)
+    assert [t is batch.targets for t in seen] == [True, True]
+    evaluate_detector(model, val, 4)
+    assert all(t is None for t in seen[2:]) and len(seen) > 2

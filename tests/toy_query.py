@@ -46,7 +46,7 @@ class ToyQuery(nn.Module):
     def features(self, images: Tensor) -> list[Tensor]:
         return self.fpn(self.backbone(images))
 
-    def head(self, features: list[Tensor], image_sizes: Tensor | None = None) -> Predictions:
+    def head(self, features: list[Tensor], image_sizes: Tensor | None = None, targets=None) -> Predictions:
         p3 = features[0]
         b = p3.shape[0]
         canvas = torch.tensor([p3.shape[-2] * STRIDES[0], p3.shape[-1] * STRIDES[0]], device=p3.device)

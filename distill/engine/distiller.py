@@ -127,7 +127,7 @@ class Distiller:
 
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """Student losses plus every distillation term, for one batch."""
-        features, predictions = student_forward(student)(batch.images, batch.image_sizes)  # DDP-visible forward
+        features, predictions = student_forward(student)(batch.images, batch.image_sizes, batch.targets)  # DDP-visible forward
         detector = unwrap(student)
         terms, matches = detector.loss(predictions, batch.targets, batch.image_sizes)
         if not self.losses:

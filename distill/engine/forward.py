@@ -13,15 +13,18 @@ from torch import Tensor, nn
 
 
 class StudentForward(nn.Module):
-    """``forward(images (B, 3, H, W), image_sizes (B, 2)) -> (FPN features, head predictions)``."""
+    """``forward(images (B, 3, H, W), image_sizes (B, 2), targets) -> (FPN features, head predictions)``.
+
+    The targets reach the head (training only): ASAG's generator draws GT / random probe windows.
+    """
 
     def __init__(self, student: nn.Module) -> None:
         super().__init__()
         self.student = student
 
-    def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[list[Tensor], Any]:
+    def forward(self, images: Tensor, image_sizes: Tensor, targets: list | None = None) -> tuple[list[Tensor], Any]:
         features = self.student.features(images)
-        return features, self.student.head(features, image_sizes)
+        return features, self.student.head(features, image_sizes, targets)
 
 
 def student_forward(model: nn.Module) -> nn.Module:

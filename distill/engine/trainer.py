@@ -51,7 +51,7 @@ MAX_BAD_STEPS = 3  # non-finite steps in a row before the run stops
 
 def detector_step(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
     """Plain supervised step: the detector's own losses (forward through the DDP-visible wrapper)."""
-    _, outputs = student_forward(model)(batch.images, batch.image_sizes)
+    _, outputs = student_forward(model)(batch.images, batch.image_sizes, batch.targets)
     losses, _ = unwrap(model).loss(outputs, batch.targets, batch.image_sizes)
     return losses
 

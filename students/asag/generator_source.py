@@ -6,8 +6,9 @@ detector's FPN, returns its padded anchors as :class:`Queries` (the raw :class:`
 ``extras["anchors"]``) and adds the generator's own losses (``loss_anchor_*``) to the detector's.
 
 Training behaviour follows the generator's rule: its training windows (GT / random probe patches,
-P6 flips) run when targets reach ``head(features, image_sizes, targets)``; a caller that gives none
-(the plain trainer) gets the inference path in training too, and the patch losses of that path.
+P6 flips) run when targets reach ``head(features, image_sizes, targets)`` — the engine's training
+steps pass them (``distill.engine.forward.StudentForward``); a caller that gives none gets the
+inference path, and the patch losses of that path.
 """
 from __future__ import annotations
 

@@ -110,10 +110,11 @@ class GFL(nn.Module):
         """images (B, 3, H, W) -> FPN maps P3..P7, each (B, fpn_channels, ceil(H / s), ceil(W / s))."""
         return self.fpn(self.backbone(images))
 
-    def head(self, features: list[Tensor], image_sizes: Tensor | None = None) -> DenseOutputs:
+    def head(self, features: list[Tensor], image_sizes: Tensor | None = None, targets: list[Target] | None = None) -> DenseOutputs:
         """Head logits of P3..P7 on the flattened location grid of these map sizes.
 
         image_sizes: (B, 2) (height, width) inside the padding; locations outside are not valid.
+        targets: unused (a dense head's predictions do not depend on the ground truth).
         """
         cls_logits, reg_logits = self.dense_head(features)
         sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
