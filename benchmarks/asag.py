@@ -1,0 +1,157 @@
+"""One decoder layer against six: ASAG-S vs the multi-stage sparse model, and Group DETR's effect.
+
+    python benchmarks/asag.py            # full profile (about an hour on 2 CPU cores)
+    python benchmarks/asag.py --quick    # minutes: smaller data, shorter schedule
+
+In one run, on the same scenes data, backbone (ResNet-10t, random init), FPN (P3-P5, 32 channels),
+input size (128 px) and schedule (the recipes' AdamW lr 2e-3, cosine):
+
+- ``asag-gen``: ASAG-S fed by the Adaptive Sparse Anchor Generator (``asag_s_gen``), one layer;
+- ``asag-learned``: the same one-layer student on 50 learned anchors (``asag-s-tiny``);
+- ``sparse6``: the 6-stage sparse model on the same 50 learned anchors (``sparse6-tiny``);
+- ``sparse6-group3``: the same with Group DETR, 3 query groups in training (one at inference).
+
+Each is trained with ``detkd train`` semantics (``train_run``; a run folder with a summary is
+reused, so an interrupted benchmark resumes), then its inference time is measured (eval mode,
+batch 16, median of interleaved repeats: ``features`` + ``head`` + ``postprocess``), plus, for the
+generator-fed student, the anchors per val image and the generator's share of inference time.
+Prints a table and writes ``asag.json`` in the output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from distill.data import generate_scenes
+from distill.data.loader import collate
+from distill.engine.build import build_datasets
+from distill.engine.demo import finished
+from distill.engine.run import train_run
+from recipes import load_recipe
+
+PROFILES = {
+    "full": {"train": 400, "val": 100, "size": 128, "epochs": 16},
+    "quick": {"train": 64, "val": 32, "size": 128, "epochs": 2},
+}
+# (row, slug, recipe, overrides)
+ROWS = [
+    ("ASAG-S, generator anchors, 1 layer", "asag-gen", "asag-s-tiny", ["student.name=asag_s_gen"]),
+    ("ASAG-S, 50 learned anchors, 1 layer", "asag-learned", "asag-s-tiny", []),
+    ("6-stage sparse, 50 learned anchors", "sparse6", "sparse6-tiny", []),
+    ("  same, Group DETR (3 groups)", "sparse6-group3", "sparse6-tiny", ["student.params.groups=3"]),
+]
+console = Console(width=150)
+
+
+def train_rows(out: Path, profile: dict, threads: int, only: set[str] | None) -> dict[str, dict]:
+    data = out / "data"
+    if not (data / "val.json").is_file():
+        generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    runs = {}
+    for name, slug, recipe_name, overrides in ROWS:
+        if only and slug not in only:
+            continue
+        run = out / slug
+        sets = overrides + [f"data.image_size={profile['size']}", f"train.epochs={profile['epochs']}", f"train.threads={threads}", "train.eval_every=1000"]
+        recipe = load_recipe(recipe_name, sets)
+        if finished(run) is None:
+            if run.exists():  # an interrupted run: start again rather than mixing two runs
+                import shutil
+
+                shutil.rmtree(run)
+            console.print(f"[bold]{name}[/] -> {run}")
+            train_run(recipe, data, run)
+        summary = json.loads((run / "summary.json").read_text())
+        runs[slug] = {"name": name, "recipe": recipe, "run": run, "final": summary["final"], "seconds": summary["seconds"]}
+    return runs
+
+
+@torch.inference_mode()
+def inference_times(runs: dict[str, dict], data: Path, repeats: int, batch_size: int) -> dict[str, dict]:
+    """Median seconds per batch of each trained model, repeats interleaved across models."""
+    from distill.checkpoint import load_detector
+
+    first = next(iter(runs.values()))
+    _, val = build_datasets(first["recipe"], data)
+    batch = collate([val[i] for i in range(min(batch_size, len(val)))])
+    models = {slug: load_detector(r["run"] / "checkpoints" / "last.safetensors")[0].eval() for slug, r in runs.items()}
+    times: dict[str, list[float]] = {slug: [] for slug in models}
+    source: list[float] = []
+    for i in range(repeats + 2):
+        for slug, model in models.items():
+            started = time.perf_counter()
+            features = model.features(batch.images)
+            model.postprocess(model.head(features, batch.image_sizes), batch.image_sizes)
+            if i >= 2:  # two warm-up rounds
+                times[slug].append(time.perf_counter() - started)
+            if slug == "asag-gen" and i >= 2:
+                started = time.perf_counter()
+                model.query_source(features, batch.image_sizes)
+                source.append(time.perf_counter() - started)
+    out = {slug: {"inference_s": statistics.median(t)} for slug, t in times.items()}
+    if "asag-gen" in models:
+        model = models["asag-gen"]
+        anchors = []
+        for start in range(0, len(val), batch_size):
+            b = collate([val[i] for i in range(start, min(start + batch_size, len(val)))])
+            anchors += model.query_source(model.features(b.images), b.image_sizes).valid.sum(dim=1).tolist()
+        out["asag-gen"].update(
+            generator_s=statistics.median(source), generator_share=statistics.median(source) / out["asag-gen"]["inference_s"],
+            anchors_per_image_mean=statistics.mean(anchors), anchors_per_image_min=min(anchors), anchors_per_image_max=max(anchors),
+        )
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="minutes instead of an hour: less data, 2 epochs")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/asag-<profile>)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r[1] for r in ROWS))
+    args = parser.parse_args(argv)
+    name = "quick" if args.quick else "full"
+    profile = PROFILES[name]
+    out = args.out or Path("benchmarks/results") / f"asag-{name}"
+    torch.set_num_threads(args.threads)
+    runs = train_rows(out, profile, args.threads, set(args.only.split(",")) if args.only else None)
+    timing = inference_times(runs, out / "data", args.repeats, 16)
+    rows = {slug: {"name": r["name"], "AP": r["final"]["AP"], "AP50": r["final"]["AP50"], "train_seconds": r["seconds"], **timing[slug]} for slug, r in runs.items()}
+    summary = {"profile": {"name": name, **profile}, "threads": args.threads, "rows": rows}
+    if "sparse6" in rows:
+        for slug in ("asag-gen", "asag-learned"):
+            if slug in rows:
+                rows[slug]["speedup_vs_sparse6"] = rows["sparse6"]["inference_s"] / rows[slug]["inference_s"]
+                rows[slug]["AP_minus_sparse6"] = rows[slug]["AP"] - rows["sparse6"]["AP"]
+        if "sparse6-group3" in rows:
+            rows["sparse6-group3"]["AP_minus_sparse6"] = rows["sparse6-group3"]["AP"] - rows["sparse6"]["AP"]
+    (out / "asag.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    print_table(summary)
+    console.print(f"written to {out / 'asag.json'}")
+    return summary
+
+
+def print_table(summary: dict) -> None:
+    p = summary["profile"]
+    table = Table(title=f"asag ({p['name']}): {p['train']}/{p['val']} scenes at {p['size']} px, {p['epochs']} epochs, {summary['threads']} threads")
+    for column in ("model", "AP", "AP50", "inference / batch 16", "speed-up vs 6-stage", "AP - 6-stage", "anchors / image", "generator share"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for row in summary["rows"].values():
+        fmt = lambda key, f: f.format(row[key]) if key in row else "-"  # noqa: E731
+        anchors = f"{row['anchors_per_image_mean']:.1f} ({row['anchors_per_image_min']}-{row['anchors_per_image_max']})" if "anchors_per_image_mean" in row else "-"
+        table.add_row(
+            row["name"], f"{row['AP']:.4f}", f"{row['AP50']:.4f}", f"{1000 * row['inference_s']:.0f} ms", fmt("speedup_vs_sparse6", "{:.2f}x"),
+            fmt("AP_minus_sparse6", "{:+.4f}"), anchors, fmt("generator_share", "{:.0%}"),
+        )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    main()
