@@ -81,3 +81,28 @@ def test_recipe_yaml_file_errors(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="must be a YAML mapping"):
         load_recipe(scalar)
+
+
+@pytest.mark.parametrize("name", [n for n in list_recipes() if load_recipe(n).kind == "distill"])
+def test_every_distill_recipe_fits_its_teacher_recipe(name):
+    """Build the student and the teacher recipe's detector (no weights) and run every loss's pair check."""
+    import inspect
+
+    from distill.engine.run import build_losses
+    from students import create_student, student_entrypoint
+    from teachers import FrozenTeacher, check_pair
+
+    recipe = load_recipe(name)
+    assert recipe.teacher is not None and recipe.teacher.recipe, f"{name}: names no teacher recipe"
+    teacher_recipe = load_recipe(recipe.teacher.recipe)
+
+    def build(spec):
+        params = {**spec.params, "num_classes": 10}
+        if "pretrained" in inspect.signature(student_entrypoint(spec.name)).parameters:
+            params["pretrained"] = None
+        return create_student(spec.name, **params)
+
+    student, teacher = build(recipe.student), FrozenTeacher(build(teacher_recipe.student))
+    losses = build_losses(recipe, student, teacher)
+    assert losses, f"{name}: no distillation terms"
+    check_pair(student.spec, teacher.spec, losses)
