@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from distill.errors import CheckpointError, ConfigError, DataError
 from distill.inputs import DistillInputs
+from distill.pairers import RegionPairer
 from distill.regions import Region
 from distill.structures import Batch, BoxBins, DenseOutputs, DetectorSpec
 from teachers.cache_format import (
@@ -271,12 +272,12 @@ class TeacherCache:
 
     def _check_region_losses(self, losses) -> None:
         for loss in losses:
-            region = getattr(loss.pairer, "region", None)  # a RegionPairer's region; matched pairers have none
-            if region is None:
+            if not isinstance(loss.pairer, RegionPairer):
                 raise CheckpointError(
                     f"{self.folder}: loss '{loss.name}' pairs with {loss.pairer.name!r}, but a dense teacher cache serves the rows of "
                     "dense regions only (main, vlr, gt_boxes, all); run that loss with the online teacher"
                 )
+            region = loss.pairer.region
             for part, regions in (("head", self.head_regions), ("features", self.feature_regions)):
                 if part in loss.needs and not covers(regions, region):
                     raise CheckpointError(
@@ -286,7 +287,7 @@ class TeacherCache:
 
     def _check_query_losses(self, losses) -> None:
         for loss in losses:
-            if "features" in loss.needs or getattr(loss.pairer, "region", None) is not None:
+            if "features" in loss.needs or isinstance(loss.pairer, RegionPairer):
                 raise CheckpointError(
                     f"{self.folder}: loss '{loss.name}' ({loss.pairer}) needs a dense teacher's rows or features; this cache holds a "
                     "sparse teacher's query rows and matches (for prediction losses with gt_bridged / teacher_set pairs)"

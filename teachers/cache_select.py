@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from distill.detector import GridAssigner
 from distill.errors import ConfigError
 from distill.ops.grid import valid_locations
+from distill.pairers import RegionPairer
 from distill.regions import Region, create_region
 from distill.structures import Batch, Matches, Target
 from teachers.cache_format import FORMAT, VARIANTS, VERSION, canvas_for, file_sha256, regions_json, state_sha256
@@ -73,10 +74,10 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
             loss = create_loss(spec.name, weight=spec.weight, pairer=spec.pairer, pairer_params=spec.pairer_params, **spec.params)
         except ConfigError as exc:
             raise ConfigError(f"recipe {recipe.name}: losses[{i}]: {exc}") from None
-        region = getattr(loss.pairer, "region", None)  # RegionPairer; a matched pairer has none
-        if region is None:
+        if not isinstance(loss.pairer, RegionPairer):  # a matched pairer: served by a query cache
             matched.append((i, loss))
             continue
+        region = loss.pairer.region
         (head if "head" in loss.needs else []).append(region)
         (feats if "features" in loss.needs else []).append(region)
     if matched and (head or feats or any("features" in loss.needs for _, loss in matched)):
