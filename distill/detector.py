@@ -17,6 +17,13 @@ evaluation and for a frozen teacher): a head whose query generation learns from 
 (:class:`~distill.structures.DetectorSpec`), ``config`` (registry name + params, set by
 ``students.create_student``).
 
+Sparse detectors whose decoder can start from given boxes (``spec.query_boxes``) also expose::
+
+    predictions = model.decode_queries(features, image_sizes, boxes (B, K, 4), valid (B, K))
+
+(the teacher's boxes as an extra query group, isolated from the detector's own queries: the
+``shared_queries`` pairer; training only, nothing changes at inference).
+
 Dense detectors whose label assignment does not depend on the predictions (ATSS ranks fixed anchors)
 also expose it, so the teacher cache selects exactly the locations the student will use::
 

@@ -345,6 +345,8 @@ class DetectorSpec:
     strides:      FPN strides of the feature maps ``features`` returns.
     fpn_channels: channels of every FPN map (None when they differ per level).
     bins:         K, bins per edge of a distribution box head, or None (no distributions).
+    query_boxes:  the detector's decoder can run on given query boxes (``decode_queries``), so a
+                  teacher's boxes can be fed to it as shared distillation queries (KD-DETR).
     """
 
     family: Literal["dense", "sparse"]
@@ -352,6 +354,7 @@ class DetectorSpec:
     strides: tuple[int, ...]
     fpn_channels: int | None
     bins: int | None = None
+    query_boxes: bool = False
 
 
 @dataclass

@@ -66,19 +66,42 @@ def student_heads(student: DistillInputs) -> list[DistillInputs]:
     return heads
 
 
+def shared_sides(losses: Sequence[DistillLoss], detector: nn.Module, features, teacher: DistillInputs, image_sizes) -> dict[Any, DistillInputs]:
+    """For each ``shared_queries`` pairer: the student's decoder run on the teacher's boxes (KD-DETR).
+
+    The extra pass runs on the unwrapped detector after the DDP-visible forward, on the same
+    features: its gradients reach the same parameters within the same backward, so DDP reduces
+    their sum (each parameter's gradient is accumulated once per backward).
+    """
+    sides = {}
+    for pairer in dict.fromkeys(loss.pairer for loss in losses if loss.pairer.shared_student):
+        boxes, valid, _ = pairer.teacher_queries(teacher)
+        sides[pairer] = DistillInputs(detector.spec, detector.decode_queries(features, image_sizes, boxes, valid), None, None, image_sizes)
+    return sides
+
+
 def distillation_terms(
-    losses: Sequence[DistillLoss], keys: Sequence[str], student: DistillInputs, teacher: DistillInputs, targets
+    losses: Sequence[DistillLoss], keys: Sequence[str], student: DistillInputs, teacher: DistillInputs, targets,
+    shared: dict[Any, DistillInputs] | None = None,
 ) -> dict[str, Tensor]:
     """Every distillation term of one batch, keyed by ``keys``. Pairers are hashable, so each
     distinct (pairer, space, head) is computed once and shared by the losses that use it. A loss
-    with ``heads="all"`` is the mean of its value on every student head."""
+    with ``heads="all"`` is the mean of its value on every student head. ``shared``: the student
+    sides of ``shared_queries`` pairers (:func:`shared_sides`)."""
     pairs: dict[Any, Pairs] = {}
     terms: dict[str, Tensor] = {}
-    heads = student_heads(student) if any(loss.heads == "all" for loss in losses) else [student]
+    own = student_heads(student) if any(loss.heads == "all" for loss in losses) else [student]
     for key, loss in zip(keys, losses):
         values = []
-        for h, side in enumerate(heads if loss.heads == "all" else heads[:1]):
-            slot = (loss.pairer, loss.space, h)
+        if loss.pairer.shared_student:
+            if shared is None or loss.pairer not in shared:
+                raise ValueError(f"{key}: pairer {loss.pairer} needs the student's decoder run on the teacher's boxes (shared_sides)")
+            base = shared[loss.pairer]
+            heads = student_heads(base) if loss.heads == "all" else [base]
+        else:
+            heads = own if loss.heads == "all" else own[:1]
+        for h, side in enumerate(heads):
+            slot = (loss.pairer, loss.space, h, loss.pairer.shared_student)
             if slot not in pairs:
                 pairs[slot] = loss.pairer(side, teacher, targets, loss.space)
             values.append(loss(side, teacher, pairs[slot]))
@@ -109,6 +132,7 @@ class Distiller:
         self.keys = loss_keys(self.losses)
         self.needs = teacher_needs(self.losses)
         self.needs_features = "features" in self.needs
+        self.needs_shared = any(loss.pairer.shared_student for loss in self.losses)
         self.cache = cache
         self.source: TeacherSource = cache if cache is not None else teacher
         check_pair(student.spec, self.source.spec, self.losses)
@@ -134,7 +158,8 @@ class Distiller:
             return terms
         s_in = DistillInputs(detector.spec, predictions, features if self.needs_features else None, matches, batch.image_sizes)
         t_in = self.source.inputs(batch, s_in, self.needs)
-        terms.update(distillation_terms(self.losses, self.keys, s_in, t_in, batch.targets))
+        shared = shared_sides(self.losses, detector, features, t_in, batch.image_sizes) if self.needs_shared else None
+        terms.update(distillation_terms(self.losses, self.keys, s_in, t_in, batch.targets, shared))
         return terms
 
     def fit(

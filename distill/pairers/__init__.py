@@ -5,7 +5,9 @@ Registry (names used by recipes as a loss's ``pairer``):
 - dense regions (:mod:`distill.pairers.dense`): ``main``, ``vlr``, ``gt_boxes``, ``all`` — the same
   location on both sides;
 - matched (:mod:`distill.pairers.matched`): ``gt_bridged`` (through each GT's student and teacher
-  match), ``teacher_set`` (Hungarian matching of student predictions to the teacher's set).
+  match), ``teacher_set`` (Hungarian matching of student predictions to the teacher's set);
+- shared (:mod:`distill.pairers.shared`): ``shared_queries`` — the teacher's boxes run through the
+  student's decoder as an isolated query group (KD-DETR), query k <-> teacher prediction k.
 
 ``create_pairer(name, **params)`` validates names and options (ConfigError naming them).
 """
@@ -18,9 +20,10 @@ from distill.errors import ConfigError
 from distill.pairers.base import SPACES, Pairer
 from distill.pairers.dense import RegionPairer
 from distill.pairers.matched import GTBridgedPairer, TeacherSetPairer, representative_matches, set_matching_cost
+from distill.pairers.shared import SharedQueriesPairer
 from distill.regions import create_region, list_regions
 
-MATCHED: dict[str, type[Pairer]] = {"gt_bridged": GTBridgedPairer, "teacher_set": TeacherSetPairer}
+MATCHED: dict[str, type[Pairer]] = {"gt_bridged": GTBridgedPairer, "teacher_set": TeacherSetPairer, "shared_queries": SharedQueriesPairer}
 
 
 def list_pairers() -> list[str]:
@@ -44,6 +47,6 @@ def create_pairer(name: str, **params: Any) -> Pairer:
 
 
 __all__ = [
-    "SPACES", "Pairer", "RegionPairer", "GTBridgedPairer", "TeacherSetPairer", "create_pairer", "list_pairers",
+    "SPACES", "Pairer", "RegionPairer", "GTBridgedPairer", "TeacherSetPairer", "SharedQueriesPairer", "create_pairer", "list_pairers",
     "representative_matches", "set_matching_cost",
 ]

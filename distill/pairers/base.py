@@ -29,6 +29,9 @@ class Pairer(ABC):
     name: ClassVar[str]
     spaces: ClassVar[tuple[str, ...]] = SPACES
     teacher_needs: ClassVar[frozenset[str]] = frozenset()
+    # True: the student side is its decoder run on the teacher's boxes (``shared_queries``), which
+    # the engine computes once per step; False: the student's own predictions.
+    shared_student: ClassVar[bool] = False
 
     def check(self, student: DetectorSpec, teacher: DetectorSpec, space: str) -> None:
         if space not in self.spaces:

@@ -163,7 +163,7 @@ class SparseDetector(nn.Module):
     @property
     def spec(self) -> DetectorSpec:
         bins = self.num_bins if self.box_head == "bins" else None
-        return DetectorSpec("sparse", self.num_classes, self.strides, self.fpn_channels, bins)
+        return DetectorSpec("sparse", self.num_classes, self.strides, self.fpn_channels, bins, query_boxes=True)
 
     def set_query_source(self, source: QuerySource) -> None:
         """Replace the query source by a module (experiments; ``config`` does not record it, prefer
@@ -177,7 +177,19 @@ class SparseDetector(nn.Module):
     def head(self, features: list[Tensor], image_sizes: Tensor | None = None, targets: list[Target] | None = None) -> SparsePredictions:
         """Queries -> proposals -> decoder. Training: all heads (aux filled); eval: the main path only."""
         image_sizes = self._sizes(features, image_sizes)
-        queries = self.query_source(features, image_sizes, targets)
+        return self._decode(features, self.query_source(features, image_sizes, targets), image_sizes)
+
+    def decode_queries(self, features: list[Tensor], image_sizes: Tensor | None, boxes: Tensor, valid: Tensor) -> SparsePredictions:
+        """The proposal block and decoder on given query boxes (B, K, 4) xyxy px, valid (B, K).
+
+        KD-DETR's shared distillation queries: fed the teacher's boxes, query k of the result
+        corresponds to the teacher's prediction k. A separate pass over the same features is the
+        same as an extra query group behind a block-diagonal attention mask: the detector's own
+        queries never see these (and at inference nothing is added).
+        """
+        return self._decode(features, Queries(boxes, valid), self._sizes(features, image_sizes))
+
+    def _decode(self, features: list[Tensor], queries: Queries, image_sizes: Tensor) -> SparsePredictions:
         q, proposals = self.proposal(features, queries, image_sizes)
         boxes, aux = proposals.boxes.detach(), [proposals]
         for stage in self.stages:

@@ -1,0 +1,97 @@
+"""Shared distillation queries (KD-DETR): the teacher's boxes through the student's decoder, isolated."""
+import copy
+
+import pytest
+import torch
+from asag_helpers import SIZE, TINY, image_sizes, images, targets
+
+import distill
+from distill.engine.distiller import Distiller, distillation_terms, shared_sides
+from distill.errors import ConfigError
+from distill.inputs import DistillInputs
+from distill.pairers import create_pairer
+from distill.structures import Batch, DetectorSpec, Predictions
+from students import create_student
+from teachers import FrozenTeacher
+
+
+def literal_teacher() -> DistillInputs:
+    """Image 0: queries 0, 1, 3 valid (2 is padding), confidences 0.5 / 0.9 / 0.7; image 1: query 2 only."""
+    logits = torch.full((2, 4, 3), -5.0)
+    logits[0, 0, 0], logits[0, 1, 2], logits[0, 3, 1] = 0.0, 2.1972246, 0.8472979
+    logits[1, 2, 1] = 1.0
+    boxes = torch.tensor([[[0, 0, 10, 10], [5, 5, 30, 30], [0, 0, 1, 1], [40, 40, 60, 60]]] * 2, dtype=torch.float32)
+    valid = torch.tensor([[True, True, False, True], [False, False, True, False]])
+    spec = DetectorSpec("sparse", 3, (8, 16, 32), 32, None, query_boxes=True)
+    return DistillInputs(spec, Predictions(logits, boxes, valid), None, None, image_sizes(2))
+
+
+def test_the_teachers_most_confident_boxes_become_queries_paired_one_to_one():
+    pairer = create_pairer("shared_queries", top_k=2)
+    boxes, valid, index = pairer.teacher_queries(literal_teacher())
+    assert index.tolist() == [[1, 3], [2, -1]]  # by confidence, capped at top_k; image 1 padded
+    assert valid.tolist() == [[True, True], [True, False]]
+    torch.testing.assert_close(boxes[0], torch.tensor([[5.0, 5, 30, 30], [40, 40, 60, 60]]))
+    pairs = pairer(None, literal_teacher(), [], "predictions")
+    assert pairs.image.tolist() == [0, 0, 1] and pairs.student.tolist() == [0, 1, 0] and pairs.teacher.tolist() == [1, 3, 2]
+    torch.testing.assert_close(pairs.weight, torch.tensor([0.9, 0.7, torch.sigmoid(torch.tensor(1.0))]), atol=1e-5, rtol=0)
+
+
+def test_only_students_that_decode_given_boxes_accept_shared_queries():
+    dense = DetectorSpec("dense", 3, (8, 16, 32, 64, 128), 16, 17)
+    with pytest.raises(ConfigError, match="cannot start from given boxes"):
+        distill.create_loss("kd", pairer="shared_queries").check_pair(dense, dense)
+    with pytest.raises(ConfigError, match="top_k"):
+        create_pairer("shared_queries", top_k=0)
+    sparse = create_student("asag_s", **TINY).spec
+    assert sparse.query_boxes
+    distill.create_loss("kd", pairer="shared_queries").check_pair(sparse, dense)  # a dense teacher's NMS top-K
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    student = create_student("asag_s", **TINY)
+    torch.manual_seed(1)
+    teacher = create_student("sparse_rcnn6", **{**TINY, "num_queries": 8})
+    batch = Batch(images(), targets(), [0, 1, 2], image_sizes(), torch.ones(3), torch.zeros(3, dtype=torch.bool))
+    return student, FrozenTeacher(teacher), batch
+
+
+def test_the_extra_group_is_isolated_from_the_students_own_queries(pair):
+    student, teacher, batch = pair
+    student.eval()  # deterministic: no dropout
+    with torch.no_grad():
+        features = student.features(batch.images)
+        before = student.head(features, batch.image_sizes)
+        t_in = teacher.inputs(batch, None, frozenset({"head"}))
+        side = shared_sides([distill.create_loss("kd", pairer="shared_queries")], student, features, t_in, batch.image_sizes)
+        after = student.head(features, batch.image_sizes)
+    shared = next(iter(side.values())).predictions
+    torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=0)  # own queries untouched
+    torch.testing.assert_close(after.boxes, before.boxes, rtol=0, atol=0)
+    _, valid, index = create_pairer("shared_queries").teacher_queries(t_in)
+    assert shared.logits.shape[:2] == valid.shape and torch.equal(shared.valid, valid)
+    # the group is one query group: its queries attend to each other (as KD-DETR's distillation
+    # points do), so query k of a one-box group differs from query k of the full group
+    one = student.decode_queries(features, batch.image_sizes, t_in.predictions.boxes[:, :1], t_in.predictions.valid[:, :1])
+    assert one.logits.shape[1] == 1
+
+
+def test_distilling_through_shared_queries_trains_the_students_decoder_only(pair):
+    student, teacher, batch = pair
+    student.train()
+    before = copy.deepcopy(teacher.model.state_dict())
+    losses = [distill.create_loss("kd", pairer="shared_queries", heads="all"), distill.create_loss("box", pairer="shared_queries")]
+    terms = Distiller(student, teacher, losses).step(student, batch)
+    assert float(terms["loss_kd_shared_queries"].detach()) > 0
+    # the box head starts at zero deltas: a shared query's box is its teacher box, so box KD starts at 0
+    assert float(terms["loss_box_shared_queries"].detach()) == pytest.approx(0.0, abs=1e-5)
+    student.zero_grad()
+    (terms["loss_kd_shared_queries"] + terms["loss_box_shared_queries"]).backward()
+    grads = {n: p.grad for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert any("heads" in n or "stages" in n for n in grads) and any("proposal" in n for n in grads)
+    assert all(p.grad is None for p in teacher.model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.model.state_dict().items())
+    with pytest.raises(ValueError, match="shared_sides"):
+        distillation_terms(losses[:1], ["k"], DistillInputs(student.spec), DistillInputs(teacher.spec), batch.targets)
