@@ -69,7 +69,7 @@ def test_asag_student_distills_from_the_sparse_teacher(trained, data, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     assert len(steps) == 2
-    for key in ("loss_cls", "loss_dfl", "loss_cls_head0", "loss_kd_gt_bridged", "loss_box_gt_bridged", "loss_kd_teacher_set"):
+    for key in ("loss_cls", "loss_dfl", "loss_cls_head0", "loss_kd_gt_bridged", "loss_box_gt_bridged", "loss_kd_teacher_set", "loss_kd_shared_queries"):
         assert key in steps[0] and steps[0][key] == steps[0][key], key  # present and not NaN
 
 
