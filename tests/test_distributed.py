@@ -45,7 +45,7 @@ def step_losses(run):
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-def assert_same_run(one, two):
+def assert_same_run(one, two, weight_atol: float = 1e-4):
     a, b = step_losses(one), step_losses(two)
     assert sorted(a) == sorted(b) == list(range(8))  # 16 images / global batch 4, 2 epochs
     for step in a:
@@ -55,7 +55,7 @@ def assert_same_run(one, two):
     wa, wb = load_file(str(one / "checkpoints/last.safetensors")), load_file(str(two / "checkpoints/last.safetensors"))
     assert wa.keys() == wb.keys()
     for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=0)
+        torch.testing.assert_close(wb[key], wa[key], atol=weight_atol, rtol=0)
     # one set of files: rank 1 wrote nothing of its own
     files = lambda run: sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     assert files(one) == files(two)
@@ -117,3 +117,19 @@ def test_two_processes_build_the_same_cache_bytes(setup):
     # thresholded on the student's own boxes (VLR DIoU, ATSS) turn 1e-7 differences into a flipped row.
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-3)
+
+
+def test_two_gloo_processes_distill_a_sparse_student_like_one(setup):
+    """The sparse path under DDP: ASAG-S from the 6-stage teacher with GT-bridged, teacher-set and
+    shared-query terms (Hungarian matching per image, num_boxes all-reduced, the extra decoder pass)."""
+    sparse = ["--set", "student.params.norm_eval=true", "--set", "train.threads=1", "--set", "train.warmup_steps=0", "--no-progress"]
+    small = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--epochs", "2"]
+    teacher = setup / "sparse6"
+    if not (teacher / "summary.json").is_file():
+        detkd("train", "sparse6-tiny", "--data", setup / "data", "--out", teacher, *small[:-1], "1", *sparse)
+    args = ["distill", "asag-kd-tiny", "--teacher", teacher, "--data", setup / "data", "--force", *small, *sparse]
+    detkd(*args, "--out", setup / "s1")
+    detkd(*args, "--out", setup / "s2", procs=2)
+    # Per-step losses within 1e-5 as above; weights within 5e-4 (measured: 1 of 131k elements at
+    # 1.2e-4, the rest below 1e-4 — AdamW's normalised update magnifies a near-zero gradient's rounding).
+    assert_same_run(setup / "s1", setup / "s2", weight_atol=5e-4)
