@@ -33,14 +33,18 @@ def test_train_logs_every_stage_loss(trained):
     assert (trained / "checkpoints" / "last.safetensors").is_file()
 
 
-def test_eval_and_predict(trained, data, tmp_path):
-    result = invoke("eval", trained, "--data", data, "--out", tmp_path / "m.json", "--no-progress")
+def check_eval_and_predict(run, data, tmp_path):
+    result = invoke("eval", run, "--data", data, "--out", tmp_path / "m.json", "--no-progress")
     assert result.exit_code == 0, result.output
     assert 0.0 <= json.loads((tmp_path / "m.json").read_text())["metrics"]["AP"] <= 1.0
     image = sorted((data / "images").glob("val_*.png"))[0]
-    result = invoke("predict", trained, image, "--out", tmp_path / "preds", "--score-thresh", 0.0)
+    result = invoke("predict", run, image, "--out", tmp_path / "preds", "--score-thresh", 0.0)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "preds" / f"{image.stem}.pred.png").is_file()
+
+
+def test_eval_and_predict(trained, data, tmp_path):
+    check_eval_and_predict(trained, data, tmp_path)
 
 
 def test_sparse_run_loads_as_a_frozen_teacher(trained):
@@ -106,10 +110,4 @@ def test_asag_student_with_its_generator_trains_evaluates_and_predicts(data, tmp
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     for key in ("loss_anchor_cls", "loss_anchor_l1", "loss_anchor_giou", "loss_cls", "loss_giou", "loss_dfl"):
         assert key in record, key  # the generator is trained with the detector, through the engine
-    result = invoke("eval", run, "--data", data, "--out", tmp_path / "m.json", "--no-progress")
-    assert result.exit_code == 0, result.output
-    assert 0.0 <= json.loads((tmp_path / "m.json").read_text())["metrics"]["AP"] <= 1.0
-    image = sorted((data / "images").glob("val_*.png"))[0]
-    result = invoke("predict", run, image, "--out", tmp_path / "preds", "--score-thresh", 0.0)
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "preds" / f"{image.stem}.pred.png").is_file()
+    check_eval_and_predict(run, data, tmp_path)
