@@ -14,11 +14,11 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from students.asag.box_ops import xyxy_to_cxcywh
+from students.gfl.fpn import top_down, xavier_convs
 
 __all__ = [
     "PyramidFPN", "roi_features", "box_sine_embedding", "attention_mask", "iof_matrix", "contiguous_groups",
@@ -37,16 +37,10 @@ class PyramidFPN(nn.Module):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
         self.output = nn.ModuleList(nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_convs(self)
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        laterals = [conv(x) for conv, x in zip(self.lateral, feats)]
-        for i in range(len(laterals) - 1, 0, -1):
-            laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
-        return [conv(x) for conv, x in zip(self.output, laterals)]
+        return top_down(self.lateral, self.output, feats)
 
 
 def roi_features(
