@@ -19,10 +19,11 @@ evaluation and for a frozen teacher): a head whose query generation learns from 
 
 Sparse detectors whose decoder can start from given boxes (``spec.query_boxes``) also expose::
 
-    predictions = model.decode_queries(features, image_sizes, boxes (B, K, 4), valid (B, K))
+    predictions = model.decode_queries(features, image_sizes, boxes (B, K, 4), valid (B, K), aux=True)
 
 (the teacher's boxes as an extra query group, isolated from the detector's own queries: the
-``shared_queries`` pairer; training only, nothing changes at inference).
+``shared_queries`` pairer; training only, nothing changes at inference; ``aux=False`` when no term
+reads the auxiliary heads, so a detector may skip them).
 
 Dense detectors whose label assignment does not depend on the predictions (ATSS ranks fixed anchors)
 also expose it, so the teacher cache selects exactly the locations the student will use::

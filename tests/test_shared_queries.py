@@ -95,3 +95,18 @@ def test_distilling_through_shared_queries_trains_the_students_decoder_only(pair
     assert all(torch.equal(v, before[k]) for k, v in teacher.model.state_dict().items())
     with pytest.raises(ValueError, match="shared_sides"):
         distillation_terms(losses[:1], ["k"], DistillInputs(student.spec), DistillInputs(teacher.spec), batch.targets)
+
+
+def test_the_extra_pass_runs_the_parallel_heads_only_when_a_term_reads_them(pair):
+    student, teacher, batch = pair
+    student.train()
+    with torch.no_grad():
+        features = student.features(batch.images)
+        t_in = teacher.inputs(batch, None, frozenset({"head"}))
+        final = shared_sides([distill.create_loss("kd", pairer="shared_queries")], student, features, t_in, batch.image_sizes)
+        every = shared_sides([distill.create_loss("kd", pairer="shared_queries", heads="all")], student, features, t_in, batch.image_sizes)
+    final, every = next(iter(final.values())).predictions, next(iter(every.values())).predictions
+    # heads: all -> the proposal and the first parallel heads as aux (4 heads: 1 + 3); the final head alone otherwise
+    assert student.parallel_heads == 4 and len(every.aux) == 4 and final.aux == []
+    torch.testing.assert_close(final.logits, every.logits, rtol=0, atol=0)  # the same main head either way
+    torch.testing.assert_close(final.boxes, every.boxes, rtol=0, atol=0)

@@ -76,7 +76,10 @@ def shared_sides(losses: Sequence[DistillLoss], detector: nn.Module, features, t
     sides = {}
     for pairer in dict.fromkeys(loss.pairer for loss in losses if loss.pairer.shared_student):
         boxes, valid, _ = pairer.teacher_queries(teacher)
-        sides[pairer] = DistillInputs(detector.spec, detector.decode_queries(features, image_sizes, boxes, valid), None, None, image_sizes)
+        # auxiliary heads only when a term on this pairer reads them (heads: all)
+        aux = any(loss.heads == "all" for loss in losses if loss.pairer == pairer)
+        predictions = detector.decode_queries(features, image_sizes, boxes, valid, aux=aux)
+        sides[pairer] = DistillInputs(detector.spec, predictions, None, None, image_sizes)
     return sides
 
 

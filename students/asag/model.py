@@ -179,30 +179,35 @@ class SparseDetector(nn.Module):
         image_sizes = self._sizes(features, image_sizes)
         return self._decode(features, self.query_source(features, image_sizes, targets), image_sizes)
 
-    def decode_queries(self, features: list[Tensor], image_sizes: Tensor | None, boxes: Tensor, valid: Tensor) -> SparsePredictions:
+    def decode_queries(
+        self, features: list[Tensor], image_sizes: Tensor | None, boxes: Tensor, valid: Tensor, aux: bool = True
+    ) -> SparsePredictions:
         """The proposal block and decoder on given query boxes (B, K, 4) xyxy px, valid (B, K).
 
         KD-DETR's shared distillation queries: fed the teacher's boxes, query k of the result
         corresponds to the teacher's prediction k. A separate pass over the same features is the
         same as an extra query group behind a block-diagonal attention mask: the detector's own
-        queries never see these (and at inference nothing is added).
+        queries never see these (and at inference nothing is added). ``aux=False``: only the main
+        path, as at inference (the terms read the final head only: the parallel training heads,
+        three quarters of the pass, are then skipped; the main head's values are the same).
         """
-        return self._decode(features, Queries(boxes, valid), self._sizes(features, image_sizes))
+        return self._decode(features, Queries(boxes, valid), self._sizes(features, image_sizes), aux)
 
-    def _decode(self, features: list[Tensor], queries: Queries, image_sizes: Tensor) -> SparsePredictions:
+    def _decode(self, features: list[Tensor], queries: Queries, image_sizes: Tensor, aux_heads: bool = True) -> SparsePredictions:
         q, proposals = self.proposal(features, queries, image_sizes)
         boxes, aux = proposals.boxes.detach(), [proposals]
         for stage in self.stages:
             q, pred = stage(features, boxes, q, queries.valid, queries.groups, image_sizes)
             boxes = pred.boxes.detach()
             aux.append(pred)
-        copies = range(self.parallel_heads) if self.training else [self.parallel_heads - 1]
+        keep_aux = self.training and aux_heads
+        copies = range(self.parallel_heads) if keep_aux else [self.parallel_heads - 1]
         for k in copies:
             q_k = q if self.head_embed is None else q + self.head_embed[k]
             _, pred = self.heads[k](features, boxes, q_k, queries.valid, queries.groups, image_sizes)
             aux.append(pred)
         main = aux.pop()
-        return SparsePredictions(main.logits, main.boxes, main.valid, main.bins, aux if self.training else [], queries)
+        return SparsePredictions(main.logits, main.boxes, main.valid, main.bins, aux if keep_aux else [], queries)
 
     def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> SparsePredictions:
         return self.head(self.features(images), image_sizes)

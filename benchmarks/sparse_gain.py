@@ -1,0 +1,301 @@
+"""Does distillation make a one-layer sparse student better? ASAG-S alone vs distilled, per correspondence.
+
+    python benchmarks/sparse_gain.py --threads 1            # full profile (hours of CPU: see --only)
+    python benchmarks/sparse_gain.py --quick --threads 1    # minutes: tiny data, 2 epochs, 1 seed
+
+The sparse sibling of ``distill_gain.py``. On one scenes split (400 train / 100 val images, 128 px):
+
+1. two teachers, each trained once with ``detkd train`` semantics: the 6-stage sparse model with
+   Group DETR (``sparse6-tiny``, 3 query groups in training) and the dense GFL teacher
+   (``gfl-teacher``, ImageNet EfficientNet-Lite0 from the offline wheel);
+2. the student of ``asag-distill-sparse6`` / ``asag-distill-gfl`` (ASAG-S fed by the anchor
+   generator, bins head, one decoder layer; the two recipes share it) trained alone;
+3. the same student distilled with one correspondence per row -- GT-bridged, teacher-set
+   Hungarian, shared distillation queries -- from each teacher, class KD + box KD on that row's
+   pairs (GFL's GT-bridged row adds LD re-encoded in the student's bins, as its recipe does);
+   the recipes as shipped (every term together) are extra rows (``--only s6-recipe,gfl-recipe``);
+4. the cost of one training step per row: student alone, distillation with the online teacher,
+   the teacher's forward, and the distillation terms alone (pairs + losses + their backward; for
+   shared queries also the student's extra decoder pass on the teacher's boxes), interleaved medians.
+
+Every student row uses the same schedule and the seeds of the profile. A run folder with a
+``summary.json`` is reused, so an interrupted benchmark resumes and separate processes can train
+disjoint rows (``--only``, ``--seeds``) before one last call summarises. Prints tables and writes
+``sparse_gain.json``. Gap closed = (row AP - alone AP) / (teacher AP - alone AP), on seed means.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from distill.config import recipe_from_dict, read_yaml
+from distill.data import generate_scenes
+from distill.engine.demo import baseline_recipe, finished, gap_closed
+from distill.engine.run import distill_run, train_run
+from recipes import load_recipe, recipe_path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from distill_gain import interleaved_medians  # noqa: E402  (the sibling benchmark's timing helper)
+
+PROFILES = {
+    "full": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 8, "seeds": [0, 1, 2]},
+    "quick": {"train": 48, "val": 16, "size": 128, "teacher_epochs": 2, "student_epochs": 2, "seeds": [0], "force": True},
+}
+# teacher slug -> (teacher recipe, its overrides, distill recipe whose student and schedule every row uses)
+TEACHERS = {
+    "sparse6": ("sparse6-tiny", ["student.params.groups=3"], "asag-distill-sparse6"),
+    "gfl": ("gfl-teacher", [], "asag-distill-gfl"),
+}
+KD_BOX = lambda pairer, kd=1.0, heads="all", extra=None: [  # noqa: E731
+    {"name": "kd", "weight": kd, "pairer": pairer, "params": {"heads": heads}, **(extra or {})},
+    {"name": "box", "weight": 1.0, "pairer": pairer, "params": {"heads": heads}, **(extra or {})},
+]
+TOP50 = {"pairer_params": {"top_k": 50}}
+LD_GT = [{"name": "ld", "weight": 0.25, "pairer": "gt_bridged", "params": {"temperature": 10}}]
+# (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
+ROWS = [
+    ("ASAG-S alone (no KD)", "alone", None, [], True),
+    ("6-stage -> ASAG: GT-bridged, KD + box", "s6-gt", "sparse6", KD_BOX("gt_bridged"), True),
+    ("6-stage -> ASAG: teacher-set, KD + box", "s6-set", "sparse6", KD_BOX("teacher_set", 0.5, "final", TOP50), True),
+    ("6-stage -> ASAG: shared queries, KD + box", "s6-shared", "sparse6", KD_BOX("shared_queries", 1.0, "final", TOP50), True),
+    ("6-stage -> ASAG: recipe as shipped (all)", "s6-recipe", "sparse6", None, False),
+    ("GFL -> ASAG: GT-bridged, KD + box + LD", "gfl-gt", "gfl", KD_BOX("gt_bridged") + LD_GT, True),
+    ("GFL -> ASAG: teacher-set, KD + box", "gfl-set", "gfl", KD_BOX("teacher_set", 0.5, "final", TOP50), True),
+    ("GFL -> ASAG: shared queries, KD + box", "gfl-shared", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP50), True),
+    ("GFL -> ASAG: recipe as shipped (all)", "gfl-recipe", "gfl", None, False),
+]
+console = Console(width=160)
+
+
+def row_recipe(teacher_slug: str, losses: list | None, sets: list[str]):
+    """The teacher's distill recipe with ``losses`` in place of its own (None: keep the recipe's)."""
+    name = TEACHERS[teacher_slug][2]
+    if losses is None:
+        return load_recipe(name, sets)
+    raw = read_yaml(recipe_path(name))
+    raw["losses"] = losses
+    base = recipe_from_dict(raw, str(recipe_path(name)))
+    return dataclasses.replace(load_recipe(name, sets), losses=base.losses)
+
+
+def student_sets(profile: dict, threads: int, seed: int) -> list[str]:
+    return [f"data.image_size={profile['size']}", f"train.threads={threads}", f"train.epochs={profile['student_epochs']}",
+            f"train.seed={seed}", "train.eval_every=1000"]
+
+
+def fresh(run: Path) -> bool:
+    """True when ``run`` must be trained; an interrupted run is started again rather than mixed."""
+    if finished(run) is not None:
+        return False
+    if run.exists():
+        shutil.rmtree(run)
+    return True
+
+
+def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> dict[str, dict]:
+    data = out / "data"
+    if not (data / "val.json").is_file():
+        generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    teachers = {}
+    for slug in wanted:
+        recipe_name, overrides, _ = TEACHERS[slug]
+        run = out / f"teacher-{slug}"
+        if fresh(run):
+            sets = overrides + [f"data.image_size={profile['size']}", f"train.threads={threads}", f"train.epochs={profile['teacher_epochs']}", "train.eval_every=1000"]
+            console.print(f"[bold]teacher {slug}[/] ({recipe_name}) -> {run}")
+            train_run(load_recipe(recipe_name, sets), data, run)
+        teachers[slug] = finished(run)
+    return teachers
+
+
+def train_rows(out: Path, profile: dict, threads: int, rows: list) -> dict[str, list[dict]]:
+    data, results = out / "data", {}
+    for name, slug, teacher_slug, losses, _ in rows:
+        for seed in profile["seeds"]:
+            run = out / f"{slug}-s{seed}"
+            if fresh(run):
+                sets = student_sets(profile, threads, seed)
+                console.print(f"[bold]{name}[/] seed {seed} -> {run}")
+                if teacher_slug is None:
+                    train_run(baseline_recipe(load_recipe(TEACHERS["sparse6"][2], sets)), data, run)
+                else:
+                    # quick: 2-epoch teachers are below min_ap by design; force past the quality check there only
+                    distill_run(row_recipe(teacher_slug, losses, sets), out / f"teacher-{teacher_slug}", data, run, force=profile.get("force", False))
+            results.setdefault(slug, []).append({"seed": seed, "run": str(run), **finished(run)})
+    return results
+
+
+def leaf_predictions(preds):
+    """A copy whose float tensors are fresh leaves: the terms' backward then stops at the head outputs."""
+    leaf = lambda t: t.detach().requires_grad_() if t is not None and t.is_floating_point() else t  # noqa: E731
+    bins = None if preds.bins is None else dataclasses.replace(preds.bins, logits=leaf(preds.bins.logits))
+    return dataclasses.replace(preds, logits=leaf(preds.logits), boxes=leaf(preds.boxes), bins=bins, aux=[leaf_predictions(a) for a in preds.aux])
+
+
+def measure_cost(out: Path, profile: dict, threads: int, rows: list, repeats: int) -> dict[str, dict]:
+    """Median step times of every distilled row against the student alone, on one training batch."""
+    from distill.data import DetectionTransform, collate, load_dataset
+    from distill.engine.build import build_detector
+    from distill.engine.distiller import Distiller, distillation_terms, loss_keys, shared_sides
+    from distill.engine.run import build_losses
+    from distill.engine.trainer import build_optimizer, detector_step
+    from distill.losses import DistillInputs
+    from teachers import load_teacher
+
+    torch.set_num_threads(threads)
+    sets = student_sets(profile, threads, 0)
+    base = load_recipe(TEACHERS["sparse6"][2], sets)
+    dataset = load_dataset(out / "data", "train", DetectionTransform(base.data.image_size))
+    batch = collate([dataset[i] for i in range(base.train.batch_size)])
+    torch.manual_seed(0)
+    student = build_detector(base, len(dataset.classes)).train()
+    optimizer = build_optimizer(list(student.named_parameters()), base)
+    teachers = {slug: load_teacher(out / f"teacher-{slug}") for slug in {r[2] for r in rows if r[2]}}
+
+    def train_step(step_fn):
+        def run():
+            terms = step_fn(student, batch)
+            optimizer.zero_grad(set_to_none=True)
+            sum(terms.values()).backward()
+            optimizer.step()
+
+        return run
+
+    fns, loss_counts = {"alone": train_step(detector_step)}, {}
+    for name, slug, teacher_slug, losses, _ in rows:
+        if teacher_slug is None:
+            continue
+        recipe = row_recipe(teacher_slug, losses, sets)
+        teacher = teachers[teacher_slug]
+        terms = build_losses(recipe, student, teacher)
+        distiller = Distiller(student, teacher, terms, recipe)
+        features = student.features(batch.images)
+        preds = student.head(features, batch.image_sizes, batch.targets)
+        _, matches = student.loss(preds, batch.targets, batch.image_sizes)
+        leaf_features = [f.detach().requires_grad_() for f in features]
+        s_in = DistillInputs(student.spec, leaf_predictions(preds), leaf_features, matches, batch.image_sizes)
+        t_in = distiller.source.inputs(batch, s_in, distiller.needs)
+        keys = loss_keys(terms)
+
+        def terms_only(terms=terms, keys=keys, s_in=s_in, t_in=t_in, distiller=distiller, leaf_features=leaf_features):
+            shared = shared_sides(terms, student, leaf_features, t_in, batch.image_sizes) if distiller.needs_shared else None
+            sum(distillation_terms(terms, keys, s_in, t_in, batch.targets, shared).values()).backward()
+
+        def teacher_only(distiller=distiller, s_in=s_in):
+            distiller.source.inputs(batch, s_in, distiller.needs)
+
+        def decode_only(terms=terms, t_in=t_in, leaf_features=leaf_features):
+            sides = shared_sides(terms, student, leaf_features, t_in, batch.image_sizes)
+            sum(side.predictions.logits.sum() + side.predictions.boxes.sum() for side in sides.values()).backward()
+
+        if distiller.needs_shared:  # the extra decoder pass alone (forward + backward), part of the terms' time
+            fns[f"{slug}:decode"] = decode_only
+        fns[f"{slug}:distill"] = train_step(distiller.step)
+        fns[f"{slug}:terms"] = terms_only
+        fns[f"{slug}:teacher"] = teacher_only
+        loss_counts[slug] = len(terms)
+    medians = interleaved_medians(fns, repeats=repeats)
+    alone = medians["alone"]
+    cost = {"alone": {"step_s": alone}, "batch_size": base.train.batch_size, "image_size": base.data.image_size, "threads": threads}
+    for slug in loss_counts:
+        d, t, te = medians[f"{slug}:distill"], medians[f"{slug}:terms"], medians[f"{slug}:teacher"]
+        cost[slug] = {"distill_step_s": d, "distill_over_alone": d / alone, "terms_s": t, "terms_over_alone": t / alone, "teacher_s": te, "num_terms": loss_counts[slug]}
+        if f"{slug}:decode" in medians:
+            cost[slug]["extra_decode_s"] = medians[f"{slug}:decode"]
+            cost[slug]["losses_without_decode_over_alone"] = (t - medians[f"{slug}:decode"]) / alone
+    return cost
+
+
+def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> dict:
+    out_rows = {}
+    alone = statistics.mean(r["final"]["AP"] for r in results["alone"]) if "alone" in results else None
+    alone_std = statistics.stdev(r["final"]["AP"] for r in results["alone"]) if len(results.get("alone", [])) > 1 else 0.0
+    for name, slug, teacher_slug, _, _ in rows:
+        if slug not in results:
+            continue
+        aps = [r["final"]["AP"] for r in results[slug]]
+        row = {"name": name, "teacher": teacher_slug, "APs": aps, "AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0,
+               "AP50_mean": statistics.mean(r["final"]["AP50"] for r in results[slug]), "seeds": [r["seed"] for r in results[slug]],
+               "train_seconds_mean": statistics.mean(r["seconds"] for r in results[slug])}
+        if teacher_slug and alone is not None:
+            t_ap = teachers[teacher_slug]["final"]["AP"]
+            row["gain"] = row["AP_mean"] - alone
+            row["gain_over_spread"] = row["gain"] / max(alone_std, row["AP_std"], 1e-9)
+            row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
+        if cost and teacher_slug and slug in cost:
+            row["cost"] = cost[slug]
+        out_rows[slug] = row
+    return {"teachers": {s: {"AP": t["final"]["AP"], "AP50": t["final"]["AP50"], "seconds": t["seconds"]} for s, t in teachers.items()},
+            "rows": out_rows, "cost_alone": (cost or {}).get("alone")}
+
+
+def print_tables(summary: dict) -> None:
+    p = summary["settings"]
+    table = Table(title=f"sparse_gain ({summary['profile']}): COCO AP on scenes val ({p['train']}/{p['val']} at {p['size']} px), final epoch, "
+                        f"students {p['student_epochs']} epochs, seeds {p['seeds']}")
+    for column in ("row", "AP (mean)", "± std", "APs", "AP50", "gain", "gain / spread", "gap closed", "distill step", "terms / student step"):
+        table.add_column(column, justify="left" if column == "row" else "right")
+    for slug, t in summary["teachers"].items():
+        table.add_row(f"teacher {slug} ({TEACHERS[slug][0]})", f"{t['AP']:.4f}", "", "", f"{t['AP50']:.4f}", "", "", "", "", "")
+    for row in summary["rows"].values():
+        c = row.get("cost")
+        gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
+        table.add_row(
+            row["name"], f"{row['AP_mean']:.4f}", f"{row['AP_std']:.4f}", " ".join(f"{a:.3f}" for a in row["APs"]), f"{row['AP50_mean']:.4f}",
+            f"{row['gain']:+.4f}" if "gain" in row else "-", f"{row['gain_over_spread']:+.1f}" if "gain" in row else "-", gap,
+            f"{c['distill_over_alone']:.2f}x" if c else "-", f"{100 * c['terms_over_alone']:.1f}%" if c else "-",
+        )
+    console.print(table)
+    if summary.get("cost_alone"):
+        console.print(f"student step alone: {1000 * summary['cost_alone']['step_s']:.0f} ms (batch {summary['cost']['batch_size']}, "
+                      f"{summary['cost']['threads']} threads, median of interleaved repeats)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="minutes: tiny data, 2 epochs, 1 seed")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/sparse_gain-<profile>)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1,2 for full)")
+    parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r[1] for r in ROWS))
+    parser.add_argument("--no-cost", action="store_true", help="train only; skip the step-time measurements and the summary")
+    parser.add_argument("--repeats", type=int, default=12)
+    args = parser.parse_args(argv)
+    profile_name = "quick" if args.quick else "full"
+    profile = dict(PROFILES[profile_name])
+    if args.seeds:
+        profile["seeds"] = [int(s) for s in args.seeds.split(",")]
+    rows = [r for r in ROWS if r[4]]
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = set(wanted) - {r[1] for r in ROWS}
+        if unknown:
+            parser.error(f"--only: unknown {sorted(unknown)}; choose from {[r[1] for r in ROWS]}")
+        rows = [r for r in ROWS if r[1] in wanted]
+    out = args.out or Path(__file__).parent / "results" / f"sparse_gain-{profile_name}"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
+    teachers = train_teachers(out, profile, args.threads, {r[2] for r in rows if r[2]})
+    results = train_rows(out, profile, args.threads, rows)
+    if args.no_cost:
+        return {}
+    cost = measure_cost(out, profile, args.threads, rows, args.repeats)
+    summary = summarise(teachers, results, rows, cost)
+    summary.update(profile=profile_name, settings=profile, cost=cost, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
+    (out / "sparse_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    print_tables(summary)
+    console.print(f"written to {out / 'sparse_gain.json'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
