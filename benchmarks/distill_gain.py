@@ -94,6 +94,27 @@ def interleaved_medians(fns: dict, repeats: int = 15, warmup: int = 3) -> dict[s
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def select_rows(parser: argparse.ArgumentParser, only: str, rows: list) -> list:
+    """The rows named in ``--only`` (comma-separated slugs, the second field of each row)."""
+    wanted = only.split(",")
+    unknown = set(wanted) - {row[1] for row in rows}
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}; choose from {[row[1] for row in rows]}")
+    return [row for row in rows if row[1] in wanted]
+
+
+def optimizer_step(step_fn, student, batch, optimizer):
+    """A closure for :func:`interleaved_medians`: one training step of ``step_fn``'s summed terms."""
+
+    def run():
+        terms = step_fn(student, batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        optimizer.step()
+
+    return run
+
+
 def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]) -> dict:
     """Median step times of the recommended recipe (``ld-full-feat``, the heaviest: head and feature
     losses): student alone, distillation with the online teacher, distillation losses alone."""
@@ -115,14 +136,7 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
     distiller = Distiller(student, teacher, losses, recipe)
     optimizer = build_optimizer(list(student.named_parameters()), recipe)
 
-    def train_step(step_fn):
-        def run():
-            terms = step_fn(student, batch)
-            optimizer.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
-            optimizer.step()
-
-        return run
+    train_step = lambda step_fn: optimizer_step(step_fn, student, batch, optimizer)  # noqa: E731
 
     # The distillation terms alone: masks + losses forward + their backward to the head outputs.
     # (Pairs, row reads, kernels and their backward; the levels are concatenated once in the head,
@@ -207,11 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     if args.only:
-        wanted = args.only.split(",")
-        unknown = set(wanted) - {v[1] for v in VARIANTS}
-        if unknown:
-            parser.error(f"--only: unknown {sorted(unknown)}; choose from {[v[1] for v in VARIANTS]}")
-        variants = [v for v in VARIANTS if v[1] in wanted]
+        variants = select_rows(parser, args.only, VARIANTS)
     results = train_all(out, profile, variants, args.threads, args.student_set, args.reuse)
     cost = None if args.no_cost else measure_cost(args.reuse or out, profile, args.threads, args.student_set)
     summary = summarise(results, cost)

@@ -44,7 +44,7 @@ from distill.engine.run import distill_run, train_run
 from recipes import load_recipe, recipe_path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distill_gain import interleaved_medians  # noqa: E402  (the sibling benchmark's timing helper)
+from distill_gain import interleaved_medians, optimizer_step, select_rows  # noqa: E402  (the sibling benchmark's timing helpers)
 
 PROFILES = {
     "full": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 8, "seeds": [0, 1, 2]},
@@ -161,14 +161,7 @@ def measure_cost(out: Path, profile: dict, threads: int, rows: list, repeats: in
     optimizer = build_optimizer(list(student.named_parameters()), base)
     teachers = {slug: load_teacher(out / f"teacher-{slug}") for slug in {r[2] for r in rows if r[2]}}
 
-    def train_step(step_fn):
-        def run():
-            terms = step_fn(student, batch)
-            optimizer.zero_grad(set_to_none=True)
-            sum(terms.values()).backward()
-            optimizer.step()
-
-        return run
+    train_step = lambda step_fn: optimizer_step(step_fn, student, batch, optimizer)  # noqa: E731
 
     fns, loss_counts = {"alone": train_step(detector_step)}, {}
     for name, slug, teacher_slug, losses, _ in rows:
@@ -276,11 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
         profile["seeds"] = [int(s) for s in args.seeds.split(",")]
     rows = [r for r in ROWS if r[4]]
     if args.only:
-        wanted = args.only.split(",")
-        unknown = set(wanted) - {r[1] for r in ROWS}
-        if unknown:
-            parser.error(f"--only: unknown {sorted(unknown)}; choose from {[r[1] for r in ROWS]}")
-        rows = [r for r in ROWS if r[1] in wanted]
+        rows = select_rows(parser, args.only, ROWS)
     out = args.out or Path(__file__).parent / "results" / f"sparse_gain-{profile_name}"
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
