@@ -270,6 +270,23 @@ def print_tables(summary: dict) -> None:
                       f"{summary['cost']['threads']} threads, median of interleaved repeats)")
 
 
+def markdown_table(summary: dict) -> str:
+    """The README's table of one summary (every row as measured; '-' where a value does not apply)."""
+    lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | gap closed | distill step | w/o teacher | terms / student step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for slug, t in summary["teachers"].items():
+        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | |")
+    for slug, row in summary["rows"].items():
+        c = row.get("cost")
+        gap = "–" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
+        lines.append(
+            f"| {row['name']} (`{slug}`) | {row['AP_mean']:.3f} ± {row['AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['APs'])} | {row['AP50_mean']:.3f} | "
+            + (f"{row['gain']:+.3f} | {row['gain_over_spread']:+.1f} | {gap} | " if "gain" in row else "– | – | – | ")
+            + (f"{c['distill_over_alone']:.2f}× | {c['without_teacher_over_alone']:.2f}× | {100 * c['terms_over_alone']:.1f}% |" if c else "– | – | – |")
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="minutes: tiny data, 2 epochs, 1 seed")
@@ -298,8 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarise(teachers, results, rows, cost)
     summary.update(profile=profile_name, settings=profile, cost=cost, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
     (out / "sparse_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    (out / "sparse_gain.md").write_text(markdown_table(summary))
     print_tables(summary)
-    console.print(f"written to {out / 'sparse_gain.json'}")
+    console.print(f"written to {out / 'sparse_gain.json'} and {out / 'sparse_gain.md'}")
     return summary
 
 
