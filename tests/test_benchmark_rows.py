@@ -1,0 +1,58 @@
+"""The sparse distillation benchmark's rows: each is the distill recipe with one correspondence, and fits its teacher."""
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+import pytest
+
+from distill.engine.run import build_losses
+from recipes import load_recipe
+from students import create_student, student_entrypoint
+from teachers import FrozenTeacher, check_pair
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("sparse_gain", BENCHMARKS / "sparse_gain.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+bench = load_benchmark()
+DISTILLED = [row for row in bench.ROWS if row[2] is not None]
+
+
+def build(spec):
+    params = {**spec.params, "num_classes": 10}
+    if "pretrained" in inspect.signature(student_entrypoint(spec.name)).parameters:
+        params["pretrained"] = None
+    return create_student(spec.name, **params)
+
+
+@pytest.mark.parametrize("row", DISTILLED, ids=[row[1] for row in DISTILLED])
+def test_every_row_uses_its_own_correspondence_and_fits_its_teacher(row):
+    name, slug, teacher_slug, losses, _ = row
+    recipe = bench.row_recipe(teacher_slug, losses, bench.student_sets(bench.PROFILES["quick"], 1, 3))
+    assert recipe.train.seed == 3 and recipe.train.epochs == bench.PROFILES["quick"]["student_epochs"]
+    pairers = {spec.pairer for spec in recipe.losses}
+    if losses is None:  # the recipe as shipped: every term of it
+        assert recipe.losses == load_recipe(bench.TEACHERS[teacher_slug][2]).losses
+    else:
+        assert pairers == {losses[0]["pairer"]} and {spec.name for spec in recipe.losses} >= {"kd", "box"}
+    teacher_name, teacher_sets, _ = bench.TEACHERS[teacher_slug]
+    student, teacher = build(recipe.student), FrozenTeacher(build(load_recipe(teacher_name, teacher_sets).student))
+    check_pair(student.spec, teacher.spec, build_losses(recipe, student, teacher))
+
+
+def test_every_row_shares_the_baselines_student_and_schedule():
+    base = bench.baseline_recipe(load_recipe(bench.TEACHERS["sparse6"][2]))
+    for _, _, teacher_slug, losses, _ in DISTILLED:
+        recipe = bench.row_recipe(teacher_slug, losses, [])
+        assert recipe.student == base.student and recipe.train == base.train and recipe.data == base.data
