@@ -240,6 +240,7 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             t_ap = teachers[teacher_slug]["final"]["AP"]
             row["gain"] = row["AP_mean"] - alone
             row["gain_over_spread"] = row["gain"] / max(alone_std, row["AP_std"], 1e-9)
+            row["every_seed_above_alone"] = min(aps) > max(r["final"]["AP"] for r in results["alone"])  # the seed ranges do not overlap
             row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
         if cost and teacher_slug and slug in cost:
             row["cost"] = cost[slug]
