@@ -241,6 +241,15 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             row["gain"] = row["AP_mean"] - alone
             row["gain_over_spread"] = row["gain"] / max(alone_std, row["AP_std"], 1e-9)
             row["every_seed_above_alone"] = min(aps) > max(r["final"]["AP"] for r in results["alone"])  # the seed ranges do not overlap
+            # Paired by seed: a seed fixes the student's initialisation and the data order in both
+            # runs (build_detector seeds; the sampler is seeded per epoch), so per-seed differences
+            # remove the between-seed spread of the student itself.
+            alone_by_seed = {r["seed"]: r["final"]["AP"] for r in results["alone"]}
+            diffs = [r["final"]["AP"] - alone_by_seed[r["seed"]] for r in results[slug] if r["seed"] in alone_by_seed]
+            row["paired_gains"] = diffs
+            row["paired_gain_mean"] = statistics.mean(diffs) if diffs else None
+            row["paired_gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            row["seeds_above_alone"] = sum(d > 0 for d in diffs)
             row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
         if cost and teacher_slug and slug in cost:
             row["cost"] = cost[slug]
@@ -273,16 +282,17 @@ def print_tables(summary: dict) -> None:
 
 def markdown_table(summary: dict) -> str:
     """The README's table of one summary (every row as measured; '-' where a value does not apply)."""
-    lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | gap closed | distill step | w/o teacher | terms / student step |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | paired gain (± std) | seeds up | gap closed | distill step | w/o teacher | terms / student step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for slug, t in summary["teachers"].items():
-        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | |")
+        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | | | |")
     for slug, row in summary["rows"].items():
         c = row.get("cost")
         gap = "–" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         lines.append(
             f"| {row['name']} (`{slug}`) | {row['AP_mean']:.3f} ± {row['AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['APs'])} | {row['AP50_mean']:.3f} | "
-            + (f"{row['gain']:+.3f} | {row['gain_over_spread']:+.1f} | {gap} | " if "gain" in row else "– | – | – | ")
+            + (f"{row['gain']:+.3f} | {row['gain_over_spread']:+.1f} | {row['paired_gain_mean']:+.3f} ± {row['paired_gain_std']:.3f} | "
+               f"{row['seeds_above_alone']}/{len(row['paired_gains'])} | {gap} | " if "gain" in row else "– | – | – | – | – | ")
             + (f"{c['distill_over_alone']:.2f}× | {c['without_teacher_over_alone']:.2f}× | {100 * c['terms_over_alone']:.1f}% |" if c else "– | – | – |")
         )
     return "\n".join(lines) + "\n"
