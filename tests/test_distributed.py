@@ -45,7 +45,9 @@ def step_losses(run):
     return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-def assert_same_run(one, two, weight_atol: float = 1e-4):
+def assert_same_run(one, two, weight_atol: float = 5e-4):
+    # weights: gloo sums gradients in another order than one process; AdamW's division by the root of
+    # small second moments turns that rounding into up to ~1.2e-4 on a few elements after 8 steps
     a, b = step_losses(one), step_losses(two)
     assert sorted(a) == sorted(b) == list(range(8))  # 16 images / global batch 4, 2 epochs
     for step in a:
