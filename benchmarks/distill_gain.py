@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import statistics
 import sys
 import time
@@ -65,11 +66,7 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
     for name, slug, recipe_name, overrides in variants:
         for seed in profile["seeds"]:
             run = out / f"{slug}-s{seed}"
-            if finished(run) is None:
-                if run.exists():  # an interrupted run: start it again rather than mixing two runs
-                    import shutil
-
-                    shutil.rmtree(run)
+            if fresh(run):
                 sets = size + student_sets + overrides + [f"train.epochs={profile['student_epochs']}", f"train.seed={seed}"]
                 recipe = load_recipe(recipe_name, sets)
                 console.print(f"[bold]{name}[/] seed {seed} -> {run}")
@@ -92,6 +89,15 @@ def interleaved_medians(fns: dict, repeats: int = 15, warmup: int = 3) -> dict[s
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def fresh(run: Path) -> bool:
+    """True when ``run`` must be trained; an interrupted run is started again rather than mixed."""
+    if finished(run) is not None:
+        return False
+    if run.exists():
+        shutil.rmtree(run)
+    return True
 
 
 def select_rows(parser: argparse.ArgumentParser, only: str, rows: list) -> list:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,14 +37,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from distill.config import recipe_from_dict, read_yaml
+from distill.config import apply_overrides, recipe_from_dict, read_yaml
 from distill.data import generate_scenes
 from distill.engine.demo import baseline_recipe, finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe, recipe_path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distill_gain import interleaved_medians, optimizer_step, select_rows  # noqa: E402  (the sibling benchmark's timing helpers)
+from distill_gain import fresh, interleaved_medians, optimizer_step, select_rows  # noqa: E402  (the sibling benchmark's timing helpers)
 
 PROFILES = {
     "full": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 8, "seeds": [0, 1, 2]},
@@ -83,27 +82,16 @@ console = Console(width=160)
 
 def row_recipe(teacher_slug: str, losses: list | None, sets: list[str]):
     """The teacher's distill recipe with ``losses`` in place of its own (None: keep the recipe's)."""
-    name = TEACHERS[teacher_slug][2]
-    if losses is None:
-        return load_recipe(name, sets)
-    raw = read_yaml(recipe_path(name))
-    raw["losses"] = losses
-    base = recipe_from_dict(raw, str(recipe_path(name)))
-    return dataclasses.replace(load_recipe(name, sets), losses=base.losses)
+    path = recipe_path(TEACHERS[teacher_slug][2])
+    raw = apply_overrides(read_yaml(path), sets)
+    if losses is not None:
+        raw["losses"] = losses
+    return recipe_from_dict(raw, str(path))
 
 
 def student_sets(profile: dict, threads: int, seed: int) -> list[str]:
     return [f"data.image_size={profile['size']}", f"train.threads={threads}", f"train.epochs={profile['student_epochs']}",
             f"train.seed={seed}", "train.eval_every=1000"]
-
-
-def fresh(run: Path) -> bool:
-    """True when ``run`` must be trained; an interrupted run is started again rather than mixed."""
-    if finished(run) is not None:
-        return False
-    if run.exists():
-        shutil.rmtree(run)
-    return True
 
 
 def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> dict[str, dict]:
