@@ -65,6 +65,10 @@ KD_BOX = lambda pairer, kd=1.0, heads="all", extra=None: [  # noqa: E731
 ]
 TOP50 = {"pairer_params": {"top_k": 50}}
 LD_GT = [{"name": "ld", "weight": 0.25, "pairer": "gt_bridged", "params": {"temperature": 10}}]
+# Feature mimicking on every FPN location, the dense benchmark's recommended term (ld-full-feat:
+# weight 2, relative MSE) taken as is, not tuned here; 1x1 adapter from the student's 32-ch P3-P5
+# to the GFL teacher's 96-ch maps at the same strides (its P6-P7 have no student counterpart).
+FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"student_channels": 32, "teacher_channels": 96}}]
 # (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
 ROWS = [
     ("ASAG-S alone (no KD)", "alone", None, [], True),
@@ -75,6 +79,8 @@ ROWS = [
     ("GFL -> ASAG: GT-bridged, KD + box + LD", "gfl-gt", "gfl", KD_BOX("gt_bridged") + LD_GT, True),
     ("GFL -> ASAG: teacher-set, KD + box", "gfl-set", "gfl", KD_BOX("teacher_set", 0.5, "final", TOP50), True),
     ("GFL -> ASAG: shared queries, KD + box", "gfl-shared", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP50), True),
+    ("GFL -> ASAG: feature mimicking (all locations)", "gfl-feat", "gfl", FEAT_GFL, True),
+    ("GFL -> ASAG: GT-bridged KD + box + LD + features", "gfl-gt-feat", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL, True),
     ("GFL -> ASAG: recipe as shipped (all)", "gfl-recipe", "gfl", None, False),
 ]
 console = Console(width=160)

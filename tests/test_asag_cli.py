@@ -111,3 +111,43 @@ def test_asag_student_with_its_generator_trains_evaluates_and_predicts(data, tmp
     for key in ("loss_anchor_cls", "loss_anchor_l1", "loss_anchor_giou", "loss_cls", "loss_giou", "loss_dfl"):
         assert key in record, key  # the generator is trained with the detector, through the engine
     check_eval_and_predict(run, data, tmp_path)
+
+
+def test_asag_student_imitates_the_p3_p5_maps_of_a_p3_p7_gfl_teacher(data):
+    # ASAG-S has FPN maps at strides 8-32, the GFL teacher at 8-128: feature mimicking pairs the
+    # student's three levels with the teacher's first three (same stride) through the 1x1 adapter.
+    import torch
+
+    import distill
+    from distill.data import DetectionTransform, collate, load_dataset
+    from distill.engine.distiller import Distiller
+    from students import create_student
+
+    train = load_dataset(data, "train", DetectionTransform(64))
+    batch = collate([train.get(i, False) for i in range(4)])
+    torch.manual_seed(0)
+    teacher = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=32, head_convs=1).eval()
+    student = create_student(
+        "asag_s", backbone="resnet10t", num_classes=10, strides=[8, 16, 32], fpn_channels=16, num_queries=8, ffn_dim=32,
+        dynamic_dim=8, num_heads=4, roi_canonical=48.0,
+    )
+    feature = distill.create_loss("feature", weight=1.0, pairer="all", student_channels=16, teacher_channels=32)
+    distiller = Distiller(student, teacher, [feature])
+    student.train()
+    terms = distiller.step(student, batch)
+    value = terms["loss_feature_all"]
+    # by hand: relative squared error of the adapted student maps against the teacher's P3-P5
+    with torch.no_grad():
+        s_maps = student.features(batch.images)
+        t_maps = teacher.features(batch.images)[:3]
+        w, b = feature.adapter.weight.flatten(1), feature.adapter.bias
+        num = sum(((torch.einsum("oc,bchw->bohw", w, s) + b[:, None, None]) - t).pow(2).sum() for s, t in zip(s_maps, t_maps))
+        den = sum(t.pow(2).sum() for t in t_maps)
+    assert len(teacher.features(batch.images)) == 5
+    assert float(value.detach()) == pytest.approx(float(num / den), rel=1e-4)
+    value.backward()
+    assert feature.adapter.weight.grad.abs().sum() > 0
+    for part in (student.fpn, student.backbone):  # the imitation trains the student's representation
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    assert all(p.grad is None for p in student.heads.parameters())  # and nothing the maps do not feed
+    assert all(p.grad is None for p in teacher.parameters())

@@ -340,7 +340,9 @@ def test_teacher_at_other_strides_is_a_config_error(name):
     student = make_side(0)
     loss.check_pair(student.spec, student.spec)  # the same detector fits
     other = DetectorSpec("dense", NUM_CLASSES, (8, 32), CHANNELS, REG_MAX + 1)
-    with pytest.raises(ConfigError, match=r"teacher strides \(8, 32\) != student strides \(8, 16\).*same FPN levels"):
+    # feature losses pair levels by stride (a teacher may have more levels), so they name the missing stride
+    match = r"no FPN map at student stride\(s\) \[16\]" if loss.space == "features" else r"teacher strides \(8, 32\) != student strides \(8, 16\).*same FPN levels"
+    with pytest.raises(ConfigError, match=match):
         loss.check_pair(student.spec, other)
 
 
@@ -458,6 +460,51 @@ def test_feature_level_indices_select_levels():
     assert run(create_loss("feature", level_indices=[0]), student, teacher).item() > 0.0
     with pytest.raises(ConfigError, match="out of range"):
         run(create_loss("feature", level_indices=[2]), student, teacher)
+
+
+def teacher_with_levels(side: Side, strides: tuple[int, ...], extra: dict[int, Tensor]) -> DistillInputs:
+    """``side`` as a teacher whose FPN has the levels ``strides``: its own two maps at strides 8 and 16,
+    and the maps ``extra`` (level index -> (B, C, H, W)) inserted at the other levels."""
+    t_in = side.inputs()
+    own = iter(t_in.features)
+    t_in.features = [extra[i] if i in extra else next(own) for i in range(len(strides))]
+    t_in.spec = DetectorSpec("dense", NUM_CLASSES, strides, CHANNELS, REG_MAX + 1)
+    return t_in
+
+
+@pytest.mark.parametrize("strides, extra_level, extra_hw", [((8, 16, 32), 2, (1, 1)), ((4, 8, 16), 0, (4, 4))])
+def test_feature_pairs_levels_by_stride_with_a_teacher_of_more_levels(strides, extra_level, extra_hw):
+    # A P3-P4 student against a teacher with one more level, coarser (P3-P5) or finer (P2-P4): the
+    # student's level l meets the teacher's level of the same stride; the extra level is never read.
+    student = make_side(0)
+    loss = create_loss("feature", pairer="all", relative=False)
+    extra = {extra_level: torch.full((NUM_IMAGES, CHANNELS, *extra_hw), 100.0)}
+    t_in = teacher_with_levels(copy_side(student), strides, extra)
+    loss.check_pair(student.spec, t_in.spec)
+    s_in = student.inputs(make_matches())
+    pairs = loss.pairer(s_in, t_in, make_targets(), loss.space)
+    assert loss(s_in, t_in, pairs).item() == 0.0
+    # the teacher's stride-16 map one higher in every channel: squared error C = 5 on the 2 + 2
+    # stride-16 rows, 0 on the rest; 11 valid locations (location 2 of image 1 is padding) x 5
+    # channels -> 4 * 5 / (11 * 5) = 4 / 11
+    shifted = copy_side(student)
+    with torch.no_grad():
+        shifted.feat[:, 4:] += 1.0
+    t_in = teacher_with_levels(shifted, strides, extra)
+    assert loss(s_in, t_in, loss.pairer(s_in, t_in, make_targets(), loss.space)).item() == pytest.approx(4 / 11, rel=1e-6)
+    # masked pairs (gt_boxes gathers rows) read the same teacher level
+    inside = create_loss("feature", pairer="gt_boxes", relative=False)
+    value = inside(s_in, t_in, inside.pairer(s_in, t_in, make_targets(), inside.space)).item()
+    # inside the 20x20 GT: the 4 stride-8 centres and the stride-16 centre (8, 8), not (24, 8);
+    # 9 valid rows, 2 of them stride-16 with error 5 -> 2 * 5 / (9 * 5) = 2 / 9
+    assert value == pytest.approx(2 / 9, rel=1e-6)
+
+
+def test_prediction_losses_still_need_the_same_strides():
+    more = DetectorSpec("dense", NUM_CLASSES, (8, 16, 32), CHANNELS, REG_MAX + 1)
+    create_loss("feature", pairer="all").check_pair(make_side(0).spec, more)
+    with pytest.raises(ConfigError, match=r"teacher strides \(8, 16, 32\) != student strides \(8, 16\)"):
+        create_loss("kd", pairer="all").check_pair(make_side(0).spec, more)
 
 
 def test_region_is_bound_and_hashable():

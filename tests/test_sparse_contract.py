@@ -119,6 +119,10 @@ def test_pairers_that_cannot_serve_a_pair_refuse_at_build_time():
     with pytest.raises(ConfigError, match="3 classes, teacher 5"):
         distill.create_loss("kd", pairer="teacher_set").check_pair(SPARSE, DetectorSpec("dense", 5, DENSE.strides, 16, 17))
     distill.create_loss("feature", pairer="gt_boxes").check_pair(SPARSE, DENSE)  # FPN grids agree
+    p3_p5 = DetectorSpec("sparse", 3, (8, 16, 32), 16, None)  # ASAG-S's levels against GFL's P3-P7
+    distill.create_loss("feature", pairer="all").check_pair(p3_p5, DENSE)
+    with pytest.raises(ConfigError, match=r"no FPN map at student stride\(s\) \[4\]"):
+        distill.create_loss("feature", pairer="all").check_pair(DetectorSpec("sparse", 3, (4, 8), 16, None), DENSE)
     distill.create_loss("kd", pairer="gt_bridged").check_pair(SPARSE, DENSE)
     distill.create_loss("ld", pairer="teacher_set").check_pair(DENSE, DetectorSpec("sparse", 3, DENSE.strides, 16, 9))
 

@@ -2,7 +2,9 @@
 
 Pairs index flattened FPN locations (level by level, row-major): they are split per FPN level and
 each level's paired feature vectors (C,) become rows (a dense pairer gives the same location on both
-sides; for a sparse student, ``gt_boxes`` / ``all`` regions of its FPN grid). When the channel counts differ, a 1x1 conv adapter
+sides; for a sparse student, ``gt_boxes`` / ``all`` regions of its FPN grid). A student level is
+compared with the teacher level of the same stride, so the teacher may have more levels (a P3-P5
+student imitating a P3-P7 GFL teacher). When the channel counts differ, a 1x1 conv adapter
 (C_s -> C_t) owned by this loss maps the student rows; it is trained with the student (the engine adds
 ``loss.parameters()`` to the optimizer) and is not part of the student. With equal channels the
 adapter is the identity. A 1x1 conv equals a linear map per location, so it is applied to the
@@ -39,6 +41,23 @@ def mimic_rows(student_rows: Tensor, teacher_rows: Tensor, weights: Tensor, norm
     """(R, C), (R, C), (R,) -> () ``sum_r w_r * ||s_r - t_r||^2 / normalizer`` in fp32."""
     sq_error = (student_rows.float() - teacher_rows.detach().float()).pow(2).sum(dim=-1)  # (R,)
     return weighted_sum(sq_error, weights, normalizer)
+
+
+def teacher_levels(student: DistillInputs, teacher: DistillInputs) -> list[int]:
+    """The teacher's FPN level of each student level: the one with the same stride.
+
+    Without specs (strides unknown) levels pair in order. The pair check has already refused a
+    student stride the teacher lacks; this raises ConfigError for inputs built around it.
+    """
+    count = len(student.feature_sizes())
+    if student.spec is None or teacher.spec is None:
+        return list(range(count))
+    t_strides = list(teacher.spec.strides)
+    s_strides = list(student.spec.strides[:count])
+    missing = [s for s in s_strides if s not in t_strides]
+    if missing:
+        raise ConfigError(f"loss 'feature': the teacher has no FPN map at student stride(s) {missing} (teacher strides {tuple(t_strides)})")
+    return [t_strides.index(s) for s in s_strides]
 
 
 @register_loss
@@ -92,18 +111,22 @@ class FeatureMimic(DistillLoss):
 
     def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
         sizes = student.feature_sizes()
-        if teacher.feature_sizes() != sizes:
+        teacher_level = teacher_levels(student, teacher)  # student level -> teacher level of the same stride
+        t_sizes = teacher.feature_sizes()
+        if [t_sizes[teacher_level[level]] for level in range(len(sizes))] != sizes:
             raise ConfigError(
-                f"loss 'feature': student FPN sizes {sizes} != teacher {teacher.feature_sizes()}; "
+                f"loss 'feature': student FPN sizes {sizes} != teacher {t_sizes} at the same strides; "
                 "feature imitation needs the same strides and input size"
             )
         levels = self._levels(len(sizes))
+        # Pairs index the student's flattened grid; both sides read a level's rows with the index
+        # inside that level, so a teacher with extra levels (other offsets) is read correctly.
         offsets = level_offsets(sizes, pairs.student.device)  # (L + 1,)
         level_of = torch.bucketize(pairs.student, offsets[1:], right=True)  # (R,)
 
         rows_s, rows_t, weights = [], [], []
         for level in levels:
-            s_rows, t_rows, w = self._level_rows(student, teacher, pairs, level, level_of, offsets)
+            s_rows, t_rows, w = self._level_rows(student, teacher, pairs, level, teacher_level[level], level_of, offsets)
             self._check_channels(s_rows.shape[-1], t_rows.shape[-1])
             s_rows = self.adapt(s_rows.float())  # (M_l, C_t)
             if self.legacy:  # each level is its own element-wise mean: scale its rows by 1 / (C * sum w_l)
@@ -121,17 +144,18 @@ class FeatureMimic(DistillLoss):
         return mimic_rows(s_all, t_all, w_all, normalizer)
 
     @staticmethod
-    def _level_rows(student: DistillInputs, teacher: DistillInputs, pairs: Pairs, level: int, level_of: Tensor, offsets: Tensor):
-        """Student rows (M, C_s), teacher rows (M, C_t) and weights (M,) of the pairs on one level."""
+    def _level_rows(student: DistillInputs, teacher: DistillInputs, pairs: Pairs, level: int, t_level: int, level_of: Tensor, offsets: Tensor):
+        """Student rows (M, C_s), teacher rows (M, C_t) and weights (M,) of the pairs on student
+        level ``level`` (teacher level ``t_level``, the same stride)."""
         start, stop = int(offsets[level]), int(offsets[level + 1])
         if pairs.mask is not None and bool((pairs.mask[:, start:stop] > 0).all()):
             # A region selecting the whole level (``all`` on a full canvas): same rows, no gather/scatter.
             w = pairs.mask[:, start:stop].reshape(-1).float()
-            return student.feature_rows(level, None, None), teacher.feature_rows(level, None, None), w
+            return student.feature_rows(level, None, None), teacher.feature_rows(t_level, None, None), w
         on_level = level_of == level
         image = pairs.image[on_level]
         s_rows = student.feature_rows(level, image, pairs.student[on_level] - start)
-        t_rows = teacher.feature_rows(level, image, pairs.teacher[on_level] - start)
+        t_rows = teacher.feature_rows(t_level, image, pairs.teacher[on_level] - start)
         return s_rows, t_rows, pairs.weight[on_level]
 
     def _levels(self, num_levels: int) -> list[int]:

@@ -3,8 +3,9 @@
 It wraps :mod:`distill.regions` (``main``, ``vlr``, ``gt_boxes``, ``all``): the region mask over
 the student's grid becomes pairs ``(image, n, n, mask[image, n])``. For prediction losses both
 detectors must be dense and predict on the same grid (same strides; the input size is checked when
-the maps meet). For feature losses only the FPN grids must agree, so ``gt_boxes`` and ``all`` also
-serve a sparse student's FPN maps; ``main`` and ``vlr`` read the student's dense matches and refuse
+the maps meet). For feature losses only the FPN grids must agree, level by level at the same stride
+(the teacher may have more levels: a P3-P5 student imitates a P3-P7 teacher's P3-P5), so
+``gt_boxes`` and ``all`` also serve a sparse student's FPN maps; ``main`` and ``vlr`` read the student's dense matches and refuse
 a sparse student.
 """
 from __future__ import annotations
@@ -42,11 +43,19 @@ class RegionPairer(Pairer):
                 f"pairer {str(self.region)!r} reads the student's dense positives, but the student is a {student.family} detector; "
                 "use region gt_boxes or all for its FPN features"
             )
-        if tuple(student.strides) != tuple(teacher.strides):
-            what = "predict at" if space == "predictions" else "have FPN maps at"
+        if space == "predictions" and tuple(student.strides) != tuple(teacher.strides):
             raise ConfigError(
                 f"pairer {str(self.region)!r}: teacher strides {tuple(teacher.strides)} != student strides {tuple(student.strides)}; "
-                f"dense pairs compare the same locations, so both detectors must {what} the same FPN levels"
+                "dense pairs compare the same locations, so both detectors must predict at the same FPN levels"
+            )
+        missing = sorted(set(student.strides) - set(teacher.strides))
+        if space == "features" and missing:
+            # Feature losses pair each student level with the teacher level of the same stride, so a
+            # P3-P5 student can imitate a P3-P7 teacher; a student level the teacher lacks cannot.
+            raise ConfigError(
+                f"pairer {str(self.region)!r}: the teacher has no FPN map at student stride(s) {missing} "
+                f"(teacher strides {tuple(teacher.strides)}, student {tuple(student.strides)}); "
+                "feature pairs compare the same location at the same stride"
             )
 
     def __call__(self, student: DistillInputs, teacher: DistillInputs | None, targets: list[Target], space: str) -> Pairs:
