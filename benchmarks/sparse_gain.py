@@ -22,6 +22,10 @@ Every student row uses the same schedule and the seeds of the profile. A run fol
 ``summary.json`` is reused, so an interrupted benchmark resumes and separate processes can train
 disjoint rows (``--only``, ``--seeds``) before one last call summarises. Prints tables and writes
 ``sparse_gain.json``. Gap closed = (row AP - alone AP) / (teacher AP - alone AP), on seed means.
+
+Every run's final checkpoint is also evaluated on a tuning split (``data-tune``: scenes of another
+generator seed, as many images as val). The row to recommend is the one with the largest paired
+gain on the tuning split; val AP only reports the rows, so the choice does not fit val.
 """
 from __future__ import annotations
 
@@ -116,6 +120,29 @@ def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> 
     return teachers
 
 
+def tune_data(out: Path, profile: dict) -> Path:
+    """The tuning split: scenes from another generator seed (1; train and val use 0), as many images
+    as val. Rows are compared and the one to recommend is chosen on it; val only reports them."""
+    tune = out / "data-tune"
+    if not (tune / "val.json").is_file():
+        generate_scenes(tune, num_train=0, num_val=profile["val"], size=profile["size"], seed=1)
+    return tune
+
+
+def tune_metrics(run: Path, tune: Path) -> dict:
+    """COCO metrics of a finished run's final checkpoint on the tuning split (computed once, kept in the run)."""
+    from distill.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
+    from distill.data import DetectionTransform, load_dataset
+    from distill.engine.evaluate import evaluate_detector
+
+    record = run / "tune.json"
+    if not record.is_file():
+        model, meta = load_detector(resolve_checkpoint(run / "checkpoints" / "last.safetensors"))
+        dataset = load_dataset(tune, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
+        atomic_write_text(record, json.dumps(evaluate_detector(model, dataset), indent=2, sort_keys=True) + "\n")
+    return json.loads(record.read_text())
+
+
 def teacher_cache(out: Path, teacher_slug: str) -> Path:
     """The teacher's cache on the training split (built once with ``detkd cache``; resumed if interrupted)."""
     cache = out / f"cache-{teacher_slug}"
@@ -126,7 +153,7 @@ def teacher_cache(out: Path, teacher_slug: str) -> Path:
 
 
 def train_rows(out: Path, profile: dict, threads: int, rows: list) -> dict[str, list[dict]]:
-    data, results = out / "data", {}
+    data, results, tune = out / "data", {}, tune_data(out, profile)
     for name, slug, teacher_slug, losses, _ in rows:
         for seed in profile["seeds"]:
             run = out / f"{slug}-s{seed}"
@@ -140,7 +167,7 @@ def train_rows(out: Path, profile: dict, threads: int, rows: list) -> dict[str, 
                     # quick: 2-epoch teachers are below min_ap by design; force past the quality check there only
                     distill_run(row_recipe(teacher_slug, losses, sets), out / f"teacher-{teacher_slug}", data, run,
                                 force=profile.get("force", False), cache=cache)
-            results.setdefault(slug, []).append({"seed": seed, "run": str(run), **finished(run)})
+            results.setdefault(slug, []).append({"seed": seed, "run": str(run), **finished(run), "tune": tune_metrics(run, tune)})
     return results
 
 
@@ -245,10 +272,18 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             row["paired_gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             row["seeds_above_alone"] = sum(d > 0 for d in diffs)
             row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
+            tune_alone = {r["seed"]: r["tune"]["AP"] for r in results["alone"]}
+            tune_diffs = [r["tune"]["AP"] - tune_alone[r["seed"]] for r in results[slug] if r["seed"] in tune_alone]
+            row["tune_paired_gain_mean"] = statistics.mean(tune_diffs) if tune_diffs else None
+            row["tune_seeds_above_alone"] = sum(d > 0 for d in tune_diffs)
         if cost and teacher_slug and slug in cost:
             row["cost"] = cost[slug]
+        row["tune_APs"] = [r["tune"]["AP"] for r in results[slug]]
         out_rows[slug] = row
-    return {"teachers": {s: {"AP": t["final"]["AP"], "AP50": t["final"]["AP50"], "seconds": t["seconds"]} for s, t in teachers.items()},
+    # The row to recommend is chosen on the tuning split (paired gain there), never on val.
+    scored = {slug: row["tune_paired_gain_mean"] for slug, row in out_rows.items() if row.get("tune_paired_gain_mean") is not None}
+    return {"selected_on_tune": max(scored, key=scored.get) if scored else None,
+            "teachers": {s: {"AP": t["final"]["AP"], "AP50": t["final"]["AP50"], "seconds": t["seconds"]} for s, t in teachers.items()},
             "rows": out_rows, "cost_alone": (cost or {}).get("alone")}
 
 
@@ -256,19 +291,21 @@ def print_tables(summary: dict) -> None:
     p = summary["settings"]
     table = Table(title=f"sparse_gain ({summary['profile']}): COCO AP on scenes val ({p['train']}/{p['val']} at {p['size']} px), final epoch, "
                         f"students {p['student_epochs']} epochs, seeds {p['seeds']}")
-    for column in ("row", "AP (mean)", "± std", "APs", "AP50", "gain", "gain / spread", "gap closed", "distill step", "  w/o teacher", "terms / student step"):
+    for column in ("row", "AP (mean)", "± std", "APs", "AP50", "gain", "gain / spread", "gap closed", "tune gain", "distill step", "  w/o teacher", "terms / student step"):
         table.add_column(column, justify="left" if column == "row" else "right")
     for slug, t in summary["teachers"].items():
-        table.add_row(f"teacher {slug} ({TEACHERS[slug][0]})", f"{t['AP']:.4f}", "", "", f"{t['AP50']:.4f}", "", "", "", "", "", "")
+        table.add_row(f"teacher {slug} ({TEACHERS[slug][0]})", f"{t['AP']:.4f}", "", "", f"{t['AP50']:.4f}", "", "", "", "", "", "", "")
     for row in summary["rows"].values():
         c = row.get("cost")
         gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         table.add_row(
             row["name"], f"{row['AP_mean']:.4f}", f"{row['AP_std']:.4f}", " ".join(f"{a:.3f}" for a in row["APs"]), f"{row['AP50_mean']:.4f}",
             f"{row['gain']:+.4f}" if "gain" in row else "-", f"{row['gain_over_spread']:+.1f}" if "gain" in row else "-", gap,
+            f"{row['tune_paired_gain_mean']:+.4f}" if row.get("tune_paired_gain_mean") is not None else "-",
             f"{c['distill_over_alone']:.2f}x" if c else "-", f"{c['without_teacher_over_alone']:.2f}x" if c else "-", f"{100 * c['terms_over_alone']:.1f}%" if c else "-",
         )
     console.print(table)
+    console.print(f"row chosen on the tuning split (largest paired gain there): {summary.get('selected_on_tune')}")
     if summary.get("cost_alone"):
         console.print(f"student step alone: {1000 * summary['cost_alone']['step_s']:.0f} ms (batch {summary['cost']['batch_size']}, "
                       f"{summary['cost']['threads']} threads, median of interleaved repeats)")
@@ -276,19 +313,21 @@ def print_tables(summary: dict) -> None:
 
 def markdown_table(summary: dict) -> str:
     """The README's table of one summary (every row as measured; '-' where a value does not apply)."""
-    lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | paired gain (± std) | seeds up | gap closed | distill step | w/o teacher | terms / student step |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | paired gain (± std) | seeds up | gap closed | tune gain (seeds up) | distill step | w/o teacher | terms / student step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for slug, t in summary["teachers"].items():
-        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | | | |")
+        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | | | | |")
     for slug, row in summary["rows"].items():
         c = row.get("cost")
         gap = "–" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         lines.append(
             f"| {row['name']} (`{slug}`) | {row['AP_mean']:.3f} ± {row['AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['APs'])} | {row['AP50_mean']:.3f} | "
             + (f"{row['gain']:+.3f} | {row['gain_over_spread']:+.1f} | {row['paired_gain_mean']:+.3f} ± {row['paired_gain_std']:.3f} | "
-               f"{row['seeds_above_alone']}/{len(row['paired_gains'])} | {gap} | " if "gain" in row else "– | – | – | – | – | ")
+               f"{row['seeds_above_alone']}/{len(row['paired_gains'])} | {gap} | "
+               f"{row['tune_paired_gain_mean']:+.3f} ({row['tune_seeds_above_alone']}/{len(row['paired_gains'])}) | " if "gain" in row else "– | – | – | – | – | – | ")
             + (f"{c['distill_over_alone']:.2f}× | {c['without_teacher_over_alone']:.2f}× | {100 * c['terms_over_alone']:.1f}% |" if c else "– | – | – |")
         )
+    lines.append(f"\nChosen on the tuning split (largest paired gain there): `{summary.get('selected_on_tune')}`.")
     return "\n".join(lines) + "\n"
 
 

@@ -60,3 +60,19 @@ def test_every_row_shares_the_baselines_student_and_schedule():
     for _, _, teacher_slug, losses, _ in DISTILLED:
         recipe = bench.row_recipe(teacher_slug, losses, [])
         assert recipe.student == base.student and recipe.train == base.train and recipe.data == base.data
+
+
+def test_the_recommended_row_is_chosen_on_the_tuning_split_not_on_val():
+    # row s6-gt wins on val, gfl-gt on the tuning split: the summary recommends gfl-gt and reports both on val
+    def runs(val, tune):
+        return [{"seed": s, "final": {"AP": v, "AP50": 2 * v}, "seconds": 1.0, "tune": {"AP": t}} for s, (v, t) in enumerate(zip(val, tune))]
+
+    results = {"alone": runs([0.10, 0.12], [0.20, 0.22]), "s6-gt": runs([0.15, 0.16], [0.19, 0.23]), "gfl-gt": runs([0.11, 0.12], [0.25, 0.26])}
+    teachers = {slug: {"final": {"AP": 0.5, "AP50": 0.8}, "seconds": 1.0} for slug in ("sparse6", "gfl")}
+    summary = bench.summarise(teachers, results, bench.ROWS, None)
+    assert summary["selected_on_tune"] == "gfl-gt"
+    gfl, s6 = summary["rows"]["gfl-gt"], summary["rows"]["s6-gt"]
+    assert gfl["tune_paired_gain_mean"] == pytest.approx(0.045) and gfl["tune_seeds_above_alone"] == 2
+    assert s6["tune_paired_gain_mean"] == pytest.approx(0.0) and s6["tune_seeds_above_alone"] == 1
+    assert s6["paired_gain_mean"] == pytest.approx(0.045) and gfl["paired_gain_mean"] == pytest.approx(0.005)
+    assert gfl["tune_APs"] == [0.25, 0.26]
