@@ -2,6 +2,8 @@
 
     python benchmarks/sparse_gain.py --threads 1            # full profile (hours of CPU: see --only)
     python benchmarks/sparse_gain.py --quick --threads 1    # minutes: tiny data, 2 epochs, 1 seed
+    python benchmarks/sparse_gain.py --profile long --reuse benchmarks/results/sparse_gain-full --only alone,gfl-gt
+                                                            # students 16 epochs, the full profile's teachers
 
 The sparse sibling of ``distill_gain.py``. On one scenes split (400 train / 100 val images, 128 px):
 
@@ -52,6 +54,8 @@ from distill_gain import fresh, interleaved_medians, optimizer_step, select_rows
 
 PROFILES = {
     "full": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 8, "seeds": [0, 1, 2]},
+    # the same data, teachers and rows with students trained twice as long (800 steps)
+    "long": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 16, "seeds": [0, 1, 2]},
     "quick": {"train": 48, "val": 16, "size": 128, "teacher_epochs": 2, "student_epochs": 2, "seeds": [0], "force": True},
 }
 # teacher slug -> (teacher recipe, its overrides, distill recipe whose student and schedule every row uses)
@@ -118,6 +122,18 @@ def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> 
             train_run(load_recipe(recipe_name, sets), data, run)
         teachers[slug] = finished(run)
     return teachers
+
+
+def link_shared(out: Path, reuse: Path) -> None:
+    """Read the data, tuning split, teachers and teacher caches of benchmark folder ``reuse`` from
+    ``out`` (symlinks; nothing is copied or retrained). Its profile must have the same data and teachers."""
+    for part in sorted(reuse.iterdir()):
+        if part.name in ("data", "data-tune") or part.name.startswith(("teacher-", "cache-")):
+            link = out / part.name
+            try:
+                link.symlink_to(part.resolve(), target_is_directory=True)
+            except FileExistsError:  # linked before (or by a process training other rows)
+                pass
 
 
 def tune_data(out: Path, profile: dict) -> Path:
@@ -333,15 +349,19 @@ def markdown_table(summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="minutes: tiny data, 2 epochs, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="minutes: tiny data, 2 epochs, 1 seed (= --profile quick)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full", help="full: students 8 epochs; long: 16")
+    parser.add_argument("--reuse", type=Path, default=None, help="benchmark folder whose data, teachers and caches to reuse (same data and teacher settings)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/sparse_gain-<profile>)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1,2 for full)")
     parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r[1] for r in ROWS))
     parser.add_argument("--no-cost", action="store_true", help="train only; skip the step-time measurements and the summary")
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--cost-from", type=Path, default=None,
+                        help="sparse_gain.json of another profile whose step costs to report (same student, batch and teachers: a step costs the same however many there are)")
     args = parser.parse_args(argv)
-    profile_name = "quick" if args.quick else "full"
+    profile_name = "quick" if args.quick else args.profile
     profile = dict(PROFILES[profile_name])
     if args.seeds:
         profile["seeds"] = [int(s) for s in args.seeds.split(",")]
@@ -350,14 +370,19 @@ def main(argv: list[str] | None = None) -> dict:
         rows = select_rows(parser, args.only, ROWS)
     out = args.out or Path(__file__).parent / "results" / f"sparse_gain-{profile_name}"
     out.mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        link_shared(out, args.reuse)
     torch.set_num_threads(args.threads)
     teachers = train_teachers(out, profile, args.threads, {r[2] for r in rows if r[2]})
     results = train_rows(out, profile, args.threads, rows)
     if args.no_cost:
         return {}
-    cost = measure_cost(out, profile, args.threads, rows, args.repeats)
+    if args.cost_from:
+        cost = json.loads(args.cost_from.read_text())["cost"]
+    else:
+        cost = measure_cost(out, profile, args.threads, rows, args.repeats)
     summary = summarise(teachers, results, rows, cost)
-    summary.update(profile=profile_name, settings=profile, cost=cost, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
+    summary.update(profile=profile_name, settings=profile, cost=cost, cost_source=str(args.cost_from or "measured in this call"), command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
     (out / "sparse_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     (out / "sparse_gain.md").write_text(markdown_table(summary))
     print_tables(summary)
