@@ -76,3 +76,16 @@ def test_the_recommended_row_is_chosen_on_the_tuning_split_not_on_val():
     assert s6["tune_paired_gain_mean"] == pytest.approx(0.0) and s6["tune_seeds_above_alone"] == 1
     assert s6["paired_gain_mean"] == pytest.approx(0.045) and gfl["paired_gain_mean"] == pytest.approx(0.005)
     assert gfl["tune_APs"] == [0.25, 0.26]
+
+
+def test_reuse_links_the_data_teachers_and_caches_only(tmp_path):
+    full, long = tmp_path / "full", tmp_path / "long"
+    for name in ("data", "data-tune", "teacher-gfl", "cache-sparse6", "alone-s0", "claims"):
+        (full / name).mkdir(parents=True)
+    (full / "teacher-gfl" / "summary.json").write_text("{}")
+    long.mkdir()
+    bench.link_shared(long, full)
+    bench.link_shared(long, full)  # again (another process, a resumed call): nothing changes
+    assert sorted(p.name for p in long.iterdir()) == ["cache-sparse6", "data", "data-tune", "teacher-gfl"]
+    assert all((long / p).is_symlink() for p in ("data", "teacher-gfl"))
+    assert (long / "teacher-gfl" / "summary.json").read_text() == "{}"  # the full profile's teacher, not a copy
