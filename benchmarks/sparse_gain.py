@@ -296,9 +296,14 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             row["cost"] = cost[slug]
         row["tune_APs"] = [r["tune"]["AP"] for r in results[slug]]
         out_rows[slug] = row
-    # The row to recommend is chosen on the tuning split (paired gain there), never on val.
-    scored = {slug: row["tune_paired_gain_mean"] for slug, row in out_rows.items() if row.get("tune_paired_gain_mean") is not None}
-    return {"selected_on_tune": max(scored, key=scored.get) if scored else None,
+    # The row to recommend, per teacher, is chosen on the tuning split (paired gain there), never on val.
+    selected = {}
+    for teacher_slug in TEACHERS:
+        scored = {slug: row["tune_paired_gain_mean"] for slug, row in out_rows.items()
+                  if row["teacher"] == teacher_slug and row.get("tune_paired_gain_mean") is not None}
+        if scored:
+            selected[teacher_slug] = max(scored, key=scored.get)
+    return {"selected_on_tune": selected,
             "teachers": {s: {"AP": t["final"]["AP"], "AP50": t["final"]["AP50"], "seconds": t["seconds"]} for s, t in teachers.items()},
             "rows": out_rows, "cost_alone": (cost or {}).get("alone")}
 
@@ -321,7 +326,7 @@ def print_tables(summary: dict) -> None:
             f"{c['distill_over_alone']:.2f}x" if c else "-", f"{c['without_teacher_over_alone']:.2f}x" if c else "-", f"{100 * c['terms_over_alone']:.1f}%" if c else "-",
         )
     console.print(table)
-    console.print(f"row chosen on the tuning split (largest paired gain there): {summary.get('selected_on_tune')}")
+    console.print(f"rows chosen on the tuning split (largest paired gain there, per teacher): {summary.get('selected_on_tune')}")
     if summary.get("cost_alone"):
         console.print(f"student step alone: {1000 * summary['cost_alone']['step_s']:.0f} ms (batch {summary['cost']['batch_size']}, "
                       f"{summary['cost']['threads']} threads, median of interleaved repeats)")
@@ -343,7 +348,8 @@ def markdown_table(summary: dict) -> str:
                f"{row['tune_paired_gain_mean']:+.3f} ({row['tune_seeds_above_alone']}/{len(row['paired_gains'])}) | " if "gain" in row else "– | – | – | – | – | – | ")
             + (f"{c['distill_over_alone']:.2f}× | {c['without_teacher_over_alone']:.2f}× | {100 * c['terms_over_alone']:.1f}% |" if c else "– | – | – |")
         )
-    lines.append(f"\nChosen on the tuning split (largest paired gain there): `{summary.get('selected_on_tune')}`.")
+    chosen = ", ".join(f"{teacher}: `{slug}`" for teacher, slug in (summary.get("selected_on_tune") or {}).items())
+    lines.append(f"\nChosen on the tuning split (largest paired gain there, per teacher): {chosen or 'none'}.")
     return "\n".join(lines) + "\n"
 
 
