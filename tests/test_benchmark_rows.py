@@ -90,3 +90,17 @@ def test_reuse_links_the_data_teachers_and_caches_only(tmp_path):
     assert sorted(p.name for p in long.iterdir()) == ["cache-sparse6", "data", "data-tune", "teacher-gfl"]
     assert all((long / p).is_symlink() for p in ("data", "teacher-gfl"))
     assert (long / "teacher-gfl" / "summary.json").read_text() == "{}"  # the full profile's teacher, not a copy
+
+
+def test_the_shipped_recipes_are_the_rows_chosen_on_the_tuning_split():
+    # benchmarks/records/sparse_gain-long.json: the recipes' own 16-epoch schedule; its choice per
+    # teacher is what asag-distill-sparse6 / asag-distill-gfl ship (README, sparse distillation)
+    import json
+
+    record = json.loads((BENCHMARKS / "records" / "sparse_gain-long.json").read_text())
+    assert record["profile"] == "long" and record["settings"]["student_epochs"] == load_recipe("asag-distill-gfl").train.epochs
+    rows = {row[1]: row for row in bench.ROWS}
+    for teacher_slug, slug in record["selected_on_tune"].items():
+        _, _, row_teacher, losses, _ = rows[slug]
+        assert row_teacher == teacher_slug
+        assert load_recipe(bench.TEACHERS[teacher_slug][2]).losses == bench.row_recipe(teacher_slug, losses, []).losses, slug
