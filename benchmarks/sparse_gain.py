@@ -128,7 +128,7 @@ def link_shared(out: Path, reuse: Path) -> None:
     """Read the data, tuning split, teachers and teacher caches of benchmark folder ``reuse`` from
     ``out`` (symlinks; nothing is copied or retrained). Its profile must have the same data and teachers."""
     for part in sorted(reuse.iterdir()):
-        if part.name in ("data", "data-tune") or part.name.startswith(("teacher-", "cache-")):
+        if part.name in ("data", "data-tune") or part.name.startswith(("teacher-", "cache-", "data-large")):
             link = out / part.name
             try:
                 link.symlink_to(part.resolve(), target_is_directory=True)
@@ -145,13 +145,24 @@ def tune_data(out: Path, profile: dict) -> Path:
     return tune
 
 
-def tune_metrics(run: Path, tune: Path) -> dict:
-    """COCO metrics of a finished run's final checkpoint on the tuning split (computed once, kept in the run)."""
+def large_data(out: Path, profile: dict, count: int) -> Path:
+    """A larger report split (``--large-val``): ``count`` scenes of generator seed 2, same objects and
+    textures as val. Evaluation only: a 100-image val moves one run's AP by ~0.02 with the scenes it
+    is scored on, so the same checkpoints are also scored on more images."""
+    large = out / f"data-large{count}"
+    if not (large / "val.json").is_file():
+        generate_scenes(large, num_train=0, num_val=count, size=profile["size"], seed=2)
+    return large
+
+
+def tune_metrics(run: Path, tune: Path, name: str = "tune") -> dict:
+    """COCO metrics of a finished run's final checkpoint on the val split of ``tune`` (computed once,
+    kept in the run as ``<name>.json``)."""
     from distill.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
     from distill.data import DetectionTransform, load_dataset
     from distill.engine.evaluate import evaluate_detector
 
-    record = run / "tune.json"
+    record = run / f"{name}.json"
     if not record.is_file():
         model, meta = load_detector(resolve_checkpoint(run / "checkpoints" / "last.safetensors"))
         dataset = load_dataset(tune, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
@@ -168,7 +179,7 @@ def teacher_cache(out: Path, teacher_slug: str) -> Path:
     return cache
 
 
-def train_rows(out: Path, profile: dict, threads: int, rows: list) -> dict[str, list[dict]]:
+def train_rows(out: Path, profile: dict, threads: int, rows: list, large: Path | None = None) -> dict[str, list[dict]]:
     data, results, tune = out / "data", {}, tune_data(out, profile)
     for name, slug, teacher_slug, losses, _ in rows:
         for seed in profile["seeds"]:
@@ -183,7 +194,10 @@ def train_rows(out: Path, profile: dict, threads: int, rows: list) -> dict[str, 
                     # quick: 2-epoch teachers are below min_ap by design; force past the quality check there only
                     distill_run(row_recipe(teacher_slug, losses, sets), out / f"teacher-{teacher_slug}", data, run,
                                 force=profile.get("force", False), cache=cache)
-            results.setdefault(slug, []).append({"seed": seed, "run": str(run), **finished(run), "tune": tune_metrics(run, tune)})
+            record = {"seed": seed, "run": str(run), **finished(run), "tune": tune_metrics(run, tune)}
+            if large is not None:
+                record["large"] = tune_metrics(run, large, large.name)
+            results.setdefault(slug, []).append(record)
     return results
 
 
@@ -295,6 +309,16 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
         if cost and teacher_slug and slug in cost:
             row["cost"] = cost[slug]
         row["tune_APs"] = [r["tune"]["AP"] for r in results[slug]]
+        if all("large" in r for r in results[slug] + results.get("alone", [])):
+            large_aps = [r["large"]["AP"] for r in results[slug]]
+            row["large_APs"], row["large_AP_mean"] = large_aps, statistics.mean(large_aps)
+            row["large_AP_std"] = statistics.stdev(large_aps) if len(large_aps) > 1 else 0.0
+            if teacher_slug:
+                large_alone = {r["seed"]: r["large"]["AP"] for r in results["alone"]}
+                large_diffs = [r["large"]["AP"] - large_alone[r["seed"]] for r in results[slug] if r["seed"] in large_alone]
+                row["large_paired_gains"] = large_diffs
+                row["large_paired_gain_mean"] = statistics.mean(large_diffs) if large_diffs else None
+                row["large_paired_gain_std"] = statistics.stdev(large_diffs) if len(large_diffs) > 1 else 0.0
         out_rows[slug] = row
     # The row to recommend, per teacher, is chosen on the tuning split (paired gain there), never on val.
     selected = {}
@@ -349,6 +373,15 @@ def markdown_table(summary: dict) -> str:
             + (f"{c['distill_over_alone']:.2f}× | {c['without_teacher_over_alone']:.2f}× | {100 * c['terms_over_alone']:.1f}% |" if c else "– | – | – |")
         )
     chosen = ", ".join(f"{teacher}: `{slug}`" for teacher, slug in (summary.get("selected_on_tune") or {}).items())
+    if any("large_APs" in row for row in summary["rows"].values()):
+        lines += ["", f"The same checkpoints on the larger report split ({summary['settings'].get('large_val')} images):", "",
+                  "| row | AP (mean ± std) | APs per seed | paired gain (± std) | seeds up |", "|---|---:|---|---:|---:|"]
+        for slug, row in summary["rows"].items():
+            if "large_APs" not in row:
+                continue
+            gain = (f"{row['large_paired_gain_mean']:+.3f} ± {row['large_paired_gain_std']:.3f} | "
+                    f"{sum(d > 0 for d in row['large_paired_gains'])}/{len(row['large_paired_gains'])} |") if "large_paired_gains" in row else "– | – |"
+            lines.append(f"| `{slug}` | {row['large_AP_mean']:.3f} ± {row['large_AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['large_APs'])} | {gain}")
     lines.append(f"\nChosen on the tuning split (largest paired gain there, per teacher): {chosen or 'none'}.")
     return "\n".join(lines) + "\n"
 
@@ -364,6 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r[1] for r in ROWS))
     parser.add_argument("--no-cost", action="store_true", help="train only; skip the step-time measurements and the summary")
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--large-val", type=int, default=0, help="also score every final checkpoint on this many more scenes (generator seed 2): a report, not a selection")
     parser.add_argument("--cost-from", type=Path, default=None,
                         help="sparse_gain.json of another profile whose step costs to report (same student, batch and teachers: a step costs the same however many there are)")
     args = parser.parse_args(argv)
@@ -380,7 +414,10 @@ def main(argv: list[str] | None = None) -> dict:
         link_shared(out, args.reuse)
     torch.set_num_threads(args.threads)
     teachers = train_teachers(out, profile, args.threads, {r[2] for r in rows if r[2]})
-    results = train_rows(out, profile, args.threads, rows)
+    if args.large_val:
+        profile["large_val"] = args.large_val
+    large = large_data(out, profile, args.large_val) if args.large_val else None
+    results = train_rows(out, profile, args.threads, rows, large)
     if args.no_cost:
         return {}
     if args.cost_from:

@@ -104,3 +104,21 @@ def test_the_shipped_recipes_are_the_rows_chosen_on_the_tuning_split():
         _, _, row_teacher, losses, _ = rows[slug]
         assert row_teacher == teacher_slug
         assert load_recipe(bench.TEACHERS[teacher_slug][2]).losses == bench.row_recipe(teacher_slug, losses, []).losses, slug
+
+
+def test_the_larger_report_split_is_paired_by_seed_and_never_selects():
+    def runs(val, tune, large):
+        return [{"seed": s, "final": {"AP": v, "AP50": v}, "seconds": 1.0, "tune": {"AP": t}, "large": {"AP": g}}
+                for s, (v, t, g) in enumerate(zip(val, tune, large))]
+
+    results = {"alone": runs([0.10, 0.12], [0.20, 0.22], [0.15, 0.17]), "gfl-gt": runs([0.11, 0.12], [0.25, 0.26], [0.16, 0.16]),
+               "gfl-set": runs([0.11, 0.12], [0.21, 0.22], [0.30, 0.30])}
+    teachers = {slug: {"final": {"AP": 0.5, "AP50": 0.8}, "seconds": 1.0} for slug in ("sparse6", "gfl")}
+    summary = bench.summarise(teachers, results, bench.ROWS, None)
+    row = summary["rows"]["gfl-gt"]
+    assert row["large_paired_gains"] == pytest.approx([0.01, -0.01]) and row["large_paired_gain_mean"] == pytest.approx(0.0)
+    assert summary["rows"]["alone"]["large_AP_mean"] == pytest.approx(0.16) and "large_paired_gains" not in summary["rows"]["alone"]
+    assert summary["selected_on_tune"] == {"gfl": "gfl-gt"}  # gfl-set's large-split lead does not choose it
+    summary["settings"] = {"large_val": 500}
+    table = bench.markdown_table(summary)
+    assert "larger report split (500 images)" in table and "| `gfl-gt` | 0.160 ± 0.000 | 0.160 / 0.160 | +0.000 ± 0.014 | 1/2 |" in table
