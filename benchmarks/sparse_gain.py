@@ -43,6 +43,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from distill.checkpoint import atomic_write_text
 from distill.config import apply_overrides, recipe_from_dict, read_yaml
 from distill.data import generate_scenes
 from distill.engine.demo import baseline_recipe, finished, gap_closed
@@ -158,7 +159,7 @@ def large_data(out: Path, profile: dict, count: int) -> Path:
 def tune_metrics(run: Path, tune: Path, name: str = "tune") -> dict:
     """COCO metrics of a finished run's final checkpoint on the val split of ``tune`` (computed once,
     kept in the run as ``<name>.json``)."""
-    from distill.checkpoint import atomic_write_text, load_detector, resolve_checkpoint
+    from distill.checkpoint import load_detector, resolve_checkpoint
     from distill.data import DetectionTransform, load_dataset
     from distill.engine.evaluate import evaluate_detector
 
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r[1] for r in ROWS))
     parser.add_argument("--no-cost", action="store_true", help="train only; skip the step-time measurements and the summary")
     parser.add_argument("--repeats", type=int, default=12)
+    parser.add_argument("--name", default="sparse_gain", help="file name of the summary (<name>.json, <name>.md) in the output folder: several summaries of one folder (other rows or seeds) side by side")
     parser.add_argument("--large-val", type=int, default=0, help="also score every final checkpoint on this many more scenes (generator seed 2): a report, not a selection")
     parser.add_argument("--cost-from", type=Path, default=None,
                         help="sparse_gain.json of another profile whose step costs to report (same student, batch and teachers: a step costs the same however many there are)")
@@ -426,10 +428,10 @@ def main(argv: list[str] | None = None) -> dict:
         cost = measure_cost(out, profile, args.threads, rows, args.repeats)
     summary = summarise(teachers, results, rows, cost)
     summary.update(profile=profile_name, settings=profile, cost=cost, cost_source=str(args.cost_from or "measured in this call"), command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
-    (out / "sparse_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
-    (out / "sparse_gain.md").write_text(markdown_table(summary))
+    atomic_write_text(out / f"{args.name}.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    atomic_write_text(out / f"{args.name}.md", markdown_table(summary))
     print_tables(summary)
-    console.print(f"written to {out / 'sparse_gain.json'} and {out / 'sparse_gain.md'}")
+    console.print(f"written to {out / (args.name + '.json')} and {out / (args.name + '.md')}")
     return summary
 
 
