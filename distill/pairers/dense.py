@@ -5,8 +5,8 @@ the student's grid becomes pairs ``(image, n, n, mask[image, n])``. For predicti
 detectors must be dense and predict on the same grid (same strides; the input size is checked when
 the maps meet). For feature losses only the FPN grids must agree, level by level at the same stride
 (the teacher may have more levels: a P3-P5 student imitates a P3-P7 teacher's P3-P5), so
-``gt_boxes`` and ``all`` also serve a sparse student's FPN maps; ``main`` and ``vlr`` read the student's dense matches and refuse
-a sparse student.
+``gt_boxes`` and ``all`` also serve a sparse student's FPN maps; ``main`` and ``vlr`` read the
+student's dense matches and refuse a sparse student.
 """
 from __future__ import annotations
 
