@@ -156,9 +156,9 @@ def large_data(out: Path, profile: dict, count: int) -> Path:
     return large
 
 
-def tune_metrics(run: Path, tune: Path, name: str = "tune") -> dict:
-    """COCO metrics of a finished run's final checkpoint on the val split of ``tune`` (computed once,
-    kept in the run as ``<name>.json``)."""
+def heldout_metrics(run: Path, split: Path, name: str = "tune") -> dict:
+    """COCO metrics of a finished run's final checkpoint on the val split of dataset ``split`` (the
+    tuning split or the larger report split; computed once, kept in the run as ``<name>.json``)."""
     from distill.checkpoint import load_detector, resolve_checkpoint
     from distill.data import DetectionTransform, load_dataset
     from distill.engine.evaluate import evaluate_detector
@@ -166,7 +166,7 @@ def tune_metrics(run: Path, tune: Path, name: str = "tune") -> dict:
     record = run / f"{name}.json"
     if not record.is_file():
         model, meta = load_detector(resolve_checkpoint(run / "checkpoints" / "last.safetensors"))
-        dataset = load_dataset(tune, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
+        dataset = load_dataset(split, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
         atomic_write_text(record, json.dumps(evaluate_detector(model, dataset), indent=2, sort_keys=True) + "\n")
     return json.loads(record.read_text())
 
@@ -195,9 +195,9 @@ def train_rows(out: Path, profile: dict, threads: int, rows: list, large: Path |
                     # quick: 2-epoch teachers are below min_ap by design; force past the quality check there only
                     distill_run(row_recipe(teacher_slug, losses, sets), out / f"teacher-{teacher_slug}", data, run,
                                 force=profile.get("force", False), cache=cache)
-            record = {"seed": seed, "run": str(run), **finished(run), "tune": tune_metrics(run, tune)}
+            record = {"seed": seed, "run": str(run), **finished(run), "tune": heldout_metrics(run, tune)}
             if large is not None:
-                record["large"] = tune_metrics(run, large, large.name)
+                record["large"] = heldout_metrics(run, large, large.name)
             results.setdefault(slug, []).append(record)
     return results
 
