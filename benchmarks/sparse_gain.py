@@ -117,7 +117,7 @@ def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> 
     if not (data / "val.json").is_file():
         generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
     teachers = {}
-    for slug in wanted:
+    for slug in (t for t in TEACHERS if t in wanted):  # a fixed order: the tables list teachers alike every call
         recipe_name, overrides, _ = TEACHERS[slug]
         run = out / f"teacher-{slug}"
         if fresh(run):
@@ -280,6 +280,13 @@ def measure_cost(out: Path, profile: dict, threads: int, rows: list, repeats: in
     return cost
 
 
+def paired_gains(results: dict, slug: str, split=lambda r: r["final"]) -> list[float]:
+    """Per-seed AP differences of row ``slug`` to the student alone with the same seed, on ``split``
+    (val by default; ``r["tune"]``, ``r["large"]`` for the other splits)."""
+    alone = {r["seed"]: split(r)["AP"] for r in results["alone"]}
+    return [split(r)["AP"] - alone[r["seed"]] for r in results[slug] if r["seed"] in alone]
+
+
 def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> dict:
     out_rows = {}
     alone = statistics.mean(r["final"]["AP"] for r in results["alone"]) if "alone" in results else None
@@ -299,15 +306,13 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             # Paired by seed: a seed fixes the student's initialisation and the data order in both
             # runs (build_detector seeds; the sampler is seeded per epoch), so per-seed differences
             # remove the between-seed spread of the student itself.
-            alone_by_seed = {r["seed"]: r["final"]["AP"] for r in results["alone"]}
-            diffs = [r["final"]["AP"] - alone_by_seed[r["seed"]] for r in results[slug] if r["seed"] in alone_by_seed]
+            diffs = paired_gains(results, slug)
             row["paired_gains"] = diffs
             row["paired_gain_mean"] = statistics.mean(diffs) if diffs else None
             row["paired_gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             row["seeds_above_alone"] = sum(d > 0 for d in diffs)
             row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
-            tune_alone = {r["seed"]: r["tune"]["AP"] for r in results["alone"]}
-            tune_diffs = [r["tune"]["AP"] - tune_alone[r["seed"]] for r in results[slug] if r["seed"] in tune_alone]
+            tune_diffs = paired_gains(results, slug, lambda r: r["tune"])
             row["tune_paired_gain_mean"] = statistics.mean(tune_diffs) if tune_diffs else None
             row["tune_seeds_above_alone"] = sum(d > 0 for d in tune_diffs)
         if cost and teacher_slug and slug in cost:
@@ -318,8 +323,7 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             row["large_APs"], row["large_AP_mean"] = large_aps, statistics.mean(large_aps)
             row["large_AP_std"] = statistics.stdev(large_aps) if len(large_aps) > 1 else 0.0
             if teacher_slug:
-                large_alone = {r["seed"]: r["large"]["AP"] for r in results["alone"]}
-                large_diffs = [r["large"]["AP"] - large_alone[r["seed"]] for r in results[slug] if r["seed"] in large_alone]
+                large_diffs = paired_gains(results, slug, lambda r: r["large"])
                 row["large_paired_gains"] = large_diffs
                 row["large_paired_gain_mean"] = statistics.mean(large_diffs) if large_diffs else None
                 row["large_paired_gain_std"] = statistics.stdev(large_diffs) if len(large_diffs) > 1 else 0.0

@@ -43,13 +43,12 @@ def mimic_rows(student_rows: Tensor, teacher_rows: Tensor, weights: Tensor, norm
     return weighted_sum(sq_error, weights, normalizer)
 
 
-def teacher_levels(student: DistillInputs, teacher: DistillInputs) -> list[int]:
-    """The teacher's FPN level of each student level: the one with the same stride.
+def teacher_levels(student: DistillInputs, teacher: DistillInputs, count: int) -> list[int]:
+    """The teacher's FPN level of each of the student's ``count`` levels: the one with the same stride.
 
     Without specs (strides unknown) levels pair in order. The pair check has already refused a
     student stride the teacher lacks; this raises ConfigError for inputs built around it.
     """
-    count = len(student.feature_sizes())
     if student.spec is None or teacher.spec is None:
         return list(range(count))
     t_strides = list(teacher.spec.strides)
@@ -111,7 +110,7 @@ class FeatureMimic(DistillLoss):
 
     def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
         sizes = student.feature_sizes()
-        teacher_level = teacher_levels(student, teacher)  # student level -> teacher level of the same stride
+        teacher_level = teacher_levels(student, teacher, len(sizes))  # student level -> teacher level of the same stride
         t_sizes = teacher.feature_sizes()
         if [t_sizes[teacher_level[level]] for level in range(len(sizes))] != sizes:
             raise ConfigError(
