@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -79,6 +80,9 @@ LD_GT = [{"name": "ld", "weight": 0.25, "pairer": "gt_bridged", "params": {"temp
 # weight 2, relative MSE) taken as is, not tuned here; 1x1 adapter from the student's 32-ch P3-P5
 # to the GFL teacher's 96-ch maps at the same strides (its P6-P7 have no student counterpart).
 FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"student_channels": 32, "teacher_channels": 96}}]
+# The feature weight scanned on the tuning split (2 above, 6, 12): of the terms, only feature mimicking
+# carries what the GT does not at every location, so its weight is the first knob to turn.
+FEAT_GFL_W = lambda weight: [{**FEAT_GFL[0], "weight": weight}]  # noqa: E731
 # (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
 ROWS = [
     ("ASAG-S alone (no KD)", "alone", None, [], True),
@@ -92,6 +96,8 @@ ROWS = [
     ("GFL -> ASAG: shared queries, KD + box", "gfl-shared", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP50), True),
     ("GFL -> ASAG: feature mimicking (all locations)", "gfl-feat", "gfl", FEAT_GFL, True),
     ("GFL -> ASAG: GT-bridged KD + box + LD + features", "gfl-gt-feat", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL, True),
+    ("GFL -> ASAG: GT-bridged KD + box + LD + features x6", "gfl-gt-feat6", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(6.0), False),
+    ("GFL -> ASAG: GT-bridged KD + box + LD + features x12", "gfl-gt-feat12", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(12.0), False),
     ("GFL -> ASAG: shared queries top-16, KD + box", "gfl-shared16", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP16), False),
     ("GFL -> ASAG: recipe as shipped", "gfl-recipe", "gfl", None, False),
 ]
@@ -287,6 +293,18 @@ def paired_gains(results: dict, slug: str, split=lambda r: r["final"]) -> list[f
     return [split(r)["AP"] - alone[r["seed"]] for r in results[slug] if r["seed"] in alone]
 
 
+def gain_interval(diffs: list[float]) -> tuple[float, float] | None:
+    """95% confidence interval of the mean of paired gains (Student's t, n - 1 degrees of freedom):
+    the gain is beyond the seed spread when the interval excludes 0. None below two seeds."""
+    if len(diffs) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    mean = statistics.mean(diffs)
+    return (mean - half, mean + half)
+
+
 def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> dict:
     out_rows = {}
     alone = statistics.mean(r["final"]["AP"] for r in results["alone"]) if "alone" in results else None
@@ -311,6 +329,7 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             row["paired_gain_mean"] = statistics.mean(diffs) if diffs else None
             row["paired_gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             row["seeds_above_alone"] = sum(d > 0 for d in diffs)
+            row["paired_gain_ci95"] = gain_interval(diffs)
             row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
             tune_diffs = paired_gains(results, slug, lambda r: r["tune"])
             row["tune_paired_gain_mean"] = statistics.mean(tune_diffs) if tune_diffs else None
@@ -327,6 +346,7 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
                 row["large_paired_gains"] = large_diffs
                 row["large_paired_gain_mean"] = statistics.mean(large_diffs) if large_diffs else None
                 row["large_paired_gain_std"] = statistics.stdev(large_diffs) if len(large_diffs) > 1 else 0.0
+                row["large_paired_gain_ci95"] = gain_interval(large_diffs)
         out_rows[slug] = row
     # The row to recommend, per teacher, is chosen on the tuning split (paired gain there), never on val.
     selected = {}
@@ -375,31 +395,36 @@ def print_costs(cost: dict) -> None:
     console.print(table)
 
 
+def interval(ci) -> str:
+    return "–" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def markdown_table(summary: dict) -> str:
     """The README's table of one summary (every row as measured; '-' where a value does not apply)."""
-    lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | paired gain (± std) | seeds up | gap closed | tune gain (seeds up) | distill step | w/o teacher | terms / student step |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | paired gain (± std) | 95% interval | seeds up | gap closed | tune gain (seeds up) | distill step | w/o teacher | terms / student step |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for slug, t in summary["teachers"].items():
-        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | | | | |")
+        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | | | | | |")
     for slug, row in summary["rows"].items():
         c = row.get("cost")
         gap = "–" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         lines.append(
             f"| {row['name']} (`{slug}`) | {row['AP_mean']:.3f} ± {row['AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['APs'])} | {row['AP50_mean']:.3f} | "
             + (f"{row['gain']:+.3f} | {row['gain_over_spread']:+.1f} | {row['paired_gain_mean']:+.3f} ± {row['paired_gain_std']:.3f} | "
-               f"{row['seeds_above_alone']}/{len(row['paired_gains'])} | {gap} | "
-               f"{row['tune_paired_gain_mean']:+.3f} ({row['tune_seeds_above_alone']}/{len(row['paired_gains'])}) | " if "gain" in row else "– | – | – | – | – | – | ")
+               f"{interval(row.get('paired_gain_ci95'))} | {row['seeds_above_alone']}/{len(row['paired_gains'])} | {gap} | "
+               f"{row['tune_paired_gain_mean']:+.3f} ({row['tune_seeds_above_alone']}/{len(row['paired_gains'])}) | " if "gain" in row else "– | – | – | – | – | – | – | ")
             + (f"{c['distill_over_alone']:.2f}× | {c['without_teacher_over_alone']:.2f}× | {100 * c['terms_over_alone']:.1f}% |" if c else "– | – | – |")
         )
     chosen = ", ".join(f"{teacher}: `{slug}`" for teacher, slug in (summary.get("selected_on_tune") or {}).items())
     if any("large_APs" in row for row in summary["rows"].values()):
         lines += ["", f"The same checkpoints on the larger report split ({summary['settings'].get('large_val')} images):", "",
-                  "| row | AP (mean ± std) | APs per seed | paired gain (± std) | seeds up |", "|---|---:|---|---:|---:|"]
+                  "| row | AP (mean ± std) | APs per seed | paired gain (± std) | 95% interval | seeds up |", "|---|---:|---|---:|---:|---:|"]
         for slug, row in summary["rows"].items():
             if "large_APs" not in row:
                 continue
-            gain = (f"{row['large_paired_gain_mean']:+.3f} ± {row['large_paired_gain_std']:.3f} | "
-                    f"{sum(d > 0 for d in row['large_paired_gains'])}/{len(row['large_paired_gains'])} |") if "large_paired_gains" in row else "– | – |"
+            ci = row.get("large_paired_gain_ci95")
+            gain = (f"{row['large_paired_gain_mean']:+.3f} ± {row['large_paired_gain_std']:.3f} | {interval(ci)} | "
+                    + f"{sum(d > 0 for d in row['large_paired_gains'])}/{len(row['large_paired_gains'])} |") if "large_paired_gains" in row else "– | – | – |"
             lines.append(f"| `{slug}` | {row['large_AP_mean']:.3f} ± {row['large_AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['large_APs'])} | {gain}")
     lines.append(f"\nChosen on the tuning split (largest paired gain there, per teacher): {chosen or 'none'}.")
     return "\n".join(lines) + "\n"

@@ -121,4 +121,12 @@ def test_the_larger_report_split_is_paired_by_seed_and_never_selects():
     assert summary["selected_on_tune"] == {"gfl": "gfl-gt"}  # gfl-set's large-split lead does not choose it
     summary["settings"] = {"large_val": 500}
     table = bench.markdown_table(summary)
-    assert "larger report split (500 images)" in table and "| `gfl-gt` | 0.160 ± 0.000 | 0.160 / 0.160 | +0.000 ± 0.014 | 1/2 |" in table
+    assert "larger report split (500 images)" in table and "| `gfl-gt` | 0.160 ± 0.000 | 0.160 / 0.160 | +0.000 ± 0.014 | [-0.127, +0.127] | 1/2 |" in table
+
+
+def test_the_gain_interval_is_students_t_on_the_paired_gains():
+    # mean 0.02, std 0.01, n 3: half-width t(0.975, 2) * 0.01 / sqrt(3) = 4.3027 * 0.005774 = 0.02484
+    low, high = bench.gain_interval([0.01, 0.02, 0.03])
+    assert low == pytest.approx(-0.00484, abs=1e-5) and high == pytest.approx(0.04484, abs=1e-5)
+    assert bench.gain_interval([0.02, 0.03, 0.04])[0] == pytest.approx(0.00516, abs=1e-5)  # the same spread above 0: excludes it
+    assert bench.gain_interval([0.05]) is None  # one seed has no spread
