@@ -80,7 +80,7 @@ LD_GT = [{"name": "ld", "weight": 0.25, "pairer": "gt_bridged", "params": {"temp
 # weight 2, relative MSE) taken as is, not tuned here; 1x1 adapter from the student's 32-ch P3-P5
 # to the GFL teacher's 96-ch maps at the same strides (its P6-P7 have no student counterpart).
 FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"student_channels": 32, "teacher_channels": 96}}]
-# The feature weight scanned on the tuning split (2 above, 6, 12): of the terms, only feature mimicking
+# The feature weight scanned on the tuning split (2 above, 6, 12, 24, 48): of the terms, only feature mimicking
 # carries what the GT does not at every location, so its weight is the first knob to turn.
 FEAT_GFL_W = lambda weight: [{**FEAT_GFL[0], "weight": weight}]  # noqa: E731
 # (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
@@ -98,6 +98,8 @@ ROWS = [
     ("GFL -> ASAG: GT-bridged KD + box + LD + features", "gfl-gt-feat", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL, True),
     ("GFL -> ASAG: GT-bridged KD + box + LD + features x6", "gfl-gt-feat6", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(6.0), False),
     ("GFL -> ASAG: GT-bridged KD + box + LD + features x12", "gfl-gt-feat12", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(12.0), False),
+    ("GFL -> ASAG: GT-bridged KD + box + LD + features x24", "gfl-gt-feat24", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(24.0), False),
+    ("GFL -> ASAG: GT-bridged KD + box + LD + features x48", "gfl-gt-feat48", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(48.0), False),
     ("GFL -> ASAG: shared queries top-16, KD + box", "gfl-shared16", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP16), False),
     ("GFL -> ASAG: recipe as shipped", "gfl-recipe", "gfl", None, False),
 ]
