@@ -83,6 +83,9 @@ FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"stud
 # The feature weight scanned on the tuning split (2 above, 6, 12, 24, 48): of the terms, only feature mimicking
 # carries what the GT does not at every location, so its weight is the first knob to turn.
 FEAT_GFL_W = lambda weight: [{**FEAT_GFL[0], "weight": weight}]  # noqa: E731
+# Rows that differ from a timed row only in loss weights: a weight is one scalar multiply, so the
+# step (and its cost record, --cost-from) is that row's.
+SAME_STEP = {f"gfl-gt-feat{w}": "gfl-gt-feat" for w in (6, 12, 24, 48)}
 # (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
 ROWS = [
     ("ASAG-S alone (no KD)", "alone", None, [], True),
@@ -336,8 +339,9 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             tune_diffs = paired_gains(results, slug, lambda r: r["tune"])
             row["tune_paired_gain_mean"] = statistics.mean(tune_diffs) if tune_diffs else None
             row["tune_seeds_above_alone"] = sum(d > 0 for d in tune_diffs)
-        if cost and teacher_slug and slug in cost:
-            row["cost"] = cost[slug]
+        cost_slug = slug if cost and slug in cost else SAME_STEP.get(slug)
+        if cost and teacher_slug and cost_slug in cost:
+            row["cost"] = cost[cost_slug]
         row["tune_APs"] = [r["tune"]["AP"] for r in results[slug]]
         if all("large" in r for r in results[slug] + results.get("alone", [])):
             large_aps = [r["large"]["AP"] for r in results[slug]]

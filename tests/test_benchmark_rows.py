@@ -135,3 +135,11 @@ def test_the_gain_interval_is_students_t_on_the_paired_gains():
     assert low == pytest.approx(-0.00484, abs=1e-5) and high == pytest.approx(0.04484, abs=1e-5)
     assert bench.gain_interval([0.02, 0.03, 0.04])[0] == pytest.approx(0.00516, abs=1e-5)  # the same spread above 0: excludes it
     assert bench.gain_interval([0.05]) is None  # one seed has no spread
+
+
+@pytest.mark.parametrize("slug", sorted(bench.SAME_STEP))
+def test_rows_sharing_a_step_cost_differ_only_in_loss_weights(slug):
+    rows = {row[1]: row for row in bench.ROWS}
+    mine, timed = rows[slug][3], rows[bench.SAME_STEP[slug]][3]
+    strip = lambda losses: [{k: v for k, v in loss.items() if k != "weight"} for loss in losses]  # noqa: E731
+    assert strip(mine) == strip(timed) and [l["weight"] for l in mine] != [l["weight"] for l in timed]
