@@ -77,7 +77,7 @@ TOP50 = {"pairer_params": {"top_k": 50}}
 TOP16 = {"pairer_params": {"top_k": 16}}  # fewer teacher boxes through the student's decoder: a cheaper extra pass
 LD_GT = [{"name": "ld", "weight": 0.25, "pairer": "gt_bridged", "params": {"temperature": 10}}]
 # Feature mimicking on every FPN location, the dense benchmark's recommended term (ld-full-feat:
-# weight 2, relative MSE) taken as is, not tuned here; 1x1 adapter from the student's 32-ch P3-P5
+# weight 2, relative MSE) taken as is (the scan below tunes it); 1x1 adapter from the student's 32-ch P3-P5
 # to the GFL teacher's 96-ch maps at the same strides (its P6-P7 have no student counterpart).
 FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"student_channels": 32, "teacher_channels": 96}}]
 # The feature weight scanned on the tuning split (2 above, 6, 12, 24, 48): of the terms, only feature mimicking
