@@ -85,7 +85,7 @@ FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"stud
 FEAT_GFL_W = lambda weight: [{**FEAT_GFL[0], "weight": weight}]  # noqa: E731
 # Rows that differ from a timed row only in loss weights: a weight is one scalar multiply, so the
 # step (and its cost record, --cost-from) is that row's.
-SAME_STEP = {f"gfl-gt-feat{w}": "gfl-gt-feat" for w in (6, 12, 24, 48)}
+SAME_STEP = {**{f"gfl-gt-feat{w}": "gfl-gt-feat" for w in (6, 12, 24, 48)}, "gfl-feat24": "gfl-feat"}
 # (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
 ROWS = [
     ("ASAG-S alone (no KD)", "alone", None, [], True),
@@ -103,6 +103,7 @@ ROWS = [
     ("GFL -> ASAG: GT-bridged KD + box + LD + features x12", "gfl-gt-feat12", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(12.0), False),
     ("GFL -> ASAG: GT-bridged KD + box + LD + features x24", "gfl-gt-feat24", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(24.0), False),
     ("GFL -> ASAG: GT-bridged KD + box + LD + features x48", "gfl-gt-feat48", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(48.0), False),
+    ("GFL -> ASAG: feature mimicking x24 (all locations)", "gfl-feat24", "gfl", FEAT_GFL_W(24.0), False),
     ("GFL -> ASAG: shared queries top-16, KD + box", "gfl-shared16", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP16), False),
     ("GFL -> ASAG: recipe as shipped", "gfl-recipe", "gfl", None, False),
 ]
