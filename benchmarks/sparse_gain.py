@@ -83,9 +83,10 @@ FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"stud
 # The feature weight scanned on the tuning split (2 above, 6, 12, 24, 48): of the terms, only feature mimicking
 # carries what the GT does not at every location, so its weight is the first knob to turn.
 FEAT_GFL_W = lambda weight: [{**FEAT_GFL[0], "weight": weight}]  # noqa: E731
+FEAT_WEIGHTS = (6, 12, 24, 48)
 # Rows that differ from a timed row only in loss weights: a weight is one scalar multiply, so the
 # step (and its cost record, --cost-from) is that row's.
-SAME_STEP = {**{f"gfl-gt-feat{w}": "gfl-gt-feat" for w in (6, 12, 24, 48)}, "gfl-feat24": "gfl-feat"}
+SAME_STEP = {**{f"gfl-gt-feat{w}": "gfl-gt-feat" for w in FEAT_WEIGHTS}, "gfl-feat24": "gfl-feat"}
 # (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
 ROWS = [
     ("ASAG-S alone (no KD)", "alone", None, [], True),
@@ -99,10 +100,8 @@ ROWS = [
     ("GFL -> ASAG: shared queries, KD + box", "gfl-shared", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP50), True),
     ("GFL -> ASAG: feature mimicking (all locations)", "gfl-feat", "gfl", FEAT_GFL, True),
     ("GFL -> ASAG: GT-bridged KD + box + LD + features", "gfl-gt-feat", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL, True),
-    ("GFL -> ASAG: GT-bridged KD + box + LD + features x6", "gfl-gt-feat6", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(6.0), False),
-    ("GFL -> ASAG: GT-bridged KD + box + LD + features x12", "gfl-gt-feat12", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(12.0), False),
-    ("GFL -> ASAG: GT-bridged KD + box + LD + features x24", "gfl-gt-feat24", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(24.0), False),
-    ("GFL -> ASAG: GT-bridged KD + box + LD + features x48", "gfl-gt-feat48", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(48.0), False),
+    *[(f"GFL -> ASAG: GT-bridged KD + box + LD + features x{w}", f"gfl-gt-feat{w}", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(float(w)), False)
+      for w in FEAT_WEIGHTS],
     ("GFL -> ASAG: feature mimicking x24 (all locations)", "gfl-feat24", "gfl", FEAT_GFL_W(24.0), False),
     ("GFL -> ASAG: shared queries top-16, KD + box", "gfl-shared16", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP16), False),
     ("GFL -> ASAG: recipe as shipped", "gfl-recipe", "gfl", None, False),
@@ -340,8 +339,8 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             tune_diffs = paired_gains(results, slug, lambda r: r["tune"])
             row["tune_paired_gain_mean"] = statistics.mean(tune_diffs) if tune_diffs else None
             row["tune_seeds_above_alone"] = sum(d > 0 for d in tune_diffs)
-        cost_slug = slug if cost and slug in cost else SAME_STEP.get(slug)
-        if cost and teacher_slug and cost_slug in cost:
+        cost_slug = slug if slug in (cost or {}) else SAME_STEP.get(slug, slug)
+        if teacher_slug and cost_slug in (cost or {}):
             row["cost"] = cost[cost_slug]
         row["tune_APs"] = [r["tune"]["AP"] for r in results[slug]]
         if all("large" in r for r in results[slug] + results.get("alone", [])):
@@ -431,7 +430,7 @@ def markdown_table(summary: dict) -> str:
                 continue
             ci = row.get("large_paired_gain_ci95")
             gain = (f"{row['large_paired_gain_mean']:+.3f} ± {row['large_paired_gain_std']:.3f} | {interval(ci)} | "
-                    + f"{sum(d > 0 for d in row['large_paired_gains'])}/{len(row['large_paired_gains'])} |") if "large_paired_gains" in row else "– | – | – |"
+                    f"{sum(d > 0 for d in row['large_paired_gains'])}/{len(row['large_paired_gains'])} |") if "large_paired_gains" in row else "– | – | – |"
             lines.append(f"| `{slug}` | {row['large_AP_mean']:.3f} ± {row['large_AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['large_APs'])} | {gain}")
     lines.append(f"\nChosen on the tuning split (largest paired gain there, per teacher): {chosen or 'none'}.")
     return "\n".join(lines) + "\n"
