@@ -1,4 +1,5 @@
-"""One decoder layer against six: ASAG-S vs the multi-stage sparse model, and Group DETR's effect.
+"""One decoder layer against six: ASAG-S vs the multi-stage sparse model, DAB-DETR with one layer vs
+six, and Group DETR's effect on both six-layer models.
 
     python benchmarks/asag.py            # full profile (about an hour on 2 CPU cores)
     python benchmarks/asag.py --quick    # minutes: smaller data, shorter schedule
@@ -9,7 +10,10 @@ input size (128 px) and schedule (the recipes' AdamW lr 2e-3, cosine):
 - ``asag-gen``: ASAG-S fed by the Adaptive Sparse Anchor Generator (``asag_s_gen``), one layer;
 - ``asag-learned``: the same one-layer student on 50 learned anchors (``asag-s-tiny``);
 - ``sparse6``: the 6-stage sparse model on the same 50 learned anchors (``sparse6-tiny``);
-- ``sparse6-group3``: the same with Group DETR, 3 query groups in training (one at inference).
+- ``sparse6-group3``: the same with Group DETR, 3 query groups in training (one at inference);
+- ``dab6`` / ``dab6-group3`` / ``dab1``: DAB-DETR (``dab6-tiny``: the same backbone and levels, 32-wide
+  tokens, no encoder) on 50 learned anchors with six decoder layers, six with Group DETR (3 groups),
+  and one layer (same parts, ``decoder_layers=1``).
 
 Each is trained with ``detkd train`` semantics (``train_run``; a run folder with a summary is
 reused, so an interrupted benchmark resumes), then its inference time is measured (eval mode,
@@ -46,7 +50,12 @@ ROWS = [
     ("ASAG-S, 50 learned anchors, 1 layer", "asag-learned", "asag-s-tiny", []),
     ("6-stage sparse, 50 learned anchors", "sparse6", "sparse6-tiny", []),
     ("  same, Group DETR (3 groups)", "sparse6-group3", "sparse6-tiny", ["student.params.groups=3"]),
+    ("DAB-DETR, 50 anchors, 6 layers", "dab6", "dab6-tiny", ["student.params.num_queries=50", "student.params.groups=1"]),
+    ("  same, Group DETR (3 groups)", "dab6-group3", "dab6-tiny", ["student.params.num_queries=50", "student.params.groups=3"]),
+    ("DAB-DETR, 50 anchors, 1 layer", "dab1", "dab6-tiny", ["student.params.num_queries=50", "student.params.groups=1", "student.params.decoder_layers=1"]),
 ]
+# Each row's six-layer reference of its own family, for the speed-up and AP-difference columns.
+REFERENCE = {"asag-gen": "sparse6", "asag-learned": "sparse6", "sparse6-group3": "sparse6", "dab1": "dab6", "dab6-group3": "dab6"}
 console = Console(width=150)
 
 
@@ -125,13 +134,11 @@ def main(argv: list[str] | None = None) -> dict:
     timing = inference_times(runs, out / "data", args.repeats, 16)
     rows = {slug: {"name": r["name"], "AP": r["final"]["AP"], "AP50": r["final"]["AP50"], "train_seconds": r["seconds"], **timing[slug]} for slug, r in runs.items()}
     summary = {"profile": {"name": name, **profile}, "threads": args.threads, "rows": rows}
-    if "sparse6" in rows:
-        for slug in ("asag-gen", "asag-learned"):
-            if slug in rows:
-                rows[slug]["speedup_vs_sparse6"] = rows["sparse6"]["inference_s"] / rows[slug]["inference_s"]
-                rows[slug]["AP_minus_sparse6"] = rows[slug]["AP"] - rows["sparse6"]["AP"]
-        if "sparse6-group3" in rows:
-            rows["sparse6-group3"]["AP_minus_sparse6"] = rows["sparse6-group3"]["AP"] - rows["sparse6"]["AP"]
+    for slug, ref in REFERENCE.items():
+        if slug in rows and ref in rows:
+            if "group" not in slug:  # a group row has the same inference path as its reference
+                rows[slug][f"speedup_vs_{ref}"] = rows[ref]["inference_s"] / rows[slug]["inference_s"]
+            rows[slug][f"AP_minus_{ref}"] = rows[slug]["AP"] - rows[ref]["AP"]
     (out / "asag.json").write_text(json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     print_table(summary)
     console.print(f"written to {out / 'asag.json'}")
@@ -141,14 +148,15 @@ def main(argv: list[str] | None = None) -> dict:
 def print_table(summary: dict) -> None:
     p = summary["profile"]
     table = Table(title=f"asag ({p['name']}): {p['train']}/{p['val']} scenes at {p['size']} px, {p['epochs']} epochs, {summary['threads']} threads")
-    for column in ("model", "AP", "AP50", "inference / batch 16", "speed-up vs 6-stage", "AP - 6-stage", "anchors / image", "generator share"):
+    for column in ("model", "AP", "AP50", "inference / batch 16", "speed-up vs 6 layers", "AP - 6 layers", "anchors / image", "generator share"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    for row in summary["rows"].values():
+    for slug, row in summary["rows"].items():
+        ref = REFERENCE.get(slug, "")
         fmt = lambda key, f: f.format(row[key]) if key in row else "-"  # noqa: E731
         anchors = f"{row['anchors_per_image_mean']:.1f} ({row['anchors_per_image_min']}-{row['anchors_per_image_max']})" if "anchors_per_image_mean" in row else "-"
         table.add_row(
-            row["name"], f"{row['AP']:.4f}", f"{row['AP50']:.4f}", f"{1000 * row['inference_s']:.0f} ms", fmt("speedup_vs_sparse6", "{:.2f}x"),
-            fmt("AP_minus_sparse6", "{:+.4f}"), anchors, fmt("generator_share", "{:.0%}"),
+            row["name"], f"{row['AP']:.4f}", f"{row['AP50']:.4f}", f"{1000 * row['inference_s']:.0f} ms", fmt(f"speedup_vs_{ref}", "{:.2f}x"),
+            fmt(f"AP_minus_{ref}", "{:+.4f}"), anchors, fmt("generator_share", "{:.0%}"),
         )
     console.print(table)
 

@@ -1,6 +1,9 @@
 """Ready recipes, one YAML file each, named by file stem.
 
-``load_recipe`` accepts a recipe name (``gfl-tiny``) or a path to a YAML file of the user's own.
+``load_recipe`` accepts a recipe name (``gfl-tiny``) or a path to a YAML file of the user's own. It
+checks the whole recipe before anything is built or written: the recipe keys (``distill.config``)
+and the detector's parameters (``students.validate_student``: ``student.params`` keys, types,
+ranges and relations, one line naming ``student.params.<key>``).
 """
 from __future__ import annotations
 
@@ -9,6 +12,10 @@ from pathlib import Path
 
 from distill.config import Recipe, apply_overrides, override_source, read_yaml, recipe_from_dict
 from distill.errors import ConfigError
+
+
+# The dense recipe the README recommends; ``detkd cache`` without --recipe caches what it reads.
+RECOMMENDED = "ld-full-feat"
 
 
 def _recipe_dir() -> Path:
@@ -35,9 +42,19 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
     path = recipe_path(name_or_path)
     raw = apply_overrides(read_yaml(path), overrides or [])
     try:
-        return recipe_from_dict(raw, str(path))
+        recipe = recipe_from_dict(raw, str(path))
+        _validate_student(recipe, str(path))
+        return recipe
     except ConfigError as exc:
         raise override_source(exc, list(overrides or []), str(path)) from None
 
 
-__all__ = ["list_recipes", "load_recipe", "recipe_path"]
+def _validate_student(recipe: Recipe, source: str) -> None:
+    from students import is_student, list_students, validate_student  # the detectors (torch, timm) load only here
+
+    if not is_student(recipe.student.name):
+        raise ConfigError(f"{source}: 'student.name' {recipe.student.name!r} is not a registered detector (known: {', '.join(list_students())})")
+    validate_student(recipe.student.name, recipe.student.params, source)
+
+
+__all__ = ["RECOMMENDED", "list_recipes", "load_recipe", "recipe_path"]

@@ -5,11 +5,18 @@
 >>> model.config   # {"name": "gfl_resnet18", "params": {...}}: create_student(**) rebuilds it
 
 Every student implements the detector contract (``distill.detector``): dense GFL
-(``students.gfl.detector.GFL``) and sparse query detectors (``students.asag.model.SparseDetector``).
+(``students.gfl.detector.GFL``) and the sparse query detectors (``students.sparse``: ASAG, Sparse R-CNN,
+DAB-DETR). ``students.common`` holds what both families use; a family never imports another.
+``validate_student(name, params, source)`` checks a recipe's ``student.params`` without building.
 """
-from students.registry import create_student, is_student, list_students, register_student, student_entrypoint
+from students.registry import (
+    create_student, is_student, list_students, register_preset, register_student, student_entrypoint, validate_student,
+)
 
 from students import gfl  # noqa: E402,F401  (registers the GFL family)
-from students import asag  # noqa: E402,F401  (registers the sparse ASAG family)
+from students import sparse  # noqa: E402,F401  (registers the sparse query-detector family)
 
-__all__ = ["create_student", "is_student", "list_students", "register_student", "student_entrypoint"]
+__all__ = [
+    "create_student", "is_student", "list_students", "register_preset", "register_student", "student_entrypoint",
+    "validate_student",
+]

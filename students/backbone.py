@@ -247,3 +247,31 @@ def _map_by_order(
         mapped[dst_key] = tensor
     log.info("mapped %d tensors of %s onto timm %s by order (all shapes match)", len(mapped), path, name)
     return mapped
+
+
+def backbone_checks(params: dict) -> list:
+    """Checks of ``backbone``, ``strides`` (default 8, 16, 32) and ``pretrained`` that need no weights:
+    a timm model with feature maps at those strides, and weights that can be found. ``ParamCheck`` rows."""
+    from students.registry import ParamCheck
+
+    name, pretrained = params.get("backbone"), params.get("pretrained")
+    strides = params.get("strides", (8, 16, 32))
+    if not isinstance(name, str) or not timm.is_model(name):
+        return [ParamCheck("backbone", name, False, "a timm model name (timm.list_models())")]
+    rows = []
+    try:
+        reductions = _feature_reductions(name)
+    except ConfigError:
+        return [ParamCheck("backbone", name, False, "a timm model that returns feature maps (features_only)")]
+    if isinstance(strides, (list, tuple)):
+        missing = [s for s in strides if s not in reductions]
+        if "strides" in params:
+            rows.append(ParamCheck("strides", list(strides), not missing, f"strides of {name}'s feature maps {reductions}"))
+        else:  # a detector with fixed levels: the backbone is what does not fit
+            rows.append(ParamCheck("backbone", name, not missing, f"a timm model with feature maps at strides {list(strides)} (it has {reductions})"))
+    if pretrained == "offline":
+        rows.append(ParamCheck("pretrained", pretrained, name in OFFLINE_WEIGHTS,
+                               f"None, 'timm' or a weights file: no offline weights are known for {name} (known: {', '.join(sorted(OFFLINE_WEIGHTS))})"))
+    elif pretrained not in (None, "timm"):
+        rows.append(ParamCheck("pretrained", pretrained, Path(str(pretrained)).is_file(), "None, 'timm', 'offline' or an existing weights file"))
+    return rows

@@ -39,3 +39,33 @@ def targets() -> list[Target]:
     )
     one = Target(boxes=torch.tensor([[8.0, 8.0, 50.0, 40.0]]), labels=torch.tensor([1]))
     return [Target.empty(), one, several]
+
+
+# The same slim size for DAB-DETR (its width is hidden_dim; no RoI or dynamic-conv sizes).
+TINY_DAB = dict(
+    backbone="mobilenetv3_small_050",
+    num_classes=3,
+    strides=(8, 16, 32),
+    hidden_dim=32,
+    num_queries=12,
+    ffn_dim=64,
+    num_heads=4,
+    decoder_layers=2,
+    encoder_layers=1,
+    pretrained=None,
+)
+
+
+def tiny_params(name: str) -> dict:
+    """Slim keyword arguments of the registered sparse detector ``name``."""
+    if name == "dab_detr":
+        return dict(TINY_DAB)
+    extra = {"sampling_points": 8, "mixing_out_points": 16} if name == "asag_a" else {}
+    return {**TINY, **extra}
+
+
+def box_outputs(model) -> list:
+    """The zero-initialised last box layers of a sparse detector (tests perturb them so gradients flow)."""
+    if hasattr(model, "decoder") and hasattr(model.decoder, "box_head"):
+        return [model.decoder.box_head.last]
+    return [stage.reg_out for stage in [*model.stages, *model.heads]] + [model.proposal.reg_out]

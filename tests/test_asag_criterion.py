@@ -5,20 +5,22 @@ import pytest
 import torch
 
 from distill.structures import BoxBins, Predictions, Target
-from students.asag.box_ops import bin_reference
-from students.asag.criterion import SetCriterion, num_boxes, query_weights, qw_norm
-from students.asag.matcher import HungarianMatcher
+from students.sparse.box_ops import bin_reference
+from students.sparse.criterion import SetCriterion, num_boxes, query_weights, qw_norm
+from students.sparse.matcher import HungarianMatcher
+from tolerances import FP32_FEW_OPS
 
 LN2 = math.log(2.0)
 
 
 def test_qw_norm_golden():
     # sigmoid(-1.5) / sigmoid(3) = 0.182426 / 0.952574; sigmoid(0) / sigmoid(3); 1.
+    # 6-digit literals (≤ 5e-7) + ≤ 10 fp32 roundings on values ≤ 1 (≤ 6e-7): atol 1e-5 ≈ 9x
     assert torch.allclose(qw_norm(torch.tensor([0.0, 1 / 3, 1.0])), torch.tensor([0.191509, 0.524897, 1.0]), atol=1e-5)
 
 
 def test_query_weights_golden_by_hand():
-    # Six-digit hand arithmetic (hence atol 1e-4). (s, u) = (0.5, 0.8): s^.4 = 0.757858, u^.6 = 0.874691, product 0.662893
+    # Six-digit hand arithmetic, chained (hence atol 1e-4; fp32's own ~30 roundings are ≤ 2e-6). (s, u) = (0.5, 0.8): s^.4 = 0.757858, u^.6 = 0.874691, product 0.662893
     #   w_pos = sigmoid(4.5 (0.662893 - 1/3)) / sigmoid(3) = 0.814986 / 0.952574 = 0.855561
     #   u^.6 >= 0.5: P_neg = (1 - 0.874691^2) / 0.75 = 0.313221; s^.4 P_neg = 0.237377
     #   w_neg = sigmoid(4.5 (0.237377 - 1/3)) / sigmoid(3) - 0.191509 = 0.413299 - 0.191509 = 0.221790
@@ -33,8 +35,10 @@ def test_query_weights_golden_by_hand():
 def test_query_weights_ranges():
     s, u = torch.rand(1000), torch.rand(1000)
     w_pos, w_neg = query_weights(s, u)
-    assert w_pos.min() >= 0.1915 - 1e-4 and w_pos.max() <= 1.0 + 1e-6
-    assert w_neg.min() >= -1e-6 and w_neg.max() <= 0.81
+    # analytic range [Norm(0), Norm(1)] = [0.191509, 1] for w_pos and [0, 0.808491] for w_neg, each end
+    # reached through ≤ 16 fp32 roundings on values ≤ 1 (FP32_FEW_OPS, absolute here)
+    assert w_pos.min() >= 0.1915 - 1e-4 and w_pos.max() <= 1.0 + FP32_FEW_OPS
+    assert w_neg.min() >= -FP32_FEW_OPS and w_neg.max() <= 0.81
 
 
 SIZE = torch.tensor([[100, 100]])
@@ -54,9 +58,11 @@ def test_query_weighted_classification_golden():
     # loss_cls = 2 * (0.633820 + 0.519860) / 1 GT = 2.307360; perfect box: L1 = GIoU = 0.
     losses, matches = SetCriterion(query_weighting=True)(_two_queries(), GT, SIZE)
     assert matches.pred_index[0].tolist() == [0] and matches.gt_index[0].tolist() == [0]
+    # 1e-4: the six-digit hand arithmetic above (fp32's ~30 roundings are ≤ 5e-6 of 2.3)
     assert abs(losses["loss_cls"].item() - 2.307360) < 1e-4
-    assert losses["loss_l1"].item() == pytest.approx(0.0, abs=1e-6)
-    assert losses["loss_giou"].item() == pytest.approx(0.0, abs=1e-6)
+    # the box equals the GT: both go through the same ops, so L1 and 1 - GIoU are exactly 0
+    assert losses["loss_l1"].item() == 0.0
+    assert losses["loss_giou"].item() == 0.0
     assert torch.allclose(matches.weight[0], torch.tensor([0.914408]), atol=1e-4)  # the box weight used
 
 
@@ -64,7 +70,7 @@ def test_focal_classification_without_query_weighting():
     # sigmoid focal (alpha .25, gamma 2) at p = 0.5: positive 0.25 * 0.25 * ln2, negatives 0.75 * 0.25 * ln2.
     losses, matches = SetCriterion(query_weighting=False)(_two_queries(), GT, SIZE)
     expected = 2 * (0.25 * 0.25 * LN2 + 3 * 0.75 * 0.25 * LN2)
-    assert abs(losses["loss_cls"].item() - expected) < 1e-5
+    assert losses["loss_cls"].item() == pytest.approx(expected, rel=FP32_FEW_OPS)  # exact expected, a few fp32 ops
     assert matches.weight[0].tolist() == [1.0]
 
 
@@ -74,6 +80,8 @@ def test_box_losses_weighted_by_w_pos_and_normalised_by_num_boxes():
     qw, _ = SetCriterion(query_weighting=True)(pred, GT, SIZE)
     plain, _ = SetCriterion(query_weighting=False)(pred, GT, SIZE)
     # L1 of normalised cxcywh: |0.27 - 0.25| = 0.02 -> 5 * 0.02 = 0.1 without weights.
+    # (absolute tolerances: the differences cancel values ≤ 1, so fp32 errs by ~10 · 2^-24 ≈ 6e-7 absolute
+    # at most, < 1e-5 / 10; 2 * (1 - 0.875) likewise)
     assert plain["loss_l1"].item() == pytest.approx(0.1, abs=1e-5)
     w_pos, _ = query_weights(torch.tensor([0.5]), torch.tensor([28 * 30 / (32 * 30)]))
     assert qw["loss_l1"].item() == pytest.approx(0.1 * w_pos.item(), abs=1e-5)
@@ -82,7 +90,7 @@ def test_box_losses_weighted_by_w_pos_and_normalised_by_num_boxes():
     # Two images, the same GT twice: normaliser 2, so the sums stay the same per box.
     two = Predictions(pred.logits.repeat(2, 1, 1), pred.boxes.repeat(2, 1, 1), pred.valid.repeat(2, 1))
     both, _ = SetCriterion(query_weighting=False)(two, GT * 2, SIZE.repeat(2, 1))
-    assert both["loss_l1"].item() == pytest.approx(plain["loss_l1"].item(), abs=1e-6)
+    assert both["loss_l1"].item() == pytest.approx(plain["loss_l1"].item(), abs=1e-6)  # ~8 roundings of 0.1: ≤ 5e-8
 
 
 def test_query_weighting_never_changes_the_matching():
@@ -117,6 +125,7 @@ def test_invalid_queries_add_no_classification_loss():
     losses, _ = SetCriterion(query_weighting=False)(pred, [Target.empty()], SIZE)
     p = torch.sigmoid(torch.tensor(3.0))
     per_entry = 0.75 * p**2 * -torch.log(1 - p)
+    # the naive 1 - p (p = 0.95) cancels ~20x on the test's side: ≈ 60 roundings in all, 3.6e-6; 1e-4 is > 25x
     assert losses["loss_cls"].item() == pytest.approx(2 * 2 * per_entry.item(), rel=1e-4)  # 2 classes of query 0
 
 
@@ -129,5 +138,7 @@ def test_dfl_term_on_bins_and_aux_heads_named():
     aux = Predictions(torch.zeros(1, 2, 2), boxes, torch.ones(1, 2, dtype=torch.bool))
     pred = Predictions(torch.zeros(1, 2, 2), bins.decode(), torch.ones(1, 2, dtype=torch.bool), bins=bins, aux=[aux])
     losses, _ = SetCriterion()(pred, GT, SIZE, aux_names=["prop"])
-    assert losses["loss_dfl"].item() == pytest.approx(0.0, abs=1e-4)  # GT edges exactly at bin 4
+    # GT edges exactly at bin 4: centres 25 / 75, spacing 3.75, distances 15 are dyadic, so every op is exact,
+    # and exp(-1e4) underflows to 0: exactly 0
+    assert losses["loss_dfl"].item() == 0.0
     assert set(losses) == {"loss_cls", "loss_l1", "loss_giou", "loss_dfl", "loss_cls_prop", "loss_l1_prop", "loss_giou_prop"}

@@ -2,7 +2,7 @@
 import torch
 
 from distill.structures import Predictions, Target
-from students.asag.matcher import HungarianMatcher, area_weight, solve_assignment
+from students.sparse.matcher import HungarianMatcher, area_weight, solve_assignment
 
 
 def test_solve_assignment_on_a_literal_cost_matrix():
@@ -43,9 +43,11 @@ def test_matcher_cost_matrix_entries_by_hand():
     cost = matcher.cost_matrix(pred.logits[0], pred.boxes[0], GT, SIZE[0])  # (1, 2)
     # Query = GT 0 exactly: L1 0, GIoU 1; p = 0.5: pos - neg = 0.25 * 0.25 * ln2 - 0.75 * 0.25 * ln2.
     focal = 0.25 * 0.25 * 0.6931472 - 0.75 * 0.25 * 0.6931472
+    # focal through sigmoid / log (≤ 16 roundings of |2 focal| ≈ 0.17) and an exact GIoU of 1: ≤ 2e-7, < 1e-5 / 10
     assert abs(cost[0, 0].item() - (2 * focal - 2 * 1.0)) < 1e-5
     # Against GT 1: normalised cxcywh L1 |0.25-0.7| + |0.25-0.65| + |0.3-0.4| + |0.3-0.3| = 0.95;
     # GIoU = 0 - (enclosing 80*70 - union 900+1200) / (80*70) = -0.625.
+    # ≤ 16 roundings of terms summing to |5.6|: ≤ 5.4e-6, < 1e-4 / 10
     assert abs(cost[0, 1].item() - (2 * focal + 5 * 0.95 + 2 * 0.625)) < 1e-4
 
 
@@ -77,5 +79,6 @@ def test_matcher_one_to_one_per_group():
 
 def test_area_weight_small_boxes_heavier():
     gt = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.5, 0.5, 0.0, 0.0], [0.5, 0.5, 0.25, 0.25]])
+    # A - (A - 1) sqrt(w h) on dyadic literals: exact (allclose's default leaves > 10x anyway)
     assert torch.allclose(area_weight(gt, 4.0), torch.tensor([1.0, 4.0, 3.25]))
     assert torch.allclose(area_weight(gt, 1.0), torch.ones(3))

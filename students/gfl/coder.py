@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from distill.ops.boxes import bbox2distance, distance2bbox
+from distill.ops.precision import compute_dtype
 
 # DFL needs the right-hand bin floor(d) + 1 <= reg_max to exist, hence targets stop short of reg_max.
 TARGET_EPS = 0.1
@@ -20,7 +21,7 @@ def integral(bin_logits: Tensor) -> Tensor:
 
     bin_logits: (..., reg_max + 1). Returns (...,) float32 distances in stride units.
     """
-    probs = bin_logits.float().softmax(dim=-1)
+    probs = bin_logits.to(compute_dtype()).softmax(dim=-1)
     bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
     # Elementwise product + sum rather than a matmul: autocast would run a matmul in half precision.
     return (probs * bins).sum(dim=-1)
@@ -32,8 +33,8 @@ def decode_boxes(points: Tensor, strides: Tensor, bin_logits: Tensor) -> Tensor:
     points: (N, 2) xy location centres; strides: (N,); bin_logits: (..., N, 4, reg_max + 1).
     Returns (..., N, 4) xyxy float32 (not clipped to the image).
     """
-    distances = integral(bin_logits) * strides[:, None].to(torch.float32)  # (..., N, 4) pixels
-    return distance2bbox(points.float(), distances)
+    distances = integral(bin_logits) * strides[:, None].to(compute_dtype())  # (..., N, 4) pixels
+    return distance2bbox(points.to(compute_dtype()), distances)
 
 
 def encode_targets(points: Tensor, strides: Tensor, boxes: Tensor, reg_max: int) -> Tensor:
@@ -42,5 +43,5 @@ def encode_targets(points: Tensor, strides: Tensor, boxes: Tensor, reg_max: int)
     points: (..., 2); strides: (...,); boxes: (..., 4). Returns (..., 4) clamped to
     ``[0, reg_max - 0.1]``.
     """
-    scale = strides.float()[..., None]
-    return bbox2distance(points.float() / scale, boxes.float() / scale, max_dis=reg_max, eps=TARGET_EPS)
+    scale = strides.to(compute_dtype())[..., None]
+    return bbox2distance(points.to(compute_dtype()) / scale, boxes.to(compute_dtype()) / scale, max_dis=reg_max, eps=TARGET_EPS)

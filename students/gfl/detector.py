@@ -1,24 +1,23 @@
 """GFL (Generalized Focal Loss V1) detector: timm backbone + FPN P3-P7 + GFL head, ATSS, QFL/GIoU/DFL."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from distill.distributed import mean_over_ranks
-from distill.errors import ConfigError
 from distill.ops.atss import atss_assign
-from distill.ops.boxes import square_anchors
+from distill.ops.boxes import aligned_iou, square_anchors
 from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, Target
-from students.backbone import TimmBackbone
+from students.backbone import TimmBackbone, backbone_checks
 from students.gfl.coder import decode_boxes, encode_targets
 from students.gfl.fpn import FPN
 from students.gfl.head import GFLHead, dense_outputs, dense_points, valid_locations
 from students.gfl.losses import distribution_focal_loss, giou_loss, quality_focal_loss
 from students.gfl.postprocess import postprocess_dense
-from students.registry import register_student
+from students.registry import ParamCheck, finite, raise_failed, register_preset
+from distill.ops.precision import compute_dtype
 
 __all__ = ["GFL"]
 
@@ -73,7 +72,7 @@ class GFL(nn.Module):
         # Every argument, for ``config`` (taken before any other local exists).
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         super().__init__()
-        _check_args(num_classes, fpn_channels, head_convs, reg_max, prior_prob, (qfl_weight, giou_weight, dfl_weight))
+        raise_failed(check_gfl_params(params), "GFL")
         norm_eval = pretrained is not None if norm_eval is None else bool(norm_eval)
         self.num_classes = num_classes
         self.reg_max = reg_max
@@ -98,7 +97,9 @@ class GFL(nn.Module):
 
     @property
     def spec(self) -> DetectorSpec:
-        return DetectorSpec("dense", self.num_classes, tuple(self.strides), self.fpn_channels, self.reg_max + 1)
+        return DetectorSpec(
+            "dense", self.num_classes, tuple(self.strides), self.fpn_channels, self.reg_max + 1, head_stages=self.dense_head.num_blocks
+        )
 
     @property
     def matching_config(self) -> dict:
@@ -116,10 +117,31 @@ class GFL(nn.Module):
         image_sizes: (B, 2) (height, width) inside the padding; locations outside are not valid.
         targets: unused (a dense head's predictions do not depend on the ground truth).
         """
-        cls_logits, reg_logits = self.dense_head(features)
+        cls_logits, reg_logits, stages = self.dense_head.forward_stages(features)
         sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
         points, strides = dense_points(sizes, self.strides, features[0].device)
-        return dense_outputs(cls_logits, reg_logits, points, strides, list(sizes), image_sizes)
+        outputs = dense_outputs(cls_logits, reg_logits, points, strides, list(sizes), image_sizes)
+        outputs.stages = stages
+        return outputs
+
+    def head_from_stage(
+        self, stage: int, cls_maps: list[Tensor] | None = None, reg_maps: list[Tensor] | None = None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """Finish the head from tower stage ``stage`` on given per-level maps (B, C, H_l, W_l) — for
+        CrossKD, a student's intermediate maps through this (teacher's) remaining blocks.
+
+        Returns class logits (B, N, C) and bin logits (B, N, 4, reg_max + 1) on the flattened grid
+        of the maps' sizes (None for a tower not given). Gradients flow to the maps, not to frozen
+        parameters.
+        """
+        cls_logits, reg_logits = self.dense_head.forward_from(stage, cls_maps, reg_maps)
+        flat = lambda maps: torch.cat([x.flatten(2).transpose(1, 2) for x in maps], dim=1)  # (B, N, D)
+        cls = flat(cls_logits) if cls_logits is not None else None
+        bins = None
+        if reg_logits is not None:
+            reg = flat(reg_logits)
+            bins = reg.reshape(reg.shape[0], reg.shape[1], 4, -1)
+        return cls, bins
 
     def forward(self, images: Tensor, image_sizes: Tensor | None = None) -> DenseOutputs:
         return self.head(self.features(images), image_sizes)
@@ -137,7 +159,7 @@ class GFL(nn.Module):
         per_level = [h * w for h, w in level_sizes]
         pred_index, gt_index, thresholds = [], [], []
         for b, target in enumerate(targets):
-            gt_boxes = target.boxes.to(device=points.device, dtype=torch.float32)
+            gt_boxes = target.boxes.to(device=points.device, dtype=compute_dtype())
             result = atss_assign(
                 anchors, per_level, gt_boxes, target.labels.to(points.device), self.num_classes, valid=valid[b], topk=self.atss_topk
             )
@@ -150,7 +172,7 @@ class GFL(nn.Module):
     def match(self, outputs: DenseOutputs, targets: list[Target], image_sizes: Tensor | None = None) -> Matches:
         """ATSS matches weighted by the quality weight: the detached max class sigmoid at each positive."""
         matches = self.grid_matches(outputs.points, outputs.strides, outputs.level_sizes, targets, image_sizes)
-        quality = outputs.logits.detach().float().sigmoid().amax(dim=-1)  # (B, N)
+        quality = outputs.logits.detach().to(compute_dtype()).sigmoid().amax(dim=-1)  # (B, N)
         matches.weight = [quality[b, index] for b, index in enumerate(matches.pred_index)]
         return matches
 
@@ -174,13 +196,13 @@ class GFL(nn.Module):
         points, strides = outputs.points[n_idx], outputs.strides[n_idx]
         pos_bins = reg[b_idx, n_idx]  # (P, 4, R+1)
         pred_boxes = decode_boxes(points, strides, pos_bins)  # (P, 4) pixels
-        gt_boxes = torch.cat([t.boxes.to(cls.device, torch.float32)[g] for t, g in zip(targets, matches.gt_index)])
+        gt_boxes = torch.cat([t.boxes.to(cls.device, compute_dtype())[g] for t, g in zip(targets, matches.gt_index)])
         gt_labels = [t.labels.to(cls.device)[g] for t, g in zip(targets, matches.gt_index)]
         labels = matches.scatter(gt_labels, cls.shape[1], fill=self.num_classes)  # (B, N), C = background
 
         # QFL target: IoU of the (detached) prediction with its GT at positives, 0 elsewhere.
-        iou = cls.new_zeros(cls.shape[:2], dtype=torch.float32)
-        iou[b_idx, n_idx] = _aligned_iou(pred_boxes.detach(), gt_boxes)
+        iou = cls.new_zeros(cls.shape[:2], dtype=compute_dtype())
+        iou[b_idx, n_idx] = aligned_iou(pred_boxes.detach(), gt_boxes)
         # The sizes given here win over those the head saw (a head run without sizes marks all valid).
         valid = outputs.valid if image_sizes is None else valid_locations(outputs.points, image_sizes, cls.shape[0])
         qfl = quality_focal_loss(cls[valid], labels[valid], iou[valid]).sum()
@@ -214,51 +236,30 @@ class GFL(nn.Module):
         )
 
 
-def _aligned_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of row-aligned boxes (M, 4), (M, 4) -> (M,); box_iou would build an M x M matrix."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(dim=1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(dim=1)
-    return inter / (area_a + area_b - inter).clamp(min=1e-6)
-
-
-def _check_args(
-    num_classes: int, fpn_channels: int, head_convs: int, reg_max: int, prior_prob: float, weights: tuple
-) -> None:
-    checks = {
-        "num_classes": (num_classes, num_classes >= 1),
-        "fpn_channels": (fpn_channels, fpn_channels >= 1),
-        "head_convs": (head_convs, head_convs >= 0),
-        "reg_max": (reg_max, reg_max >= 1),
-        "prior_prob": (prior_prob, 0 < prior_prob < 1),
-    }
-    for key, (value, ok) in checks.items():
-        if not ok:
-            raise ConfigError(f"GFL: invalid {key} = {value!r}")
-    for key, value in zip(("qfl_weight", "giou_weight", "dfl_weight"), weights):
-        if value < 0:
-            raise ConfigError(f"GFL: {key} must be >= 0, got {value}")
+def check_gfl_params(p: dict) -> list[ParamCheck]:
+    """Range checks of GFL's parameters (types come from the signature)."""
+    rows = [
+        ParamCheck("num_classes", p["num_classes"], p["num_classes"] >= 1, "an integer >= 1"),
+        ParamCheck("fpn_channels", p["fpn_channels"], p["fpn_channels"] >= 1, "an integer >= 1"),
+        ParamCheck("head_convs", p["head_convs"], p["head_convs"] >= 0, "an integer >= 0"),
+        ParamCheck("reg_max", p["reg_max"], p["reg_max"] >= 1, "an integer >= 1"),
+        ParamCheck("prior_prob", p["prior_prob"], finite(p["prior_prob"]) and 0 < p["prior_prob"] < 1, "in (0, 1)"),
+        ParamCheck("atss_topk", p["atss_topk"], p["atss_topk"] >= 1, "an integer >= 1"),
+        ParamCheck("score_thresh", p["score_thresh"], finite(p["score_thresh"]) and 0 <= p["score_thresh"] <= 1, "in [0, 1]"),
+        ParamCheck("pre_nms_topk", p["pre_nms_topk"], p["pre_nms_topk"] >= 1, "an integer >= 1"),
+        ParamCheck("nms_iou", p["nms_iou"], finite(p["nms_iou"]) and 0 < p["nms_iou"] <= 1, "in (0, 1]"),
+        ParamCheck("max_detections", p["max_detections"], p["max_detections"] >= 1, "an integer >= 1"),
+    ]
+    rows += [ParamCheck(k, p[k], finite(p[k]) and p[k] >= 0, "a finite number >= 0") for k in ("qfl_weight", "giou_weight", "dfl_weight")]
+    return rows + backbone_checks(p)
 
 
 # --------------------------------------------------------------------------------- registry entries
+GFL.check_params = staticmethod(check_gfl_params)
+
+
 def _register(name: str, doc: str, **defaults) -> None:
-    """Register a factory with GFL's keyword parameters, ``defaults`` replacing GFL's own."""
-    base = inspect.signature(GFL.__init__)
-    params = [p.replace(default=defaults.get(p.name, p.default)) for p in list(base.parameters.values())[1:]]
-    signature = base.replace(parameters=params, return_annotation="GFL")
-
-    def factory(**kwargs) -> GFL:
-        bound = signature.bind(**kwargs)
-        bound.apply_defaults()
-        return GFL(**bound.arguments)
-
-    factory.__name__ = factory.__qualname__ = name
-    factory.__doc__ = doc
-    factory.__module__ = __name__
-    factory.__signature__ = signature  # what inspect (and create_student's key check) sees
-    register_student(factory)
+    register_preset(name, GFL, doc, **defaults)
 
 
 _register("gfl", "GFL with any timm backbone; defaults = the paper's R18 student (256-ch FPN, 4-conv towers).")

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from students.common.fpn import top_down, xavier_convs
+
 __all__ = ["FPN"]
 
 
@@ -40,20 +42,3 @@ class FPN(nn.Module):
         p6 = self.p6(outs[-1])
         p7 = self.p7(F.relu(p6) if self.relu_before_p7 else p6)
         return outs + [p6, p7]
-
-
-def xavier_convs(module: nn.Module) -> None:
-    """mmdet FPN init: every conv xavier uniform, zero bias."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.xavier_uniform_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
-def top_down(lateral: nn.ModuleList, output: nn.ModuleList, feats: list[Tensor]) -> list[Tensor]:
-    """1x1 laterals, coarse-to-fine nearest upsampling and sums, 3x3 outputs: one map per input level."""
-    laterals = [conv(x) for conv, x in zip(lateral, feats)]
-    for i in range(len(laterals) - 1, 0, -1):
-        # size= (not scale_factor=2) so odd input sizes still line up.
-        laterals[i - 1] = laterals[i - 1] + F.interpolate(laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
-    return [conv(x) for conv, x in zip(output, laterals)]

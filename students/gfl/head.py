@@ -7,7 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.ops.grid import dense_points, valid_locations
-from distill.structures import BoxBins, DenseOutputs
+from distill.structures import BoxBins, DenseOutputs, HeadStages
+from distill.ops.precision import compute_dtype
 
 __all__ = ["GFLHead", "Scale", "gn_groups", "dense_points", "dense_outputs", "valid_locations"]
 
@@ -46,6 +47,9 @@ class GFLHead(nn.Module):
 
     ``forward([P3..P7]) -> (cls_logits, reg_logits)``: per level (B, C, H_l, W_l) and
     (B, 4 * (reg_max + 1), H_l, W_l); regression logits are float32 even under autocast.
+    ``forward_stages`` also returns every block's maps (:class:`HeadStages`); ``forward_from``
+    continues either tower from any stage, which is how a teacher's head finishes a student's
+    intermediate maps (CrossKD).
     """
 
     def __init__(
@@ -73,12 +77,54 @@ class GFLHead(nn.Module):
         # Start every class at sigmoid = prior_prob so the many negatives do not swamp QFL at step 0.
         nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
 
+    @property
+    def num_blocks(self) -> int:
+        """Blocks (conv, GN, ReLU) per tower."""
+        return len(self.cls_tower) // 3
+
     def forward(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
-        cls_logits, reg_logits = [], []
-        for x, scale in zip(feats, self.scales):
-            cls_logits.append(self.cls_out(self.cls_tower(x)))
-            reg_logits.append(scale(self.reg_out(self.reg_tower(x))).float())
+        cls_logits, reg_logits, _ = self.forward_stages(feats)
         return cls_logits, reg_logits
+
+    def forward_stages(self, feats: list[Tensor]) -> tuple[list[Tensor], list[Tensor], HeadStages]:
+        """``forward``, plus the maps of every stage of both towers (stage 0 = ``feats``)."""
+        cls_stages, reg_stages = [list(feats)], [list(feats)]
+        for k in range(self.num_blocks):
+            cls_stages.append([_block(self.cls_tower, k)(x) for x in cls_stages[-1]])
+            reg_stages.append([_block(self.reg_tower, k)(x) for x in reg_stages[-1]])
+        cls_logits = self._cls_out(cls_stages[-1])
+        reg_logits = self._reg_out(reg_stages[-1])
+        return cls_logits, reg_logits, HeadStages(cls_stages, reg_stages)
+
+    def forward_from(
+        self, stage: int, cls_maps: list[Tensor] | None = None, reg_maps: list[Tensor] | None = None
+    ) -> tuple[list[Tensor] | None, list[Tensor] | None]:
+        """Tower blocks ``stage..`` and the output convs on per-level stage maps (B, C, H_l, W_l);
+        a tower whose maps are None is skipped (its output is None). ``stage`` in 0..num_blocks."""
+        if not 0 <= stage <= self.num_blocks:
+            raise ValueError(f"head stage {stage} out of range 0..{self.num_blocks}")
+        cls_logits = reg_logits = None
+        if cls_maps is not None:
+            cls_logits = self._cls_out([_blocks(self.cls_tower, stage)(x) for x in cls_maps])
+        if reg_maps is not None:
+            reg_logits = self._reg_out([_blocks(self.reg_tower, stage)(x) for x in reg_maps])
+        return cls_logits, reg_logits
+
+    def _cls_out(self, maps: list[Tensor]) -> list[Tensor]:
+        return [self.cls_out(x) for x in maps]
+
+    def _reg_out(self, maps: list[Tensor]) -> list[Tensor]:
+        return [scale(self.reg_out(x)).to(compute_dtype()) for x, scale in zip(maps, self.scales)]
+
+
+def _block(tower: nn.Sequential, k: int) -> nn.Sequential:
+    """Block k (conv, GN, ReLU) of a tower."""
+    return tower[3 * k : 3 * k + 3]
+
+
+def _blocks(tower: nn.Sequential, start: int) -> nn.Sequential:
+    """Blocks ``start..`` of a tower (an empty Sequential, the identity, past the last)."""
+    return tower[3 * start :]
 
 
 def _tower(channels: int, num_convs: int) -> nn.Sequential:

@@ -9,6 +9,7 @@ from distill.ops.boxes import distance2bbox
 from distill.structures import DenseOutputs, Detections
 from students.gfl.coder import integral
 from students.gfl.head import valid_locations
+from distill.ops.precision import compute_dtype
 
 __all__ = ["postprocess_dense"]
 
@@ -40,7 +41,7 @@ def postprocess_dense(
     for cls_l, reg_l, n in zip(outputs.logits.split(counts, dim=1), outputs.bin_logits.split(counts, dim=1), counts):
         level = slice(start, start + n)
         start += n
-        prob = cls_l.float().sigmoid()  # (B, n, C)
+        prob = cls_l.to(compute_dtype()).sigmoid()  # (B, n, C)
         prob = prob * valid[:, level, None]
         top_scores, top_idx = prob.reshape(batch, n * num_classes).topk(min(pre_nms_topk, n * num_classes), dim=1)
         loc = top_idx // num_classes  # (B, k) pair index = location * C + class

@@ -17,8 +17,10 @@ import math
 
 import torch
 from torch import Tensor
+from torchvision.ops import box_convert
 
 from distill.structures import BoxBins
+from distill.ops.precision import compute_dtype
 
 __all__ = [
     "xyxy_to_cxcywh",
@@ -27,7 +29,6 @@ __all__ = [
     "xyzr_to_xyxy",
     "apply_deltas",
     "normalize_boxes",
-    "aligned_iou",
     "bin_reference",
     "encode_bins",
 ]
@@ -37,15 +38,13 @@ MAX_LOG_SCALE = math.log(100000.0 / 16)
 
 
 def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    """(..., 4) xyxy -> (..., 4) cx, cy, w, h."""
-    x1, y1, x2, y2 = boxes.unbind(-1)
-    return torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
+    """(..., 4) xyxy -> (..., 4) cx, cy, w, h (``torchvision.ops.box_convert``)."""
+    return box_convert(boxes, "xyxy", "cxcywh")
 
 
 def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """(..., 4) cx, cy, w, h -> (..., 4) xyxy."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1)
+    """(..., 4) cx, cy, w, h -> (..., 4) xyxy (``torchvision.ops.box_convert``)."""
+    return box_convert(boxes, "cxcywh", "xyxy")
 
 
 def xyxy_to_xyzr(boxes: Tensor, min_size: float = 1e-3) -> Tensor:
@@ -77,19 +76,9 @@ def apply_deltas(boxes: Tensor, deltas: Tensor, weights: tuple[float, float, flo
 
 def normalize_boxes(boxes: Tensor, image_size: Tensor) -> Tensor:
     """(..., 4) xyxy pixels and image_size (..., 2) (height, width) -> (..., 4) cxcywh in [0, 1] units."""
-    h, w = image_size[..., 0].float(), image_size[..., 1].float()
+    h, w = image_size[..., 0].to(compute_dtype()), image_size[..., 1].to(compute_dtype())
     scale = torch.stack([w, h, w, h], dim=-1)
-    return xyxy_to_cxcywh(boxes.float()) / scale
-
-
-def aligned_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU of row-aligned boxes (..., 4), (..., 4) -> (...,)."""
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(dim=-1)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(dim=-1)
-    return inter / (area_a + area_b - inter).clamp(min=1e-6)
+    return xyxy_to_cxcywh(boxes.to(compute_dtype())) / scale
 
 
 def bin_reference(proposals: Tensor, fraction: float) -> tuple[Tensor, Tensor]:

@@ -2,7 +2,7 @@
 
 - :class:`PyramidFPN`: top-down FPN without extra levels (the P2-P5 / P3-P5 maps RoIAlign reads).
 - :func:`roi_features`: multi-level RoIAlign with the FPN level rule of Lin et al.
-- :func:`box_sine_embedding`: sinusoidal embedding of image-normalised boxes.
+- :func:`sine_embedding`, :func:`box_sine_embedding`: sinusoidal embeddings of values in [0, 1] / of boxes.
 - :func:`attention_mask`: additive self-attention mask = per-head bias + key padding + query groups.
 - :class:`MaskedSelfAttention`: MHSA + residual + LayerNorm with such a mask (optional IoF bias;
   query groups folded into the batch).
@@ -17,12 +17,13 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from students.asag.box_ops import xyxy_to_cxcywh
-from students.gfl.fpn import top_down, xavier_convs
+from students.sparse.box_ops import xyxy_to_cxcywh
+from students.common.fpn import top_down, xavier_convs
+from distill.ops.precision import compute_dtype
 
 __all__ = [
-    "PyramidFPN", "roi_features", "box_sine_embedding", "attention_mask", "iof_matrix", "contiguous_groups",
-    "fold_groups", "unfold_groups", "MaskedSelfAttention", "mlp_head", "FFN",
+    "PyramidFPN", "roi_features", "sine_embedding", "box_sine_embedding", "attention_mask", "iof_matrix", "contiguous_groups",
+    "fold_groups", "unfold_groups", "MaskedSelfAttention", "mlp_head", "FFN", "MLP",
 ]
 
 
@@ -61,7 +62,7 @@ def roi_features(
     Returns (B * Q, C, output_size, output_size), batch-major.
     """
     batch, num = boxes.shape[:2]
-    flat = boxes.reshape(-1, 4).float()
+    flat = boxes.reshape(-1, 4).to(compute_dtype())
     image = torch.arange(batch, device=boxes.device).repeat_interleave(num)
     rois = torch.cat([image[:, None].to(flat.dtype), flat], dim=1)  # (B*Q, 5)
     logs = [int(round(math.log2(s))) for s in strides]
@@ -79,16 +80,28 @@ def roi_features(
     return out + sum(f.sum() * 0 for f in unused) if unused else out
 
 
+def sine_embedding(values: Tensor, dims: int, temperature: float = 10000.0) -> Tensor:
+    """values (..., k) in [0, 1] units -> (..., k * dims): per value ``[sin(a_0..a_{n-1}), cos(a_0..a_{n-1})]``.
+
+    ``a_i = 2 pi v / temperature^(2 i / dims)``, ``n = dims / 2`` frequencies (the Transformer /
+    DETR sine code; sines and cosines of one value as two blocks instead of interleaved, a
+    permutation every consumer's following Linear absorbs). ``dims`` must be even.
+    """
+    if dims % 2:
+        raise ValueError(f"sine embedding needs an even number of dims per value, got {dims}")
+    values = values.to(compute_dtype())
+    freq = temperature ** (2 * torch.arange(dims // 2, device=values.device, dtype=values.dtype) / dims)
+    angles = values[..., None] * (2 * math.pi) / freq  # (..., k, n)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
 def box_sine_embedding(boxes: Tensor, image_sizes: Tensor, dim: int, temperature: float = 10000.0) -> Tensor:
-    """boxes (B, Q, 4) xyxy px, image_sizes (B, 2) -> (B, Q, dim) sine / cosine of (cx, cy, w, h) / (W, H, W, H) * 2 pi."""
+    """boxes (B, Q, 4) xyxy px, image_sizes (B, 2) -> (B, Q, dim): :func:`sine_embedding` of (cx, cy, w, h) / (W, H, W, H)."""
     if dim % 8:
         raise ValueError(f"box embedding dim must be a multiple of 8, got {dim}")
-    h, w = image_sizes[:, 0].float(), image_sizes[:, 1].float()
-    norm = xyxy_to_cxcywh(boxes.float()) / torch.stack([w, h, w, h], dim=-1)[:, None, :]  # (B, Q, 4)
-    per = dim // 4
-    freq = temperature ** (2 * (torch.arange(per // 2, device=boxes.device, dtype=torch.float32)) / per)
-    angles = norm[..., None] * (2 * math.pi) / freq  # (B, Q, 4, per / 2)
-    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2)
+    h, w = image_sizes[:, 0].to(compute_dtype()), image_sizes[:, 1].to(compute_dtype())
+    norm = xyxy_to_cxcywh(boxes.to(compute_dtype())) / torch.stack([w, h, w, h], dim=-1)[:, None, :]  # (B, Q, 4)
+    return sine_embedding(norm, dim // 4, temperature)
 
 
 def iof_matrix(boxes: Tensor) -> Tensor:
@@ -199,3 +212,26 @@ class FFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(x + self.net(x))
+
+
+class MLP(nn.Module):
+    """``layers`` Linear maps in_dim -> hidden -> ... -> out_dim with ReLU between them (DETR's box MLP).
+
+    ``last`` is the final Linear (heads zero-initialise it).
+    """
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, layers: int) -> None:
+        super().__init__()
+        dims = [in_dim] + [hidden] * (layers - 1) + [out_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    @property
+    def last(self) -> nn.Linear:
+        return self.layers[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x

@@ -70,14 +70,16 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from distill.structures import Target
-from students.asag.generator_ops import (
-    SUPPRESSED_LOGIT, cxcywh_to_xyxy, decode_patch_boxes, gather_windows, place_windows,
-    rank_within_groups, resample_valid_region, valid_cell_mask, xyxy_to_cxcywh,
+from students.sparse.asag.generator_ops import (
+    SUPPRESSED_LOGIT, decode_patch_boxes, gather_windows, place_windows, rank_within_groups, resample_valid_region,
+    valid_cell_mask,
 )
-from students.asag.generator_targets import GeneratorLossWeights, generator_loss, training_windows
-from students.asag.generator_types import (
+from students.sparse.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
+from students.sparse.asag.generator_targets import GeneratorLossWeights, generator_loss, training_windows
+from students.sparse.asag.generator_types import (
     AnchorOutput, Candidates, PatchPredictions, assemble_anchors, cat_patches, empty_patches, mark_kept,
 )
+from distill.ops.precision import compute_dtype
 
 __all__ = ["AnchorGenerator", "AnchorOutput", "GeneratorLossWeights", "PatchPredictions"]
 
@@ -261,7 +263,7 @@ class AnchorGenerator(nn.Module):
         patches = torch.stack(views, dim=1)  # (B, K, c, q, q)
         raw = self.mlp_fixed(self._tokens(patches, self.norm_fixed, self.pos_fixed))
         raw = raw.reshape(batch, len(views), self.anchors_fixed, 5)
-        h, w = image_sizes[:, 0].float(), image_sizes[:, 1].float()
+        h, w = image_sizes[:, 0].to(compute_dtype()), image_sizes[:, 1].to(compute_dtype())
         zero = torch.zeros_like(w)
         regions = torch.stack([
             torch.stack((zero, zero, w / 2, h / 2), -1), torch.stack((w / 2, zero, w, h / 2), -1),
@@ -276,9 +278,9 @@ class AnchorGenerator(nn.Module):
             max_size=torch.full((batch * len(views),), float("inf"), device=p5.device),
             level=torch.where(kinds, 6, 5).repeat(batch))
         first5 = slice(0, 5)
-        boxes = decode_patch_boxes(raw[:, first5, :, :4].detach().float().sigmoid().flatten(0, 1),
+        boxes = decode_patch_boxes(raw[:, first5, :, :4].detach().to(compute_dtype()).sigmoid().flatten(0, 1),
                                    regions[:, first5].flatten(0, 1))
-        logits = self._suppress_small(boxes, raw[:, first5, :, 4].detach().float().flatten(0, 1))
+        logits = self._suppress_small(boxes, raw[:, first5, :, 4].detach().to(compute_dtype()).flatten(0, 1))
         source = torch.tensor([SOURCE_QUADRANT] * 4 + [SOURCE_P6], device=p5.device)
         cand = Candidates(boxes.reshape(-1, 4), logits.reshape(-1),
                            patch.image_index.reshape(batch, -1)[:, first5].repeat_interleave(self.anchors_fixed, 1).reshape(-1),
@@ -320,8 +322,8 @@ class AnchorGenerator(nn.Module):
 
     def _probe_candidates(self, patch: PatchPredictions, image_sizes: Tensor, source: int) -> Candidates:
         """Window predictions -> flat candidates; centres on padding and tiny boxes suppressed."""
-        boxes = decode_patch_boxes(patch.boxes.detach().float(), patch.regions)  # (M, N2, 4)
-        logits = self._suppress_small(boxes, patch.logits.detach().float())
+        boxes = decode_patch_boxes(patch.boxes.detach().to(compute_dtype()), patch.regions)  # (M, N2, 4)
+        logits = self._suppress_small(boxes, patch.logits.detach().to(compute_dtype()))
         centers = xyxy_to_cxcywh(boxes)[..., :2]
         hw = image_sizes[patch.image_index].to(boxes.dtype)  # (M, 2) (h, w)
         outside = (centers[..., 0] >= hw[:, None, 1]) | (centers[..., 1] >= hw[:, None, 0])

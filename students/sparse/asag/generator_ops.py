@@ -8,21 +8,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from students.sparse.box_ops import cxcywh_to_xyxy
+from distill.ops.precision import compute_dtype
+
 # Logit given to anchors that must never be chosen (too small, centre on padding). Finite, so
 # that sigmoid, BCE and sorting stay well defined; sigmoid(-30) ~ 1e-13.
 SUPPRESSED_LOGIT = -30.0
-
-
-def cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """(..., 4) cxcywh -> (..., 4) xyxy."""
-    cx, cy, w, h = boxes.unbind(-1)
-    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
-
-
-def xyxy_to_cxcywh(boxes: Tensor) -> Tensor:
-    """(..., 4) xyxy -> (..., 4) cxcywh."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    return torch.stack((0.5 * (x0 + x1), 0.5 * (y0 + y1), x1 - x0, y1 - y0), dim=-1)
 
 
 def valid_cell_mask(image_sizes: Tensor, stride: int, height: int, width: int) -> Tensor:
@@ -35,7 +26,7 @@ def valid_cell_mask(image_sizes: Tensor, stride: int, height: int, width: int) -
     rows = torch.arange(height, device=image_sizes.device)
     cols = torch.arange(width, device=image_sizes.device)
     inside = (rows[None, :, None] < sizes[:, 0, None, None]) & (cols[None, None, :] < sizes[:, 1, None, None])
-    return inside[:, None].float()
+    return inside[:, None].to(compute_dtype())
 
 
 def _bilinear_matrix(extent: Tensor, num_cells: int, out_size: int) -> Tensor:
@@ -46,7 +37,7 @@ def _bilinear_matrix(extent: Tensor, num_cells: int, out_size: int) -> Tensor:
     ``F.interpolate(align_corners=False)``), clamped into the valid cells [0, ceil(extent) - 1],
     so padding is never read and the map aligns linearly with normalised image coordinates.
     """
-    i = torch.arange(out_size, device=extent.device, dtype=torch.float32)
+    i = torch.arange(out_size, device=extent.device, dtype=compute_dtype())
     src = (i[None, :] + 0.5) * (extent[:, None] / out_size) - 0.5  # (B, S)
     last = (torch.ceil(extent) - 1).clamp(min=0)[:, None]
     src = torch.minimum(src.clamp(min=0.0), last)
@@ -69,7 +60,7 @@ def resample_valid_region(features: Tensor, image_sizes: Tensor, stride: int, ou
     ignoring aspect ratio, so grid cell (i, j) covers normalised image coordinates
     ((j + 0.5) / S, (i + 0.5) / S). Separable: two batched matrix products, exact per image.
     """
-    sizes = image_sizes.to(torch.float32) / stride
+    sizes = image_sizes.to(compute_dtype()) / stride
     rows = _bilinear_matrix(sizes[:, 0], features.shape[2], out_size).to(features.dtype)  # (B, S, H)
     cols = _bilinear_matrix(sizes[:, 1], features.shape[3], out_size).to(features.dtype)  # (B, S, W)
     return torch.einsum("bsh,bchw,btw->bcst", rows, features, cols)

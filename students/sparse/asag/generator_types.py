@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from students.asag.generator_ops import SUPPRESSED_LOGIT, rank_within_groups
+from students.sparse.asag.generator_ops import SUPPRESSED_LOGIT, rank_within_groups
 
 # A fixed-level candidate that is not kept carries source + UNKEPT: it may only fill up min_anchors.
 UNKEPT = 10

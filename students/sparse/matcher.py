@@ -19,9 +19,23 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou
 
 from distill.structures import Matches, Predictions, Target
-from students.asag.box_ops import normalize_boxes
+from students.sparse.box_ops import normalize_boxes
+from distill.ops.precision import compute_dtype
 
-__all__ = ["HungarianMatcher", "solve_assignment", "area_weight"]
+__all__ = ["HungarianMatcher", "solve_assignment", "area_weight", "focal_cost"]
+
+
+def focal_cost(logits: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Focal classification cost of Deformable DETR, elementwise: ``focal_pos(p) - focal_neg(p)``, p = sigmoid(logits).
+
+    ``focal_pos = alpha (1 - p)^gamma (-log p)``, ``focal_neg = (1 - alpha) p^gamma (-log(1 - p))``: low
+    when the query is confident in the class. Every Hungarian cost of the family (decoders, the
+    anchor generator's class-agnostic score) uses this one.
+    """
+    prob = logits.to(compute_dtype()).sigmoid()
+    neg = (1 - alpha) * prob.pow(gamma) * -(1 - prob + 1e-8).log()
+    pos = alpha * (1 - prob).pow(gamma) * -(prob + 1e-8).log()
+    return pos - neg
 
 
 def solve_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
@@ -30,7 +44,7 @@ def solve_assignment(cost: Tensor) -> tuple[Tensor, Tensor]:
         empty = torch.zeros(0, dtype=torch.long, device=cost.device)
         return empty, empty.clone()
     # NaN / inf would make scipy raise; a huge finite value keeps such a pair last in preference.
-    values = torch.nan_to_num(cost.detach().float(), nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy()
+    values = torch.nan_to_num(cost.detach().to(compute_dtype()), nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy()
     rows, cols = linear_sum_assignment(values)
     return torch.as_tensor(rows, dtype=torch.long, device=cost.device), torch.as_tensor(cols, dtype=torch.long, device=cost.device)
 
@@ -58,15 +72,13 @@ class HungarianMatcher:
 
     def cost_matrix(self, logits: Tensor, boxes: Tensor, target: Target, image_size: Tensor) -> Tensor:
         """logits (Q, C), boxes (Q, 4) xyxy px, image_size (2,) (h, w) -> cost (Q, G) float32."""
-        prob = logits.float().sigmoid()[:, target.labels]  # (Q, G)
-        neg = (1 - self.alpha) * prob.pow(self.gamma) * -(1 - prob + 1e-8).log()
-        pos = self.alpha * (1 - prob).pow(self.gamma) * -(prob + 1e-8).log()
-        gt = target.boxes.float()
+        cls_cost = focal_cost(logits[:, target.labels], self.alpha, self.gamma)  # (Q, G)
+        gt = target.boxes.to(compute_dtype())
         pred_norm, gt_norm = normalize_boxes(boxes, image_size), normalize_boxes(gt, image_size)
         cost = (
-            self.cls_weight * (pos - neg)
+            self.cls_weight * cls_cost
             + self.l1_weight * torch.cdist(pred_norm, gt_norm, p=1)
-            - self.giou_weight * generalized_box_iou(boxes.float(), gt)
+            - self.giou_weight * generalized_box_iou(boxes.to(compute_dtype()), gt)
         )
         if self.area_weight != 1.0:
             cost = cost * area_weight(gt_norm, self.area_weight)[None, :]

@@ -1,6 +1,7 @@
 """AdaMixer-lite decoder layer (ASAG-A's decoder, spec §4), on the DynamicStage skeleton.
 
-Differences from :class:`~students.asag.decoder.DynamicStage` (heads, FFN and box codings are shared):
+Registered as the stage ``"adamixer"``. Differences from Sparse R-CNN's ``DynamicStage`` (both are
+:class:`~students.sparse.stage.RoIStage`: heads, FFN and box codings are shared):
 
 - self-attention with the IoF bias and a box positional term (as the proposal block);
 - instead of RoIAlign + DynamicConv, *adaptive 3-D sampling*: each query predicts, for G channel
@@ -20,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from students.asag.box_ops import xyxy_to_cxcywh
-from students.asag.decoder import DynamicStage
-from students.asag.layers import MaskedSelfAttention
+from students.sparse.box_ops import xyxy_to_cxcywh
+from students.sparse.config import BoxHeadConfig, RoIConfig
+from students.sparse.stage import RoIStage, register_stage
 
 __all__ = ["AdaptiveMixing", "AdaMixerStage"]
 
@@ -86,17 +87,25 @@ class AdaptiveMixing(nn.Module):
         return self.out(x.flatten(2))
 
 
-class AdaMixerStage(DynamicStage):
-    """One AdaMixer-lite layer; same constructor as DynamicStage plus the sampling sizes."""
+class AdaMixerStage(RoIStage):
+    """One AdaMixer-lite layer: a RoI stage with the IoF-biased, box-embedded self-attention and
+    :class:`AdaptiveMixing` as its interaction."""
 
     def __init__(self, dim: int, feat_channels: int, num_classes: int, strides, sampling_groups: int = 4,
-                 sampling_points: int = 32, mixing_out_points: int = 128, **kwargs) -> None:
-        kwargs["box_pe"] = True
-        super().__init__(dim, feat_channels, num_classes, strides, **kwargs)
-        self.self_attn = MaskedSelfAttention(dim, self.num_heads, iof_bias=True)
-        self.interact = AdaptiveMixing(
-            dim, feat_channels, sampling_groups, sampling_points, mixing_out_points, roi_canonical=self.roi_canonical
-        )
+                 sampling_points: int = 32, mixing_out_points: int = 128, roi: RoIConfig = RoIConfig(), **kwargs) -> None:
+        kwargs.update(box_pe=True, iof_bias=True)
+        def mixing() -> AdaptiveMixing:
+            return AdaptiveMixing(dim, feat_channels, sampling_groups, sampling_points, mixing_out_points, roi_canonical=roi.roi_canonical)
+
+        super().__init__(dim, num_classes, strides, roi=roi, interact=mixing, **kwargs)
 
     def mix(self, features: list[Tensor], boxes: Tensor, q: Tensor, image_sizes: Tensor) -> Tensor:
         return self.interact(q, boxes, features, self.strides)
+
+
+@register_stage("adamixer")
+def _adamixer(dim: int, feat_channels: int, num_classes: int, strides, *, num_heads: int, ffn_dim: int,
+              roi: RoIConfig, box: BoxHeadConfig, box_pe: bool, params: dict) -> AdaMixerStage:
+    return AdaMixerStage(dim, feat_channels, num_classes, strides, sampling_groups=params["sampling_groups"],
+                         sampling_points=params["sampling_points"], mixing_out_points=params["mixing_out_points"],
+                         roi=roi, num_heads=num_heads, ffn_dim=ffn_dim, box=box)

@@ -6,6 +6,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from distill.structures import Detections, Predictions
+from distill.ops.precision import compute_dtype
 
 __all__ = ["postprocess_sparse"]
 
@@ -25,7 +26,7 @@ def postprocess_sparse(
     class-wise NMS on the kept set (the official code's 300-query setting uses 0.7; default none).
     Returns B ``Detections`` (K_b <= max_detections), scores descending.
     """
-    scores = predictions.logits.detach().float().sigmoid()  # (B, Q, C)
+    scores = predictions.logits.detach().to(compute_dtype()).sigmoid()  # (B, Q, C)
     scores = scores * predictions.valid[..., None]
     num_classes = scores.shape[-1]
     out = []
@@ -36,7 +37,7 @@ def postprocess_sparse(
         query, label = index // num_classes, index % num_classes
         keep = (top > score_thresh) & predictions.valid[b, query]
         top, query, label = top[keep], query[keep], label[keep]
-        boxes = predictions.boxes[b, query].detach().float()
+        boxes = predictions.boxes[b, query].detach().to(compute_dtype())
         if image_sizes is not None:
             h, w = image_sizes[b].tolist()
             boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w), boxes[:, 3].clamp(0, h)], 1)

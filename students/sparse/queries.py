@@ -1,23 +1,18 @@
-"""Query sources and the proposal block (spec §3).
+"""Query sources of the sparse detectors (spec §3): what the decoder's first boxes come from.
 
 A *query source* turns FPN maps into the initial boxes of a sparse detector. It is pluggable:
 
 - :class:`LearnedAnchors`: a fixed number of learned boxes (image-normalised, stored pre-sigmoid,
   DAB-DETR style) plus learned content vectors (Sparse R-CNN's proposal features); with
   ``groups = K`` it holds K groups of them and returns all K in training, group 0 at inference.
-- the ASAG generator (``students/asag/anchor_generator.py``, built separately) plugs in through the
+- the ASAG generator (``students/sparse/asag/anchor_generator.py``) plugs in through the
   same :class:`QuerySource` protocol: per-image variable anchors padded to ``(B, Q_max, 4)`` with a
   ``valid`` mask. Sources are registered by name (:func:`register_query_source`), so a detector's
   ``query_source="asag"`` (+ ``query_source_params``) is part of its config and checkpoints rebuild it.
-
-:class:`ProposalBlock` then makes content queries from the anchors: RoIAlign -> Linear -> LN, IoF-biased
-self-attention with a box positional embedding, FFN, and supervised proposal heads (class logits
-and an xyzr box update).
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
@@ -25,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.structures import Predictions, Target
-from students.asag.box_ops import cxcywh_to_xyxy, xyxy_to_xyzr, xyzr_to_xyxy
-from students.asag.layers import FFN, MaskedSelfAttention, box_sine_embedding, mlp_head, roi_features
+from distill.ops.precision import compute_dtype
+from distill.structures import Target
+from students.sparse.box_ops import cxcywh_to_xyxy
 
-__all__ = ["Queries", "QuerySource", "LearnedAnchors", "ProposalBlock", "register_query_source", "create_query_source"]
+__all__ = ["Queries", "QuerySource", "LearnedAnchors", "register_query_source", "create_query_source"]
 
 
 @dataclass
@@ -76,29 +71,31 @@ class LearnedAnchors(nn.Module):
     Boxes are stored as logits of image-normalised (cx, cy, w, h), initialised with random centres and
     sides ``init_size`` of the image; they become pixels of each image's (h, w). Training returns every
     group (group ids ``repeat_interleave``), inference the first ``num_queries`` (group 0) only, so the
-    inference cost does not depend on ``groups``.
+    inference cost does not depend on ``groups``. ``content=False``: no content vectors (DAB-DETR, whose
+    decoder content starts at zero), ``Queries.content`` is then None.
     """
 
-    def __init__(self, num_queries: int, dim: int, groups: int = 1, init_size: float = 0.25) -> None:
+    def __init__(self, num_queries: int, dim: int, groups: int = 1, init_size: float = 0.25, content: bool = True) -> None:
         super().__init__()
         self.num_queries, self.groups = num_queries, groups
         total = num_queries * groups
         centres = torch.rand(total, 2).clamp(0.02, 0.98)
         sizes = torch.full((total, 2), init_size)
         self.box_logits = nn.Parameter(torch.logit(torch.cat([centres, sizes], dim=1)))
-        self.content = nn.Parameter(torch.zeros(total, dim))
+        self.content = nn.Parameter(torch.zeros(total, dim)) if content else None
 
     def forward(self, features: list[Tensor], image_sizes: Tensor, targets: list[Target] | None = None) -> Queries:
         count = self.num_queries * (self.groups if self.training else 1)
         batch = features[0].shape[0]
-        h, w = image_sizes[:, 0].float(), image_sizes[:, 1].float()
+        h, w = image_sizes[:, 0].to(compute_dtype()), image_sizes[:, 1].to(compute_dtype())
         scale = torch.stack([w, h, w, h], dim=-1)[:, None, :]  # (B, 1, 4)
         boxes = cxcywh_to_xyxy(self.box_logits[:count].sigmoid()[None] * scale)  # (B, Q, 4)
         valid = torch.ones(batch, count, dtype=torch.bool, device=boxes.device)
         groups = None
         if self.training and self.groups > 1:
             groups = torch.arange(self.groups, device=boxes.device).repeat_interleave(self.num_queries)
-        return Queries(boxes, valid, self.content[:count][None], groups)
+        content = None if self.content is None else self.content[:count][None]
+        return Queries(boxes, valid, content, groups)
 
 
 # ------------------------------------------------------------------------------ source registry
@@ -122,6 +119,29 @@ def register_query_source(name: str) -> Callable[[QuerySourceFactory], QuerySour
     return wrap
 
 
+def query_source_checks(p: dict) -> list:
+    """``query_source`` is registered; ``query_source_params`` are keyword arguments its factory takes
+    (a factory with ``**params`` may name them in ``accepts``, a tuple), checked by its ``check_params``
+    (``(params, detector params) -> list[ParamCheck]``) when it has one. ``ParamCheck`` rows."""
+    import inspect
+
+    from students.registry import ParamCheck
+
+    name, params = p.get("query_source"), p.get("query_source_params") or {}
+    if name not in _SOURCES:
+        return [ParamCheck("query_source", name, False, f"one of {', '.join(map(repr, sorted(_SOURCES)))}")]
+    factory = _SOURCES[name]
+    fixed = {"num_queries", "dim", "groups", "strides"}
+    named = getattr(factory, "accepts", None) or [k for k in inspect.signature(factory).parameters if k not in fixed and k != "params"]
+    unknown = sorted(set(params) - set(named))
+    rows = [ParamCheck("query_source_params", params, not unknown, f"keyword arguments of query source {name!r} ({', '.join(named)}); "
+                       f"unknown: {', '.join(unknown)}")]
+    check = getattr(factory, "check_params", None)
+    if not unknown and check is not None:
+        rows += check(params, p)
+    return rows
+
+
 def create_query_source(name: str, num_queries: int, dim: int, groups: int, strides: tuple[int, ...], params: dict | None = None) -> nn.Module:
     """Build the registered source ``name``; ``ConfigError`` naming the known sources otherwise."""
     if name not in _SOURCES:
@@ -132,58 +152,3 @@ def create_query_source(name: str, num_queries: int, dim: int, groups: int, stri
 @register_query_source("learned")
 def _learned(num_queries: int, dim: int, groups: int, strides: tuple[int, ...], init_size: float = 0.25) -> LearnedAnchors:
     return LearnedAnchors(num_queries, dim, groups, init_size)
-
-
-class ProposalBlock(nn.Module):
-    """Content queries and supervised proposals from anchors (spec §3).
-
-    ``forward(features, queries, image_sizes) -> (q0 (B, Q, D), Predictions of the proposals)``:
-    RoIAlign ``roi_size`` x ``roi_size`` of each anchor -> Linear -> LN (+ source content) = q0;
-    self-attention over ``q0 + PE(box)`` with the additive per-head bias ``tau_h log(IoF_ij + 1e-7)``
-    (``tau_h`` learned, init U(0, 4)), padded keys and other query groups masked; FFN; class head
-    and an xyzr update ``xy += d_xy 2^z, (z, r) += d_(z, r)``. The proposal boxes of the returned
-    Predictions keep their gradient (they are supervised); the decoder takes them detached.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        feat_channels: int,
-        num_classes: int,
-        strides: Sequence[int],
-        num_heads: int = 8,
-        ffn_dim: int = 2048,
-        roi_size: int = 7,
-        roi_canonical: float = 224.0,
-        cls_layers: int = 1,
-        reg_layers: int = 3,
-        prior_prob: float = 0.01,
-    ) -> None:
-        super().__init__()
-        self.strides, self.roi_size, self.roi_canonical, self.num_heads = tuple(strides), roi_size, roi_canonical, num_heads
-        self.embed = nn.Sequential(nn.Linear(feat_channels * roi_size * roi_size, dim), nn.LayerNorm(dim))
-        self.self_attn = MaskedSelfAttention(dim, num_heads, iof_bias=True)
-        self.ffn = FFN(dim, ffn_dim)
-        self.cls_tower, self.reg_tower = mlp_head(dim, cls_layers, bias=False), mlp_head(dim, reg_layers)
-        self.cls_out, self.reg_out = nn.Linear(dim, num_classes), nn.Linear(dim, 4)
-        nn.init.constant_(self.cls_out.bias, -math.log((1 - prior_prob) / prior_prob))
-        nn.init.zeros_(self.reg_out.weight)
-        nn.init.zeros_(self.reg_out.bias)
-
-    def forward(self, features: list[Tensor], queries: Queries, image_sizes: Tensor) -> tuple[Tensor, Predictions]:
-        anchors = queries.boxes.detach()
-        batch, num = anchors.shape[:2]
-        rois = roi_features(features, self.strides, anchors, self.roi_size, self.roi_canonical)  # (B*Q, C, S, S)
-        q = self.embed(rois.flatten(1)).view(batch, num, -1)  # (B, Q, D)
-        if queries.content is not None:
-            q = q + queries.content
-        pos = box_sine_embedding(anchors, image_sizes, q.shape[-1])
-        q = self.ffn(self.self_attn(q, queries.valid, queries.groups, pos, anchors, residual_with_pos=True))
-        logits = self.cls_out(self.cls_tower(q))  # (B, Q, C)
-        delta = self.reg_out(self.reg_tower(q))  # (B, Q, 4)
-        # The update starts from the source's boxes as given: learned anchors get their gradient here
-        # (the proposal loss); a generator hands over detached anchors (spec §2.3), RoIAlign never differentiates them.
-        xyzr = xyxy_to_xyzr(queries.boxes)
-        xy = xyzr[..., :2] + delta[..., :2] * torch.exp2(xyzr[..., 2:3])
-        boxes = xyzr_to_xyxy(torch.cat([xy, xyzr[..., 2:] + delta[..., 2:]], dim=-1))
-        return q, Predictions(logits, boxes, queries.valid)

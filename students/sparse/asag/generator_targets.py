@@ -19,13 +19,15 @@ import math
 from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import batched_nms
 
 from distill.structures import Target
-from students.asag.generator_ops import cxcywh_to_xyxy, rank_within_groups, xyxy_to_cxcywh
-from students.asag.generator_types import PatchPredictions
+from students.sparse.asag.generator_ops import rank_within_groups
+from students.sparse.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
+from students.sparse.asag.generator_types import PatchPredictions
+from students.sparse.matcher import focal_cost, solve_assignment
+from distill.ops.precision import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,8 @@ def training_windows(top_left: Tensor, image_index: Tensor, targets: list[Target
     """
     device = image_index.device
     batch = image_sizes.shape[0]
-    cells = torch.ceil(image_sizes.flip(-1).to(torch.float32) / stride).to(device)  # (B, 2) (w, h)
-    boxes = torch.cat([t.boxes.to(device, torch.float32) for t in targets]) if targets else torch.zeros(0, 4, device=device)
+    cells = torch.ceil(image_sizes.flip(-1).to(compute_dtype()) / stride).to(device)  # (B, 2) (w, h)
+    boxes = torch.cat([t.boxes.to(device, compute_dtype()) for t in targets]) if targets else torch.zeros(0, 4, device=device)
     owner = torch.cat([torch.full((len(t.boxes),), i, dtype=torch.long, device=device) for i, t in enumerate(targets)]) \
         if targets else torch.zeros(0, dtype=torch.long, device=device)
     small = ((boxes[:, 2:] - boxes[:, :2]) < stride * size / 2).all(dim=1)
@@ -123,7 +125,7 @@ def patch_targets(patches: PatchPredictions, targets: list[Target]) -> tuple[Ten
     gt = torch.zeros(len(targets), num, 4, device=device)
     present = torch.zeros(len(targets), num, dtype=torch.bool, device=device)
     for i, t in enumerate(targets):  # B small copies, not a per-pixel loop
-        gt[i, : len(t.boxes)] = t.boxes.to(device, torch.float32)
+        gt[i, : len(t.boxes)] = t.boxes.to(device, compute_dtype())
         present[i, : len(t.boxes)] = True
     gt, present = gt[patches.image_index], present[patches.image_index]  # (P, G, 4), (P, G)
     region = patches.regions[:, None]  # (P, 1, 4)
@@ -173,12 +175,9 @@ def matching_cost(logits: Tensor, boxes: Tensor, gt: Tensor, weight: Tensor, w: 
 
     logits (P, N); boxes (P, N, 4) and gt (P, G, 4) patch-normalised cxcywh; weight (P, G).
     """
-    prob = logits.float().sigmoid()
-    pos = w.focal_alpha * (1 - prob) ** w.focal_gamma * -(prob + 1e-8).log()
-    neg = (1 - w.focal_alpha) * prob ** w.focal_gamma * -(1 - prob + 1e-8).log()
     l1 = (boxes[:, :, None] - gt[:, None]).abs().sum(-1)
     _, giou = pairwise_iou_giou(cxcywh_to_xyxy(boxes), cxcywh_to_xyxy(gt))
-    cost = w.cost_class * (pos - neg)[..., None] + w.cost_l1 * l1 - w.cost_giou * giou
+    cost = w.cost_class * focal_cost(logits, w.focal_alpha, w.focal_gamma)[..., None] + w.cost_l1 * l1 - w.cost_giou * giou
     return cost * weight[:, None]
 
 
@@ -197,7 +196,7 @@ def match_patches(cost: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return empty, empty, empty
     counts = mask.sum(1)
     single = torch.nonzero(counts == 1).flatten()
-    single_gt = mask[single].float().argmax(1)
+    single_gt = mask[single].to(compute_dtype()).argmax(1)
     single_pred = cost[single, :, :].gather(2, single_gt[:, None, None].expand(-1, cost.shape[1], 1)).squeeze(2).argmin(1)
     parts = [(single, single_pred, single_gt)]
     multi = torch.nonzero(counts > 1).flatten().tolist()
@@ -206,10 +205,10 @@ def match_patches(cost: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         rows_p, rows_n, rows_g = [], [], []
         for p in multi:
             cols = torch.nonzero(mask_cpu[p]).flatten()
-            r, c = linear_sum_assignment(cost_cpu[p][:, cols].numpy())
+            r, c = solve_assignment(cost_cpu[p][:, cols])  # NaN-safe: diverged predictions reach the loss guard
             rows_p += [p] * len(r)
             rows_n += r.tolist()
-            rows_g += cols[torch.as_tensor(c, dtype=torch.long)].tolist()
+            rows_g += cols[c].tolist()
         parts.append(tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (rows_p, rows_n, rows_g)))
     return tuple(torch.cat([part[i] for part in parts]) for i in range(3))  # type: ignore[return-value]
 
@@ -222,13 +221,13 @@ def _norm(x: Tensor) -> Tensor:
 
 def patch_group_loss(patches: PatchPredictions, targets: list[Target], w: GeneratorLossWeights) -> tuple[Tensor, Tensor, Tensor, int]:
     """Un-normalised (cls, l1, giou) sums of one group of patches and its number of matched pairs."""
-    logits = patches.logits.float()
+    logits = patches.logits.to(compute_dtype())
     zero = logits.sum() * 0.0
     if logits.numel() == 0:
         return zero, zero, zero, 0
     gt, mask = patch_targets(patches, targets)
     weight = area_weights(gt, patches.whole_image, w.area_weight)
-    boxes = patches.boxes.float()
+    boxes = patches.boxes.to(compute_dtype())
     patch, pred, col = match_patches(matching_cost(logits, boxes, gt, weight, w), mask)
     prob = logits.sigmoid()
     matched_box, matched_gt = boxes[patch, pred], gt[patch, col]

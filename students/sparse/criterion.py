@@ -27,9 +27,11 @@ from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from distill.distributed import mean_over_ranks
 from distill.structures import BoxBins, Matches, Predictions, Target
-from students.asag.box_ops import aligned_iou, encode_bins, normalize_boxes
-from students.asag.matcher import HungarianMatcher, area_weight
-from students.gfl.losses import distribution_focal_loss
+from distill.ops.boxes import aligned_iou
+from students.sparse.box_ops import encode_bins, normalize_boxes
+from students.sparse.matcher import HungarianMatcher, area_weight
+from students.common.losses import distribution_focal_loss
+from distill.ops.precision import compute_dtype
 
 __all__ = ["SetCriterion", "num_boxes", "query_weights", "qw_norm"]
 
@@ -60,8 +62,8 @@ def query_weights(scores: Tensor, ious: Tensor, gamma1: float = 0.4, gamma2: flo
     ``w_neg = Norm(s^g1 P_neg(u^g2)) - sigmoid(-1.5) / sigmoid(3)`` in [0, 0.81], with
     ``P_neg(x) = 1`` below 0.5 and ``(1 - x^2) / 0.75`` above (0 at x = 1).
     """
-    s = scores.detach().float().clamp(min=0).pow(gamma1)
-    u = ious.detach().float().clamp(min=0).pow(gamma2)
+    s = scores.detach().to(compute_dtype()).clamp(min=0).pow(gamma1)
+    u = ious.detach().to(compute_dtype()).clamp(min=0).pow(gamma2)
     p_neg = torch.where(u < 0.5, torch.ones_like(u), (1 - u * u) / 0.75)
     return qw_norm(s * u), qw_norm(s * p_neg) - _NEG_OFFSET
 
@@ -115,10 +117,10 @@ class SetCriterion:
         matches = self.matcher(pred, targets, image_sizes, groups)
         image = torch.cat([torch.full_like(i, b) for b, i in enumerate(matches.pred_index)])  # (M,)
         query = torch.cat(matches.pred_index)
-        gt_boxes = torch.cat([t.boxes.float()[g] for t, g in zip(targets, matches.gt_index)])  # (M, 4)
+        gt_boxes = torch.cat([t.boxes.to(compute_dtype())[g] for t, g in zip(targets, matches.gt_index)])  # (M, 4)
         gt_labels = torch.cat([t.labels[g] for t, g in zip(targets, matches.gt_index)])
         sizes = image_sizes.to(pred.boxes.device)[image]  # (M, 2)
-        boxes = pred.boxes[image, query].float()  # (M, 4)
+        boxes = pred.boxes[image, query].to(compute_dtype())  # (M, 4)
         gt_norm = normalize_boxes(gt_boxes, sizes)
         a = area_weight(gt_norm, self.area_weight) if self.area_weight != 1.0 else torch.ones_like(gt_norm[:, 0])
 
@@ -142,8 +144,8 @@ class SetCriterion:
         self, pred: Predictions, image: Tensor, query: Tensor, labels: Tensor, ious: Tensor, a: Tensor
     ) -> tuple[Tensor, Tensor]:
         """() summed classification loss and (M,) per-match box weight."""
-        logits = pred.logits.float()  # (B, P, C)
-        valid = pred.valid[..., None].float()
+        logits = pred.logits.to(compute_dtype())  # (B, P, C)
+        valid = pred.valid[..., None].to(compute_dtype())
         if not self.query_weighting:
             target = torch.zeros_like(logits)
             target[image, query, labels] = 1.0

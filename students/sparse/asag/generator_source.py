@@ -1,7 +1,7 @@
 """The Adaptive Sparse Anchor Generator as the sparse detector's query source ``"asag"``.
 
-``GeneratorSource`` adapts :class:`~students.asag.anchor_generator.AnchorGenerator` to the
-:class:`~students.asag.proposal.QuerySource` protocol: it hands the generator the P3-P5 maps of the
+``GeneratorSource`` adapts :class:`~students.sparse.asag.anchor_generator.AnchorGenerator` to the
+:class:`~students.sparse.queries.QuerySource` protocol: it hands the generator the P3-P5 maps of the
 detector's FPN, returns its padded anchors as :class:`Queries` (the raw :class:`AnchorOutput` rides in
 ``extras["anchors"]``) and adds the generator's own losses (``loss_anchor_*``) to the detector's.
 
@@ -12,12 +12,14 @@ inference path, and the patch losses of that path.
 """
 from __future__ import annotations
 
+import inspect
+
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
 from distill.structures import Target
-from students.asag.anchor_generator import AnchorGenerator
-from students.asag.proposal import Queries, register_query_source
+from students.sparse.asag.anchor_generator import AnchorGenerator
+from students.sparse.queries import Queries, register_query_source
 
 __all__ = ["GeneratorSource"]
 
@@ -61,3 +63,27 @@ def _asag(num_queries: int, dim: int, groups: int, strides: tuple[int, ...], **p
     except TypeError as exc:
         raise ConfigError(f"query source 'asag': {exc}") from exc
     return GeneratorSource(generator, tuple(strides))
+
+
+def _check_generator(params: dict, detector: dict) -> list:
+    """The generator's own constraints, at recipe load (``AnchorGenerator`` refuses the same at build)."""
+    from students.registry import ParamCheck
+
+    grid = params.get("fixed_grid", 8)
+    levels = params.get("probe_levels", 2)
+    fixed, low, high = params.get("anchors_fixed", 10), params.get("min_anchors", 5), params.get("max_anchors", 60)
+    ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (grid, levels, fixed, low, high))
+    return [
+        ParamCheck("query_source_params", params, ints, "integers for fixed_grid, probe_levels, anchors_fixed, min_anchors, max_anchors"),
+        ParamCheck("query_source_params", params, not ints or (grid >= 2 and grid % 2 == 0), f"an even fixed_grid >= 2 (got {grid})"),
+        ParamCheck("query_source_params", params, not ints or levels in (0, 1, 2), f"probe_levels 0, 1 or 2 (got {levels})"),
+        ParamCheck("query_source_params", params, not ints or 0 <= low <= min(high, 5 * fixed),
+                   f"0 <= min_anchors <= min(max_anchors, 5 * anchors_fixed) (got {low}, {high}, {fixed})"),
+        ParamCheck("groups", detector.get("groups"), detector.get("groups") == 1, "1 with query_source 'asag' (image-specific anchors)"),
+        ParamCheck("strides", detector.get("strides"), isinstance(detector.get("strides"), (list, tuple)) and all(s in detector["strides"] for s in GENERATOR_STRIDES),
+                   "a list holding the strides 8, 16 and 32 with query_source 'asag'"),
+    ]
+
+
+_asag.accepts = tuple(k for k in inspect.signature(AnchorGenerator.__init__).parameters if k not in ("self", "in_channels"))
+_asag.check_params = _check_generator
