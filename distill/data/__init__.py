@@ -1,4 +1,6 @@
-"""Datasets (COCO format), transforms, loaders and the built-in scene generator."""
+"""Datasets (COCO format), transforms, loaders and the built-in generators (scenes, clutter)."""
+from distill.data.clutter import CLASSES as CLUTTER_CLASSES
+from distill.data.clutter import generate_clutter as generate_clutter
 from distill.data.coco import CocoDetection as CocoDetection
 from distill.data.coco import Sample as Sample
 from distill.data.loader import EpochSampler as EpochSampler
@@ -13,8 +15,13 @@ from distill.data.transforms import IMAGENET_STD as IMAGENET_STD
 from distill.data.transforms import DetectionTransform as DetectionTransform
 from distill.data.transforms import boxes_to_original as boxes_to_original
 
+# Built-in generators by name, for ``--dataset`` options: same signature (out_dir, num_train, num_val,
+# size, seed, ...), same folder layout.
+GENERATORS = {"scenes": generate_scenes, "clutter": generate_clutter}
+
 __all__ = [
     "CocoDetection", "Sample", "EpochSampler", "build_loader", "collate", "load_dataset", "set_epoch",
-    "SCENE_CLASSES", "generate_scenes", "IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform",
+    "SCENE_CLASSES", "generate_scenes", "CLUTTER_CLASSES", "generate_clutter",
+    "GENERATORS", "IMAGENET_MEAN", "IMAGENET_STD", "DetectionTransform",
     "boxes_to_original",
 ]

@@ -14,32 +14,23 @@ the same bytes (for a given Pillow / zlib).
 """
 from __future__ import annotations
 
-import colorsys
 import functools
-import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
 
+from distill.data.synth import (
+    PLACEMENT_TRIES, SPLIT_CODES, Canvas, Scene, asset, box_iou, resize, tight_box, tint, write_dataset,
+    write_split,
+)
 from distill.data.transforms import derive_seed
-from distill.errors import ConfigError, DataError
-
-if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+from distill.errors import ConfigError
 
 CLASSES: tuple[str, ...] = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                             "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
-SPLIT_CODES = {"train": 0, "val": 1}
 GENERATOR_VERSION = 1  # bump when the same seed would produce different scenes
-PLACEMENT_TRIES = 25
 
 
 @dataclass(frozen=True)
@@ -74,57 +65,24 @@ class SceneConfig:
                 raise ConfigError(f"scene generator: {message} (got {self})")
 
 
-@dataclass
-class Scene:
-    """One generated scene.
-
-    image:  (S, S, 3) uint8 RGB.
-    boxes:  (K, 4) int64 xyxy, tight around each object's paste mask.
-    labels: (K,) int64 class indices into ``CLASSES``.
-    masks:  (K, S, S) bool paste mask of each object (before later objects covered parts of it).
-    """
-
-    image: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    masks: np.ndarray
-
-
 @dataclass(frozen=True)
 class ObjectPool:
     images: np.ndarray  # (N, 28, 28) uint8, white-ish items on black
     labels: np.ndarray  # (N,) int64
 
 
-def _asset(name: str) -> Traversable:
-    return resources.files("distill.data.assets").joinpath(name)
-
-
 @functools.lru_cache(maxsize=None)
 def load_pool(split: str) -> ObjectPool:
     """The shipped Fashion-MNIST images for ``split`` ("train" or "val")."""
-    with _asset("fashion_mnist_subset.npz").open("rb") as f, np.load(f) as data:
+    with asset("fashion_mnist_subset.npz").open("rb") as f, np.load(f) as data:
         return ObjectPool(images=data[f"{split}_images"], labels=data[f"{split}_labels"])
 
 
 @functools.lru_cache(maxsize=None)
 def load_textures() -> tuple[np.ndarray, ...]:
     """The shipped texture photographs, (512, 512) uint8 gray each, in a fixed order."""
-    with _asset("textures.npz").open("rb") as f, np.load(f) as data:
+    with asset("textures.npz").open("rb") as f, np.load(f) as data:
         return tuple(data[name] for name in sorted(data.files))
-
-
-def _tint(
-    rng: np.random.Generator, saturation: tuple[float, float], value: tuple[float, float]
-) -> np.ndarray:
-    """(3,) RGB colour in [0, 1] with a uniform hue."""
-    hsv = (rng.random(), rng.uniform(*saturation), rng.uniform(*value))
-    return np.array(colorsys.hsv_to_rgb(*hsv), dtype=np.float32)
-
-
-def _resize(gray: np.ndarray, size: int) -> np.ndarray:
-    """(h, w) uint8 -> (size, size) float32 via Pillow's bilinear filter."""
-    return np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR), dtype=np.float32)
 
 
 def _background(rng: np.random.Generator, textures: tuple[np.ndarray, ...], size: int) -> np.ndarray:
@@ -134,18 +92,9 @@ def _background(rng: np.random.Generator, textures: tuple[np.ndarray, ...], size
     crop = int(rng.integers(min(size, side), min(2 * size, side) + 1))
     y0, x0 = rng.integers(0, side - crop + 1, size=2)
     patch = np.rot90(texture[y0:y0 + crop, x0:x0 + crop], k=int(rng.integers(4)))
-    gray = _resize(np.ascontiguousarray(patch), size)
+    gray = resize(np.ascontiguousarray(patch), size, size)
     # Muted, darkish backgrounds keep the brighter, saturated objects visible.
-    return gray[..., None] * _tint(rng, (0.0, 0.35), (0.45, 0.8))
-
-
-def _box_iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one (4,) xyxy box with (K, 4) boxes -> (K,)."""
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:], boxes[:, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
-    return inter / (area(box) + area(boxes) - inter)
+    return gray[..., None] * tint(rng, (0.0, 0.35), (0.45, 0.8))
 
 
 def _draw_object(
@@ -156,38 +105,34 @@ def _draw_object(
     item = pool.images[k][:, ::-1] if rng.random() < 0.5 else pool.images[k]
     log_scale = rng.uniform(math.log(cfg.min_scale), math.log(cfg.max_scale))
     side = max(4, round(cfg.size * math.exp(log_scale)))
-    gray = _resize(np.ascontiguousarray(item), side)
+    gray = resize(np.ascontiguousarray(item), side, side)
     mask = gray > cfg.mask_threshold
     if not mask.any():
         return None
     # Keep the item's own shading (0.3..1 of the tint) so texture and folds stay visible.
-    colours = 255.0 * _tint(rng, (0.5, 1.0), (0.8, 1.0)) * (0.3 + 0.7 * gray[..., None] / 255.0)
+    colours = 255.0 * tint(rng, (0.5, 1.0), (0.8, 1.0)) * (0.3 + 0.7 * gray[..., None] / 255.0)
     return colours, mask, int(pool.labels[k])
 
 
-def _fits(mask: np.ndarray, box: np.ndarray, boxes: list[np.ndarray], owner: np.ndarray,
-          areas: list[int], cfg: SceneConfig) -> bool:
-    """Overlap rules for a candidate full-scene ``mask`` with tight ``box``."""
-    if boxes and _box_iou(box, np.stack(boxes)).max() > cfg.max_iou:
+def _fits(canvas: Canvas, tile_mask: np.ndarray, y0: int, x0: int, box: np.ndarray,
+          cfg: SceneConfig) -> bool:
+    """Overlap rules for ``tile_mask`` pasted at (y0, x0) with tight ``box``: IoU with every earlier
+    box at most ``max_iou``, and every earlier object keeps ``min_visible`` of its pixels."""
+    if canvas.boxes and box_iou(box, np.stack(canvas.boxes)).max() > cfg.max_iou:
         return False
-    covered = owner[mask]  # which earlier objects the new one would hide
-    for j, area in enumerate(areas):
-        still_visible = np.count_nonzero(owner == j) - np.count_nonzero(covered == j)
-        if still_visible < cfg.min_visible * area:
-            return False
-    return True
+    return canvas.keeps_visible(canvas.hidden_by(tile_mask, y0, x0), cfg.min_visible)
 
 
 def make_scene(rng: np.random.Generator, pool: ObjectPool, textures: tuple[np.ndarray, ...],
                cfg: SceneConfig) -> Scene:
-    """Draw one scene; an object that finds no admissible place is left out."""
+    """Draw one scene; an object that finds no admissible place is left out.
+
+    Its ``masks`` are the full paste masks (before later objects covered parts of them).
+    """
     size = cfg.size
-    image = _background(rng, textures, size)
-    owner = np.full((size, size), -1, dtype=np.int64)  # index of the object shown at each pixel
-    boxes: list[np.ndarray] = []
+    canvas = Canvas(_background(rng, textures, size))
     labels: list[int] = []
     masks: list[np.ndarray] = []
-    areas: list[int] = []
     negative = rng.random() < cfg.negative_fraction
     count = 0 if negative else int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
     for _ in range(count):
@@ -196,23 +141,18 @@ def make_scene(rng: np.random.Generator, pool: ObjectPool, textures: tuple[np.nd
             continue
         colours, tile_mask, label = drawn
         side = tile_mask.shape[0]
-        rows, cols = np.flatnonzero(tile_mask.any(1)), np.flatnonzero(tile_mask.any(0))
+        tile_box = tight_box(tile_mask)
         for _ in range(PLACEMENT_TRIES):
             y0, x0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
-            box = np.array([x0 + cols[0], y0 + rows[0], x0 + cols[-1] + 1, y0 + rows[-1] + 1])
-            mask = np.zeros((size, size), dtype=bool)
-            mask[y0:y0 + side, x0:x0 + side] = tile_mask
-            if _fits(mask, box, boxes, owner, areas, cfg):
-                image[y0:y0 + side, x0:x0 + side][tile_mask] = colours[tile_mask]
-                owner[mask] = len(boxes)
-                boxes.append(box)
+            box = tile_box + np.array([x0, y0, x0, y0])
+            if _fits(canvas, tile_mask, y0, x0, box, cfg):
+                canvas.paste(colours, tile_mask, y0, x0)
                 labels.append(label)
-                masks.append(mask)
-                areas.append(int(tile_mask.sum()))
+                masks.append(canvas.placed(tile_mask, y0, x0))
                 break
     return Scene(
-        image=np.clip(np.rint(image), 0, 255).astype(np.uint8),
-        boxes=np.array(boxes, dtype=np.int64).reshape(-1, 4),
+        image=canvas.rendered(),
+        boxes=np.array(canvas.boxes, dtype=np.int64).reshape(-1, 4),
         labels=np.array(labels, dtype=np.int64),
         masks=np.array(masks, dtype=bool).reshape(-1, size, size),
     )
@@ -238,39 +178,18 @@ def _info(split: str, seed: int, cfg: SceneConfig) -> dict:
 def _write_split(root: Path, split: str, count: int, first_id: int, seed: int, cfg: SceneConfig) -> dict:
     """Render ``count`` scenes into ``root/images`` and write ``root/<split>.json``."""
     pool, textures = load_pool(split), load_textures()
-    images, annotations = [], []
-    for i in range(count):
-        rng = np.random.default_rng(derive_seed(seed, SPLIT_CODES[split], i))
-        scene = make_scene(rng, pool, textures, cfg)
-        image_id, file_name = first_id + i, f"{split}_{i:06d}.png"
-        # Level 1: 4x faster than the default on textured scenes, files about as small.
-        Image.fromarray(scene.image).save(root / "images" / file_name, format="PNG", compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "width": cfg.size, "height": cfg.size,
-                       "license": 1})
-        for box, label, mask in zip(scene.boxes.tolist(), scene.labels.tolist(), scene.masks):
-            x1, y1, x2, y2 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": int(mask.sum()), "iscrowd": 0})
-    data = {
+
+    def render(i: int) -> Scene:
+        return make_scene(np.random.default_rng(derive_seed(seed, SPLIT_CODES[split], i)), pool, textures, cfg)
+
+    header = {
         "info": _info(split, seed, cfg),
         "licenses": [{"id": 1, "name": "objects MIT (Zalando SE), textures CC0; see NOTICE.txt",
                       "url": ""}],
         "categories": [{"id": k + 1, "name": name, "supercategory": "fashion"}
                        for k, name in enumerate(CLASSES)],
-        "images": images,
-        "annotations": annotations,
     }
-    (root / f"{split}.json").write_text(json.dumps(data, sort_keys=True, separators=(",", ":")) + "\n")
-    return {"images": count, "objects": len(annotations),
-            "negatives": count - len({a["image_id"] for a in annotations})}
-
-
-def _check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out}: folder exists and is not empty (pass overwrite=True to replace it)")
+    return write_split(root, split, count, first_id, render, header)
 
 
 def generate_scenes(
@@ -308,21 +227,11 @@ def generate_scenes(
                       negative_fraction=negative_fraction, min_scale=min_scale, max_scale=max_scale,
                       max_iou=max_iou, min_visible=min_visible)
     cfg.validate()
-    out = Path(out_dir)
-    _check_out_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the dataset is an ordinary folder
-        (tmp / "images").mkdir()
-        summary: dict = {"out_dir": str(out), "seed": seed, "size": size, "classes": list(CLASSES)}
+
+    def fill(tmp: Path) -> dict:
+        summary: dict = {"out_dir": str(Path(out_dir)), "seed": seed, "size": size, "classes": list(CLASSES)}
         summary["train"] = _write_split(tmp, "train", num_train, 1, seed, cfg)
         summary["val"] = _write_split(tmp, "val", num_val, num_train + 1, seed, cfg)
-        _check_out_dir(out, overwrite)  # it may have appeared meanwhile
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return summary
+        return summary
+
+    return write_dataset(out_dir, overwrite, fill)
