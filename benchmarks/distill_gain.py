@@ -2,6 +2,7 @@
 
     python benchmarks/distill_gain.py            # full profile (about an hour on 2 CPU cores)
     python benchmarks/distill_gain.py --quick    # minutes: smaller data, shorter schedules, 1 seed
+    python benchmarks/distill_gain.py --dataset clutter   # the same on ``detkd data clutter`` data
 
 Steps (each skipped when its run folder already has a summary.json, so an interrupted benchmark
 resumes): generate the scenes data; train the teacher (``gfl-teacher``); train the baseline student
@@ -26,7 +27,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from distill.data import generate_scenes
+from distill.data import GENERATORS
 from distill.engine.demo import finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe
@@ -44,6 +45,9 @@ VARIANTS = [
     ("Main KD + Main LD + VLR LD", "ld-full", "ld-full", []),
     ("  same, tau 1 (ablation)", "ld-full-tau1", "ld-full", TAU1),
     ("  same, tau 1, + feature mimicking", "ld-full-feat", "ld-full-feat", []),
+    ("CrossKD (cls KD + bin KL + GIoU through the teacher's head)", "crosskd", "crosskd", []),
+    ("PKD (Pearson features, every location)", "pkd", "pkd", []),
+    ("CrossKD + PKD", "crosskd-pkd", "crosskd-pkd", []),
 ]
 QUICK_VARIANTS = [VARIANTS[0], VARIANTS[5]]
 
@@ -56,7 +60,7 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
     torch.set_num_threads(threads)
     data = (reuse or out) / "data"
     if not (data / "val.json").is_file():
-        generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+        GENERATORS[profile["dataset"]](data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
     size = [f"data.image_size={profile['size']}", f"train.threads={threads}"]
     teacher = (reuse or out) / "teacher"
     if finished(teacher) is None:
@@ -189,7 +193,7 @@ def summarise(results: dict, cost: dict | None) -> dict:
 
 
 def print_table(summary: dict, profile_name: str) -> None:
-    table = Table(title=f"distill_gain ({profile_name}): COCO AP on scenes val, final epoch")
+    table = Table(title=f"distill_gain ({profile_name}): COCO AP on {summary['settings'].get('dataset', 'scenes')} val, final epoch")
     for column in ("setting", "AP (mean)", "± std", "AP50", "gap closed", "seeds"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     table.add_row("teacher (gfl-teacher)", f"{summary['teacher_AP']:.4f}", "", f"{summary['teacher_final']['AP50']:.4f}", "", "0")
@@ -218,12 +222,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", type=Path, default=None, help="benchmark folder whose data and teacher to reuse")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1 for full)")
     parser.add_argument("--only", default=None, help="comma-separated rows to run, by slug: " + ",".join(v[1] for v in VARIANTS))
+    parser.add_argument("--dataset", choices=sorted(GENERATORS), default="scenes",
+                        help="built-in data to generate: scenes (10 classes, 1-4 objects) or clutter (20 classes, many small, occluded)")
     args = parser.parse_args(argv)
     profile_name = "quick" if args.quick else "full"
     profile = dict(PROFILES[profile_name])
     if args.seeds:
         profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
-    out = args.out or Path(__file__).parent / "results" / f"distill_gain-{profile_name}"
+    profile["dataset"] = args.dataset
+    suffix = "" if args.dataset == "scenes" else f"-{args.dataset}"  # scenes keeps its folder names
+    out = args.out or Path(__file__).parent / "results" / f"distill_gain-{profile_name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     variants = QUICK_VARIANTS if args.quick else VARIANTS
     if args.only:

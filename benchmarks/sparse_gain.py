@@ -7,9 +7,10 @@
 
 The sparse sibling of ``distill_gain.py``. On one scenes split (400 train / 100 val images, 128 px):
 
-1. two teachers, each trained once with ``detkd train`` semantics: the 6-stage sparse model with
-   Group DETR (``sparse6-tiny``, 3 query groups in training) and the dense GFL teacher
-   (``gfl-teacher``, ImageNet EfficientNet-Lite0 from the offline wheel);
+1. the teachers, each trained once with ``detkd train`` semantics: the 6-stage sparse model with
+   Group DETR (``sparse6-tiny``, 3 query groups in training), the dense GFL teacher
+   (``gfl-teacher``, ImageNet EfficientNet-Lite0 from the offline wheel) and, for the ``dab-*`` rows
+   (``--only``), six-layer DAB-DETR with Group DETR (``dab-teacher``, same backbone, twice the epochs);
 2. the student of ``asag-distill-sparse6`` / ``asag-distill-gfl`` (ASAG-S fed by the anchor
    generator, bins head, one decoder layer; the two recipes share it) trained alone;
 3. the same student distilled with one correspondence per row -- GT-bridged, teacher-set
@@ -46,7 +47,7 @@ from rich.table import Table
 
 from distill.checkpoint import atomic_write_text
 from distill.config import apply_overrides, recipe_from_dict, read_yaml
-from distill.data import generate_scenes
+from distill.data import GENERATORS
 from distill.engine.demo import baseline_recipe, finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe, recipe_path
@@ -68,7 +69,14 @@ CACHED = {"sparse6"}
 TEACHERS = {
     "sparse6": ("sparse6-tiny", ["student.params.groups=3"], "asag-distill-sparse6"),
     "gfl": ("gfl-teacher", [], "asag-distill-gfl"),
+    # DAB-DETR (six layers, Group DETR, bins head, ImageNet backbone). Its rows distil into this table's
+    # common student (the sparse6 / gfl recipes' random-init ASAG-S), so every row is paired with the
+    # same "alone" runs; asag-distill-dab ships the ImageNet MobileNetV2 student instead, whose rows
+    # need their own "alone" baseline (not in this table). Online: its feature row needs the teacher's maps.
+    "dab": ("dab-teacher", [], "asag-distill-sparse6"),
 }
+# DETR-style decoders converge slowly: the DAB teacher trains for this multiple of the profile's teacher epochs.
+TEACHER_EPOCH_FACTOR = {"dab": 2}
 KD_BOX = lambda pairer, kd=1.0, heads="all", extra=None: [  # noqa: E731
     {"name": "kd", "weight": kd, "pairer": pairer, "params": {"heads": heads}, **(extra or {})},
     {"name": "box", "weight": 1.0, "pairer": pairer, "params": {"heads": heads}, **(extra or {})},
@@ -84,6 +92,8 @@ FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"stud
 # carries what the GT does not at every location, so its weight is the first knob to turn.
 FEAT_GFL_W = lambda weight: [{**FEAT_GFL[0], "weight": weight}]  # noqa: E731
 FEAT_WEIGHTS = (6, 12, 24, 48)
+# The same against dab-teacher's 128-wide projected maps at strides 8-32 (the student's P3-P5 levels).
+FEAT_DAB = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"student_channels": 32, "teacher_channels": 128}}]
 # Rows that differ from a timed row only in loss weights: a weight is one scalar multiply, so the
 # step (and its cost record, --cost-from) is that row's.
 SAME_STEP = {**{f"gfl-gt-feat{w}": "gfl-gt-feat" for w in FEAT_WEIGHTS}, "gfl-feat24": "gfl-feat"}
@@ -105,6 +115,12 @@ ROWS = [
     ("GFL -> ASAG: feature mimicking x24 (all locations)", "gfl-feat24", "gfl", FEAT_GFL_W(24.0), False),
     ("GFL -> ASAG: shared queries top-16, KD + box", "gfl-shared16", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP16), False),
     ("GFL -> ASAG: recipe as shipped", "gfl-recipe", "gfl", None, False),
+    # DAB-DETR teacher rows (opt-in with --only: the teacher is the most expensive part of the benchmark)
+    ("DAB-DETR -> ASAG: GT-bridged, KD + box", "dab-gt", "dab", KD_BOX("gt_bridged"), False),
+    ("DAB-DETR -> ASAG: teacher-set, KD + box", "dab-set", "dab", KD_BOX("teacher_set", 0.5, "final", TOP50), False),
+    ("DAB-DETR -> ASAG: shared queries, KD + box", "dab-shared", "dab", KD_BOX("shared_queries", 1.0, "final", TOP50), False),
+    ("DAB-DETR -> ASAG: GT-bridged KD + box + LD (bins to bins)", "dab-gt-ld", "dab", KD_BOX("gt_bridged") + LD_GT, False),
+    ("DAB-DETR -> ASAG: feature mimicking (all locations)", "dab-feat", "dab", FEAT_DAB, False),
 ]
 console = Console(width=160)
 
@@ -126,13 +142,14 @@ def student_sets(profile: dict, threads: int, seed: int) -> list[str]:
 def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> dict[str, dict]:
     data = out / "data"
     if not (data / "val.json").is_file():
-        generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+        GENERATORS[profile["dataset"]](data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
     teachers = {}
     for slug in (t for t in TEACHERS if t in wanted):  # a fixed order: the tables list teachers alike every call
         recipe_name, overrides, _ = TEACHERS[slug]
         run = out / f"teacher-{slug}"
         if fresh(run):
-            sets = overrides + [f"data.image_size={profile['size']}", f"train.threads={threads}", f"train.epochs={profile['teacher_epochs']}", "train.eval_every=1000"]
+            epochs = profile["teacher_epochs"] * TEACHER_EPOCH_FACTOR.get(slug, 1)
+            sets = overrides + [f"data.image_size={profile['size']}", f"train.threads={threads}", f"train.epochs={epochs}", "train.eval_every=1000"]
             console.print(f"[bold]teacher {slug}[/] ({recipe_name}) -> {run}")
             train_run(load_recipe(recipe_name, sets), data, run)
         teachers[slug] = finished(run)
@@ -156,7 +173,7 @@ def tune_data(out: Path, profile: dict) -> Path:
     as val. Rows are compared and the one to recommend is chosen on it; val only reports them."""
     tune = out / "data-tune"
     if not (tune / "val.json").is_file():
-        generate_scenes(tune, num_train=0, num_val=profile["val"], size=profile["size"], seed=1)
+        GENERATORS[profile["dataset"]](tune, num_train=0, num_val=profile["val"], size=profile["size"], seed=1)
     return tune
 
 
@@ -166,7 +183,7 @@ def large_data(out: Path, profile: dict, count: int) -> Path:
     is scored on, so the same checkpoints are also scored on more images."""
     large = out / f"data-large{count}"
     if not (large / "val.json").is_file():
-        generate_scenes(large, num_train=0, num_val=count, size=profile["size"], seed=2)
+        GENERATORS[profile["dataset"]](large, num_train=0, num_val=count, size=profile["size"], seed=2)
     return large
 
 
@@ -368,7 +385,7 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
 
 def print_tables(summary: dict) -> None:
     p = summary["settings"]
-    table = Table(title=f"sparse_gain ({summary['profile']}): COCO AP on scenes val ({p['train']}/{p['val']} at {p['size']} px), final epoch, "
+    table = Table(title=f"sparse_gain ({summary['profile']}): COCO AP on {p.get('dataset', 'scenes')} val ({p['train']}/{p['val']} at {p['size']} px), final epoch, "
                         f"students {p['student_epochs']} epochs, seeds {p['seeds']}")
     for column in ("row", "AP (mean)", "± std", "APs", "AP50", "gain", "gain / spread", "gap closed", "tune gain", "distill step", "  w/o teacher", "terms / student step"):
         table.add_column(column, justify="left" if column == "row" else "right")
@@ -452,15 +469,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--large-val", type=int, default=0, help="also score every final checkpoint on this many more scenes (generator seed 2): a report, not a selection")
     parser.add_argument("--cost-from", type=Path, default=None,
                         help="sparse_gain.json of another profile whose step costs to report (same student, batch and teachers: a step costs the same however many there are)")
+    parser.add_argument("--dataset", choices=sorted(GENERATORS), default="scenes",
+                        help="built-in data to generate: scenes (10 classes, 1-4 objects) or clutter (20 classes, many small, occluded)")
     args = parser.parse_args(argv)
     profile_name = "quick" if args.quick else args.profile
-    profile = dict(PROFILES[profile_name])
+    profile = dict(PROFILES[profile_name], dataset=args.dataset)
     if args.seeds:
         profile["seeds"] = [int(s) for s in args.seeds.split(",")]
     rows = [r for r in ROWS if r[4]]
     if args.only:
         rows = select_rows(parser, args.only, ROWS)
-    out = args.out or Path(__file__).parent / "results" / f"sparse_gain-{profile_name}"
+    suffix = "" if args.dataset == "scenes" else f"-{args.dataset}"  # scenes keeps its folder names
+    out = args.out or Path(__file__).parent / "results" / f"sparse_gain-{profile_name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     if args.reuse:
         link_shared(out, args.reuse)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +22,8 @@ from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as serialize
 from torch import nn
 
 from distill.errors import CheckpointError, OutputError
@@ -29,11 +32,14 @@ FORMAT = "detkd-checkpoint"
 VERSION = 1
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> None:
     """Call ``write(tmp)`` on a temporary file in the target folder, then rename it over ``path``.
 
-    A crash leaves either the old file or the new one, never half of one.
-    A full disk or a read-only folder is one :class:`OutputError` line naming ``path``.
+    A crash leaves either the old file or the new one, never half of one. The temporary name is
+    always ``.NAME.XXXXXXXX.tmp`` (chosen here, never by a library), so that
+    :func:`remove_temp_files` knows every file a kill can leave. A full disk or a read-only folder
+    is one :class:`OutputError` line naming ``path``, the space needed (``size`` bytes, when
+    known) and what is kept.
     """
     path = Path(path)
     tmp = None
@@ -45,14 +51,56 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         if os.environ.get("DETKD_TEST_SAVE_PAUSE"):  # test hook: widens the window a kill test aims at
             time.sleep(float(os.environ["DETKD_TEST_SAVE_PAUSE"]))
         os.replace(tmp, path)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); the previous file, if any, is kept") from None
+        raise OutputError(write_failure(path, exc, size)) from None
     except BaseException:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_failure(path: Path, exc: BaseException, size: int | None = None) -> str:
+    """``PATH: cannot write (REASON; needs N MB, M MB free); WHAT IS KEPT`` for a failed write."""
+    reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    if size is not None:
+        folder = next((p for p in (path.parent, *path.parent.parents) if p.is_dir()), None)
+        free = shutil.disk_usage(folder).free if folder is not None else None
+        reason += f"; needs {_readable_size(size)}" + (f", {_readable_size(free)} free" if free is not None else "")
+    kept = "the previous file is kept" if path.is_file() else "nothing was written"
+    return f"{path}: cannot write ({reason}); {kept}"
+
+
+def _readable_size(size: int) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """``data`` to ``path`` atomically (``mode``: permissions, e.g. 0o644; mkstemp makes 0600)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        if mode is not None:
+            os.chmod(tmp, mode)
+
+    atomic_write(path, write, size=len(data))
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """A safetensors file, serialised in memory and written by :func:`atomic_write_bytes`.
+
+    ``safetensors.torch.save_file`` writes through a temporary of its own (``.tmpXXXXXX``) that a
+    kill leaves behind under a name detkd cannot tell from a user's file; serialising to bytes
+    keeps every temporary under detkd's name.
+    """
+    atomic_write_bytes(path, serialize(tensors, metadata=metadata))
 
 
 def make_dir(path: Path) -> Path:
@@ -70,20 +118,27 @@ def append_line(path: Path, line: str) -> None:
         with open(path, "a") as f:
             f.write(line)
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        reason = write_failure(path, exc, len(line.encode())).rsplit("; ", 1)[0]  # without "what is kept"
+        raise OutputError(f"{reason}; the lines before are kept (a cut last line is dropped on resume)") from None
+
+
+# safetensors' own temporary (``tempfile`` crate: ".tmp" + 6 characters), left by kills of
+# detkd versions that wrote through ``save_file``
+_LIBRARY_TEMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def remove_temp_files(folder: Path) -> list[Path]:
     """Delete the ``.NAME.*.tmp`` leftovers of writes a kill interrupted; returns what was removed."""
     removed = []
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
+    for tmp in Path(folder).iterdir():
+        if tmp.is_file() and (tmp.name.startswith(".") and tmp.name.endswith(".tmp") or _LIBRARY_TEMP.fullmatch(tmp.name)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
     return removed
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write_bytes(path, text.encode())
 
 
 def _plain_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -95,7 +150,7 @@ def save_checkpoint(path: Path, model: nn.Module, meta: dict[str, Any]) -> None:
     meta = {"format": FORMAT, "version": VERSION, **meta}
     text = json.dumps(meta, sort_keys=True)
     state = _plain_state(model)
-    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata={"detkd": text}))
+    save_safetensors(Path(path), state, {"detkd": text})
     atomic_write_text(Path(path).with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -207,7 +262,16 @@ def save_train_state(
     if model is not None:
         tensors.update({f"model.{k}": v for k, v in _plain_state(model).items()})
     meta = {"param_groups": opt["param_groups"], "scalar_state": scalar_state, "info": info}
-    atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"detkd_train_state": json.dumps(meta)}))
+    save_safetensors(Path(path), tensors, {"detkd_train_state": json.dumps(meta)})
+
+
+def read_train_state_info(path: Path) -> dict[str, Any] | None:
+    """The position (epoch, step, ...) a training state holds, from its header alone; None if unreadable."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["detkd_train_state"])["info"]
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError, ValueError):
+        return None
 
 
 def load_train_state(

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from distill.errors import ConfigError
+from distill.ops.precision import compute_dtype
 
 
 def is_distributed() -> bool:
@@ -76,7 +77,7 @@ def mean_over_ranks(normaliser: Tensor | float) -> Tensor | float:
     """
     if not is_distributed():
         return normaliser
-    value = torch.as_tensor(normaliser, dtype=torch.float32).detach().clone()
+    value = torch.as_tensor(normaliser, dtype=compute_dtype()).detach().clone()
     device = value.device
     if dist.get_backend() == "nccl" and device.type != "cuda":
         value = value.cuda()

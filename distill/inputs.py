@@ -7,6 +7,7 @@ teacher served from a cache is another provider of the same accessors
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,10 @@ class DistillInputs:
     features:    FPN maps, per level (B, C_l, H_l, W_l), for losses with ``"features"``.
     matches:     what this side's loss (student) or matcher (teacher, when a pairer asks) matched.
     image_sizes: (B, 2) (height, width) inside the padding, None = images fill the canvas.
+    head_tail:   (teacher, for losses that need ``"head_tail"``) ``fn(stage, cls_maps, reg_maps) ->
+                 (class logits (B, N, C) | None, bin logits (B, N, 4, K) | None)``: the teacher's
+                 head finished from tower stage ``stage`` on the given per-level maps, with
+                 gradients to the maps (CrossKD).
     """
 
     spec: DetectorSpec | None = None
@@ -32,6 +37,7 @@ class DistillInputs:
     features: list[Tensor] | None = None
     matches: Matches | None = None
     image_sizes: Tensor | None = None
+    head_tail: Callable[..., tuple[Tensor | None, Tensor | None]] | None = None
     _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------- prediction rows

@@ -40,6 +40,7 @@ from torchvision.ops import box_iou, distance_box_iou
 from distill.errors import ConfigError
 from distill.ops.boxes import diou_iof_legacy, square_anchors
 from distill.structures import Matches, Target
+from distill.ops.precision import compute_dtype
 
 VLR_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "diou": distance_box_iou,
@@ -50,13 +51,13 @@ VLR_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 @torch.no_grad()
 def main_region(points: Tensor, strides: Tensor, targets: list[Target], matches: Matches | None, valid: Tensor) -> Tensor:
     """(B, N) float: 1 at the student's positive locations, 0 elsewhere. valid: (B, N) bool."""
-    return (_require(matches, "main").positive_mask(valid.shape[1]) & valid).float()
+    return (_require(matches, "main").positive_mask(valid.shape[1]) & valid).to(compute_dtype())
 
 
 @torch.no_grad()
 def all_region(points: Tensor, strides: Tensor, targets: list[Target], matches: Matches | None, valid: Tensor) -> Tensor:
     """(B, N) float: 1 at every valid (non-padding) location."""
-    return valid.float()
+    return valid.to(compute_dtype())
 
 
 @torch.no_grad()
@@ -72,7 +73,7 @@ def gt_boxes_region(points: Tensor, strides: Tensor, targets: list[Target], matc
         inside = (x > boxes[:, 0]) & (x < boxes[:, 2]) & (y > boxes[:, 1]) & (y < boxes[:, 3])  # (N, G)
         rows.append(inside.any(dim=1))  # any() over G = 0 is False: empty GT -> empty mask
     mask = torch.stack(rows) if rows else valid.new_zeros(valid.shape)
-    return (mask & valid).float()
+    return (mask & valid).to(compute_dtype())
 
 
 @torch.no_grad()
@@ -98,7 +99,7 @@ def vlr_region(
             f"region 'vlr' needs one ATSS threshold tensor per image (Matches.extras['pos_thresholds']), got "
             f"{len(thresholds)} for {len(targets)} images; use a detector with an ATSS-style assigner"
         )
-    anchors = square_anchors(points.float(), strides.float(), 8.0)  # (N, 4), as ATSS ranks them
+    anchors = square_anchors(points.to(compute_dtype()), strides.to(compute_dtype()), 8.0)  # (N, 4), as ATSS ranks them
     mask = _vlr_batch(anchors, targets, thresholds, gamma, VLR_METRICS[metric])
     mask = mask.reshape(valid.shape) * valid
     if exclude_pos:

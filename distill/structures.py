@@ -24,14 +24,18 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from distill.ops.precision import compute_dtype
 
 
-def _to(obj, device: torch.device | str):
-    """Return a copy of a dataclass with every tensor field (and lists / dicts of tensors) moved."""
+def _to(obj, device: torch.device | str, floats: torch.dtype | None = None):
+    """Return a copy of a dataclass with every tensor field (and lists / dicts of tensors) moved;
+    with ``floats``, floating-point tensor fields are also cast to that dtype."""
     changes = {}
     for f in fields(obj):
         value = getattr(obj, f.name)
-        if isinstance(value, Tensor) or hasattr(value, "to") and not isinstance(value, (str, type)):
+        if isinstance(value, Tensor) and floats is not None and value.is_floating_point():
+            changes[f.name] = value.to(device, floats)
+        elif isinstance(value, Tensor) or hasattr(value, "to") and not isinstance(value, (str, type)):
             changes[f.name] = value.to(device)
         elif isinstance(value, list) and value and (isinstance(value[0], Tensor) or hasattr(value[0], "to")):
             changes[f.name] = [v.to(device) for v in value]
@@ -56,7 +60,8 @@ class Target:
         return Target(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
 
     def to(self, device) -> "Target":
-        return _to(self, device)
+        """Moved to ``device``, boxes in the compute dtype (fp32; fp64 in a reference run)."""
+        return _to(self, device, compute_dtype())
 
 
 @dataclass
@@ -79,7 +84,9 @@ class Batch:
     flipped: Tensor
 
     def to(self, device) -> "Batch":
-        return _to(self, device)
+        """Moved to ``device``; images, boxes and scales in the compute dtype (fp32; fp64 in a
+        reference run, whose models are built in fp64)."""
+        return _to(self, device, compute_dtype())
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -114,24 +121,24 @@ class BoxBins:
 
     def distances(self) -> Tensor:
         """(B, P, 4) expected edge distances in bin units (float32)."""
-        probs = self.logits.float().softmax(dim=-1)
+        probs = self.logits.to(compute_dtype()).softmax(dim=-1)
         bins = torch.arange(probs.shape[-1], dtype=probs.dtype, device=probs.device)
         return (probs * bins).sum(dim=-1)  # elementwise, not a matmul: stays fp32 under autocast
 
     def decode(self) -> Tensor:
         """(B, P, 4) xyxy boxes in input pixels."""
-        return edges_to_boxes(self.centers.float(), self.distances() * self.spacing.float())
+        return edges_to_boxes(self.centers.to(compute_dtype()), self.distances() * self.spacing.to(compute_dtype()))
 
     def encode(self, boxes: Tensor) -> Tensor:
         """boxes (B, P, 4) xyxy pixels -> (B, P, 4) edge distances in this model's bin units.
 
         Not clamped: a value outside ``[0, K - 1]`` means the box does not fit this model's range.
         """
-        c = self.centers.float()
+        c = self.centers.to(compute_dtype())
         pixels = torch.stack(
             [c[..., 0] - boxes[..., 0], c[..., 1] - boxes[..., 1], boxes[..., 2] - c[..., 0], boxes[..., 3] - c[..., 1]], dim=-1
         )
-        return pixels / self.spacing.float()
+        return pixels / self.spacing.to(compute_dtype())
 
     def rows(self, image: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(R,) image and prediction indices -> logits (R, 4, K), centers (R, 2), spacing (R, 4)."""
@@ -187,6 +194,25 @@ class Predictions:
 
 
 @dataclass
+class HeadStages:
+    """Intermediate maps of a head built from conv towers (GFL), for head-crossing distillation
+    (CrossKD: a student's stage-k maps continue through the teacher's blocks k.. and output convs).
+
+    cls, reg: per stage k = 0..S, per FPN level (B, C, H_l, W_l); stage 0 is the tower's input (the
+    FPN map), stage k the output of tower block k. They are the tensors the forward computed anyway
+    (autograd holds them for the backward pass), so keeping references costs no memory.
+    """
+
+    cls: list[list[Tensor]]
+    reg: list[list[Tensor]]
+
+    @property
+    def num_blocks(self) -> int:
+        """S, the number of tower blocks."""
+        return len(self.cls) - 1
+
+
+@dataclass
 class DenseOutputs(Predictions):
     """Predictions of a dense head on a location grid (GFL), with the grid itself.
 
@@ -197,11 +223,14 @@ class DenseOutputs(Predictions):
     points:      (N, 2) xy location centres in input pixels.
     strides:     (N,) float32 stride of each location.
     level_sizes: per level (H_l, W_l).
+    stages:      the head's intermediate tower maps (:class:`HeadStages`) of a training forward, or
+                 None; a detached copy never carries them.
     """
 
     points: Tensor = None  # type: ignore[assignment]  (always given; dataclass field order)
     strides: Tensor = None  # type: ignore[assignment]
     level_sizes: list[tuple[int, int]] = field(default_factory=list)
+    stages: HeadStages | None = None
 
     @property
     def reg_max(self) -> int:
@@ -231,6 +260,8 @@ def _map_tensors(obj, fn):
             changes[f.name] = _map_tensors(value, fn)
         elif f.name == "aux":
             changes[f.name] = [_map_tensors(a, fn) for a in value]
+        elif f.name == "stages":  # graph intermediates of the student's own forward: not copied
+            changes[f.name] = None
     return replace(obj, **changes)
 
 
@@ -281,7 +312,7 @@ class Matches:
     def weight_map(self, num_predictions: int) -> Tensor:
         """(B, P) float32 match weight (1 where no weight is given), 0 at unmatched predictions."""
         weights = self.weight if self.weight is not None else [torch.ones(len(i), device=i.device) for i in self.pred_index]
-        return self.scatter([w.float() for w in weights], num_predictions)
+        return self.scatter([w.to(compute_dtype()) for w in weights], num_predictions)
 
     def _device(self) -> torch.device:
         return self.pred_index[0].device if self.pred_index else torch.device("cpu")
@@ -319,7 +350,7 @@ class Pairs:
     def from_mask(mask: Tensor, space: Literal["predictions", "features"] = "predictions") -> "Pairs":
         """A dense (B, N) weight map -> pairs at its non-zero entries, batch-major, index ascending."""
         image, index = (mask > 0).nonzero(as_tuple=True)
-        return Pairs(image, index, index, mask[image, index].float(), mask.shape[0], space, mask)
+        return Pairs(image, index, index, mask[image, index].to(compute_dtype()), mask.shape[0], space, mask)
 
     @staticmethod
     def empty(num_images: int, device, space: Literal["predictions", "features"] = "predictions") -> "Pairs":
@@ -347,6 +378,8 @@ class DetectorSpec:
     bins:         K, bins per edge of a distribution box head, or None (no distributions).
     query_boxes:  the detector's decoder can run on given query boxes (``decode_queries``), so a
                   teacher's boxes can be fed to it as shared distillation queries (KD-DETR).
+    head_stages:  S, the blocks of each conv tower of a head that can be crossed (``HeadStages`` in
+                  its outputs, ``head_from_stage`` to continue from a stage; CrossKD), or None.
     """
 
     family: Literal["dense", "sparse"]
@@ -355,6 +388,7 @@ class DetectorSpec:
     fpn_channels: int | None
     bins: int | None = None
     query_boxes: bool = False
+    head_stages: int | None = None
 
 
 @dataclass

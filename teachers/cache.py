@@ -238,6 +238,9 @@ class TeacherCache:
         checked = getattr(self, "_checked", None)
         if checked is not None and len(checked) == len(key) and checked[0] == size_divisor and all(a is b for a, b in zip(checked[1:], key[1:])):
             return
+        for loss in losses:
+            if loss.cache_refusal:
+                raise CheckpointError(f"{self.folder}: loss {loss.name!r} {loss.cache_refusal}; distil without --cache")
         if self.kind == "queries":
             spec = CacheSpec(self.variants, (), (), size_divisor, queries=True)
         else:

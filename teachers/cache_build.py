@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 from distill.data.loader import collate
 from distill import distributed as dist
 from distill.report import console, make_progress
-from distill.errors import CheckpointError
+from distill.checkpoint import make_dir
+from distill.errors import CheckpointError, OutputError
 from teachers.cache_format import (
     FORMAT, MANIFEST, SUMMARY, VERSION, check_shard, json_sha256, read_manifest, variant_code, write_json, write_manifest, write_shard,
 )
@@ -186,7 +187,12 @@ def build_cache(
             if len(keys) == len(todo[mine[done]]):  # the shard is complete: write it, then the manifest
                 k = first + mine[done]
                 tensors = query_shard_tensors(keys, rows) if spec.queries else shard_tensors(keys, rows, layout)
-                record = write_shard(out, k, tensors, manifest["key"])
+                try:
+                    record = write_shard(out, k, tensors, manifest["key"])
+                except OutputError as exc:
+                    raise OutputError(
+                        f"{exc}; the cache keeps its {len(manifest['shards'])} complete shards: free space and rerun the same command to resume"
+                    ) from None
                 head_rows = sum(len(r.get("q.valid" if spec.queries else "head.loc", ())) for r in rows)
                 record.update(entries=len(keys), head_rows=head_rows, feature_rows=sum(len(r.get("feat.loc", ())) for r in rows))
                 _record_round(out, manifest, record, on_shard)
@@ -277,7 +283,7 @@ def _start_or_resume(out: Path, fp: dict, layout: dict, dataset, shard_size: int
         "image_ids": [int(i) for i in dataset.image_ids],
         "num_shards": math.ceil(len(dataset) / shard_size), "shards": [], "complete": False, "source": source or {},
     }
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     write_manifest(out, manifest)
     return manifest
 
@@ -296,5 +302,6 @@ def _drop_bad_shards(out: Path, manifest: dict[str, Any]) -> None:
 
 def _remove_temporaries(out: Path) -> None:
     # atomic_write's names: ".<file>.<random>.tmp"; an interrupted build can leave one behind.
-    for tmp in out.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    from distill.checkpoint import remove_temp_files
+
+    remove_temp_files(out)

@@ -28,7 +28,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from safetensors.torch import safe_open
 from safetensors.torch import save as save_bytes
 from torch import nn
 
-from distill.checkpoint import atomic_write
+from distill.checkpoint import atomic_write_bytes
 from distill.errors import CheckpointError
 from distill.regions import REGIONS, Region, create_region
 
@@ -120,16 +119,14 @@ def canvas_for(image_size: int, size_divisor: int) -> tuple[int, int]:
 
 
 # -------------------------------------------------------------------------------------- manifest
-def _write_readable(tmp: Path, data: bytes) -> None:
-    # mkstemp creates 0600 files; a cache is read by other processes (DDP ranks, other users' runs).
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
+# mkstemp creates 0600 files; a cache is read by other processes (DDP ranks, other users' runs).
+READABLE = 0o644
 
 
 def write_json(path: Path, obj: Any, indent: int = 1) -> None:
     """Atomically, readable by others, keys sorted (same object, same bytes)."""
     data = (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode()
-    atomic_write(path, lambda tmp: _write_readable(tmp, data))
+    atomic_write_bytes(path, data, mode=READABLE)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -162,7 +159,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 def write_shard(folder: Path, k: int, tensors: dict[str, torch.Tensor], key: str) -> dict[str, Any]:
     """Serialize, checksum and atomically write shard ``k``; returns its manifest record."""
     data = save_bytes(tensors, metadata={"detkd_cache": json.dumps({"key": key, "shard": k}, sort_keys=True)})
-    atomic_write(folder / shard_name(k), lambda tmp: _write_readable(tmp, data))
+    atomic_write_bytes(folder / shard_name(k), data, mode=READABLE)
     return {"file": shard_name(k), "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 

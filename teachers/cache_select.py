@@ -26,7 +26,7 @@ from distill.ops.grid import valid_locations
 from distill.pairers import RegionPairer
 from distill.regions import Region, create_region
 from distill.structures import Batch, Matches, Target
-from teachers.cache_format import FORMAT, VARIANTS, VERSION, canvas_for, file_sha256, regions_json, state_sha256
+from teachers.cache_format import FORMAT, VARIANTS, VERSION, canvas_for, covers, file_sha256, region_to_json, regions_json, state_sha256
 
 _WEIGHT_HASHES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -99,6 +99,35 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
         variants = tuple(v for v, drawn in (("none", p < 1.0), ("hflip", p > 0.0)) if drawn)
     # several losses often share a region (Main LD and Main KD): store and fingerprint it once
     return CacheSpec(variants, tuple(dict.fromkeys(head)), tuple(dict.fromkeys(feats)), recipe.data.size_divisor)
+
+
+def serves(spec: CacheSpec, recipe) -> bool:
+    """Whether a cache built with ``spec`` holds everything ``recipe``'s losses read: the same kind
+    (dense regions or query rows), every region per part, every flip variant the recipe draws, and
+    no loss that no cache can serve (``DistillLoss.cache_refusal``)."""
+    from distill.losses import create_loss
+
+    try:
+        need = spec_from_recipe(recipe)
+        losses = [create_loss(s.name, weight=s.weight, pairer=s.pairer, pairer_params=s.pairer_params, **s.params) for s in recipe.losses]
+    except ConfigError:
+        return False
+    if any(loss.cache_refusal for loss in losses) or need.queries != spec.queries or not set(need.variants) <= set(spec.variants):
+        return False
+    held_head, held_feats = [region_to_json(r) for r in spec.head_regions], [region_to_json(r) for r in spec.feature_regions]
+    return all(covers(held_head, r) for r in need.head_regions) and all(covers(held_feats, r) for r in need.feature_regions)
+
+
+def recipes_served(spec: CacheSpec) -> list[str]:
+    """The shipped distillation recipes a cache built with ``spec`` serves (:func:`serves`)."""
+    from recipes import list_recipes, load_recipe
+
+    served = []
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        if recipe.kind == "distill" and serves(spec, recipe):
+            served.append(name)
+    return served
 
 
 def teacher_sha256(model: nn.Module) -> str:

@@ -104,7 +104,16 @@ class FrozenTeacher:
             features=[f.clone() for f in features] if "features" in needs else None,
             matches=_clone_matches(matches),
             image_sizes=batch.image_sizes,
+            head_tail=self._head_tail if "head_tail" in needs else None,
         )
+
+    def _head_tail(self, stage: int, cls_maps: list[Tensor] | None, reg_maps: list[Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+        """The teacher's head from tower stage ``stage`` on (student) maps, outside inference mode so
+        gradients reach the maps; the teacher's parameters stay frozen (no grad, eval mode)."""
+        cls, bins = self.model.head_from_stage(stage, cls_maps, reg_maps)
+        if cls is not None and self.class_index is not None:
+            cls = cls.index_select(-1, self.class_index)
+        return cls, bins
 
     def _teacher_targets(self, targets: list[Target]) -> list[Target]:
         """GT labels in the teacher's class indices (its matcher's class costs read them)."""

@@ -6,6 +6,11 @@ from torchvision.ops import box_iou
 
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import square_anchors
+from tolerances import FP32_FEW_OPS
+
+# Thresholds mean + std of ≤ 18 IoUs in [0, 1], in fp32: the mean, the centred squares and the sqrt are
+# ≤ 16 roundings of values ≤ 1, so FP32_FEW_OPS (≈ 9.5e-6) absolute; IoUs of literal boxes are a few
+# roundings (allclose's default rtol 1e-5 is > 10x).
 
 C = 5  # classes; label 5 is background
 
@@ -31,7 +36,7 @@ def test_two_levels_single_gt_threshold_and_positive():
     # unbiased var = (0.45^2 + 3 * 0.15^2) / 3 = (0.2025 + 0.0675) / 3 = 0.09 -> std 0.3
     # alpha_pos = 0.65: only a0 (0.8, centre inside) is positive
     assert res.pos_thresholds.shape == (1,)
-    assert res.pos_thresholds.item() == pytest.approx(0.65, abs=1e-6)
+    assert res.pos_thresholds.item() == pytest.approx(0.65, abs=FP32_FEW_OPS)
     assert res.pos_mask.tolist() == [True, False, False, False, False]
     assert res.labels.tolist() == [3, C, C, C, C]
     assert res.matched_gt.tolist() == [0, -1, -1, -1, -1]
@@ -44,7 +49,7 @@ def test_invalid_anchor_is_never_candidate_nor_positive():
     # a0 is invalid, so level 0's 2 closest valid anchors are a1 (0.2) and a2 (0.0); level 1: 0.2, 0.2
     # mean = 0.6 / 4 = 0.15; var = (3 * 0.05^2 + 0.15^2) / 3 = 0.03 / 3 = 0.01 -> std 0.1
     # alpha_pos = 0.25 > every candidate's IoU -> no positive (a0 would have 0.8 but is invalid)
-    assert res.pos_thresholds.item() == pytest.approx(0.25, abs=1e-6)
+    assert res.pos_thresholds.item() == pytest.approx(0.25, abs=FP32_FEW_OPS)
     assert not res.pos_mask.any()
     assert res.ious[0].tolist() == [0.0]  # invalid rows are zeroed
     assert (res.labels == C).all() and (res.matched_gt == -1).all()
@@ -57,7 +62,7 @@ def test_level_with_fewer_valid_anchors_than_topk():
     # alpha_pos = 0.3 + sqrt(0.12) = 0.646410 -> a0 positive only
     valid = torch.tensor([True, True, True, True, False])
     res = atss_assign(TWO_LEVEL_ANCHORS, [3, 2], GT, torch.tensor([1]), C, valid=valid, topk=9)
-    assert res.pos_thresholds.item() == pytest.approx(0.3 + math.sqrt(0.12), abs=1e-6)
+    assert res.pos_thresholds.item() == pytest.approx(0.3 + math.sqrt(0.12), abs=FP32_FEW_OPS)
     assert res.pos_mask.tolist() == [True, False, False, False, False]
 
 
@@ -72,7 +77,7 @@ def test_anchor_claimed_by_two_gts_keeps_highest_iou():
     # a0 is positive for both: IoU 0.8 with A beats 0.64 with B -> matched to A (index 1, label 4)
     res = atss_assign(anchors, [4], gts, torch.tensor([2, 4]), C)
     expected_thr = torch.tensor([0.3025 + math.sqrt(0.052425), 0.65])
-    assert torch.allclose(res.pos_thresholds, expected_thr, atol=1e-6)
+    assert torch.allclose(res.pos_thresholds, expected_thr, atol=FP32_FEW_OPS)
     assert res.pos_mask.tolist() == [True, False, False, False]
     assert res.matched_gt.tolist() == [1, -1, -1, -1]
     assert res.labels.tolist() == [4, C, C, C]
@@ -91,7 +96,7 @@ def test_centre_must_be_strictly_inside_gt(left, positive):
     )
     v = (10 - left) * 10 / (100 + 100 - (10 - left) * 10)
     res = atss_assign(anchors, [4], GT, torch.tensor([0]), C)
-    assert res.pos_thresholds.item() == pytest.approx(0.75 * v, abs=1e-6)
+    assert res.pos_thresholds.item() == pytest.approx(0.75 * v, abs=FP32_FEW_OPS)
     assert res.pos_mask.tolist() == [positive, False, False, False]
 
 
@@ -103,6 +108,7 @@ def test_gt_smaller_than_any_anchor_still_gets_a_positive():
     # IoU of the first anchor = 16 / 4096 = 1/256; the others start at x = 20 > 14: IoU 0
     # candidates (v, 0, 0, 0) -> alpha_pos = 3v/4 = 3/1024; centre (12,12) inside the GT -> positive
     res = atss_assign(anchors, [4], gt, torch.tensor([2]), C)
+    # dyadic IoU 1/256: only /3 and sqrt round (≤ 3 · 2^-24 ≈ 1.8e-7 relative): 1e-5 is > 50x
     assert res.pos_thresholds.item() == pytest.approx(3 / 1024, rel=1e-5)
     assert res.pos_mask.tolist() == [True, False, False, False]
     assert res.labels.tolist() == [2, C, C, C]
@@ -124,9 +130,9 @@ def test_topk_selects_closest_per_level():
     ious = [9 / 11, 1 / 19, 1 / 8]
     mean = sum(ious) / 3
     thr = mean + math.sqrt(sum((v - mean) ** 2 for v in ious) / 2)
-    assert thr == pytest.approx(0.754589, abs=1e-6)
+    assert thr == pytest.approx(0.754589, abs=1e-6)  # fp64 vs the comment's 6 digits (≤ 5e-7)
     res = atss_assign(anchors, [5, 1], gt, torch.tensor([0]), C, topk=2)
-    assert res.pos_thresholds.item() == pytest.approx(thr, abs=1e-6)
+    assert res.pos_thresholds.item() == pytest.approx(thr, abs=FP32_FEW_OPS)
     # only anchor 2 (9/11 ~ 0.818 >= thr ~ 0.75) is positive; anchors 0, 1, 4 were never candidates
     assert res.pos_mask.tolist() == [False, False, True, False, False, False]
 
@@ -194,7 +200,7 @@ def test_matches_a_per_gt_reference_on_random_scenes():
         valid = torch.rand(anchors.shape[0], generator=g) > 0.2
         res = atss_assign(anchors, num_per_level, gts, labels, C, valid=valid, topk=5)
         ref_labels, ref_gt, ref_thr = reference_atss(anchors, num_per_level, gts, labels, C, valid, 5)
-        assert torch.allclose(res.pos_thresholds, ref_thr, atol=1e-6)
+        assert torch.allclose(res.pos_thresholds, ref_thr, atol=FP32_FEW_OPS)
         assert torch.equal(res.matched_gt, ref_gt)
         assert torch.equal(res.labels, ref_labels)
         assert res.pos_mask.sum() > 0

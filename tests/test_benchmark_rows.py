@@ -131,6 +131,7 @@ def test_the_larger_report_split_is_paired_by_seed_and_never_selects():
 
 def test_the_gain_interval_is_students_t_on_the_paired_gains():
     # mean 0.02, std 0.01, n 3: half-width t(0.975, 2) * 0.01 / sqrt(3) = 4.3027 * 0.005774 = 0.02484
+    # (fp64; abs 1e-5 is the 5-digit literals' precision: they are off by ≤ 1.6e-6)
     low, high = bench.gain_interval([0.01, 0.02, 0.03])
     assert low == pytest.approx(-0.00484, abs=1e-5) and high == pytest.approx(0.04484, abs=1e-5)
     assert bench.gain_interval([0.02, 0.03, 0.04])[0] == pytest.approx(0.00516, abs=1e-5)  # the same spread above 0: excludes it

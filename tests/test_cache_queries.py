@@ -16,6 +16,7 @@ from distill.inputs import DistillInputs
 from students import create_student
 from teachers import CacheSpec, TeacherCache, build_cache, load_teacher
 from teachers.cache_select import spec_from_recipe
+from tolerances import FP32_NETWORK
 
 SIZE = 64
 QUERIES = CacheSpec(head_regions=(), feature_regions=(), queries=True)
@@ -62,8 +63,11 @@ def test_query_rows_and_matches_equal_the_online_teacher(root, train_set, flips)
     student, s_in = student_side(batch)
     online = teacher.inputs(batch, s_in, frozenset({"head", "matches"}))
     cached = cache.inputs(batch, s_in, frozenset({"head", "matches"}))
-    torch.testing.assert_close(cached.predictions.logits, online.predictions.logits.half().float())
-    torch.testing.assert_close(cached.predictions.boxes, online.predictions.boxes)  # fp32: exact
+    # The build ran the teacher on batches of 2, the online teacher here on 4: other fp32 kernels, ≤ FP32_NETWORK
+    # apart (tests/tolerances.py). Logits are stored in fp16: equal or adjacent fp16 numbers, ≤ one fp16 ulp
+    # ≤ 2^-10 |x| ≤ rtol 1e-3 |x| (atol 2e-3 for |x| < 2); boxes in fp32: within FP32_NETWORK of the canvas.
+    torch.testing.assert_close(cached.predictions.logits, online.predictions.logits.half().float(), rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(cached.predictions.boxes, online.predictions.boxes, rtol=FP32_NETWORK, atol=FP32_NETWORK * SIZE)
     assert torch.equal(cached.predictions.valid, online.predictions.valid)
     for b in range(4):
         assert torch.equal(cached.matches.pred_index[b], online.matches.pred_index[b])
@@ -73,6 +77,7 @@ def test_query_rows_and_matches_equal_the_online_teacher(root, train_set, flips)
     from_teacher = distillation_terms(losses, loss_keys(losses), s_in, online, batch.targets)
     for key in from_cache:
         assert float(from_cache[key].detach()) > 0 and from_cache[key].requires_grad, key
+        # fp16 logits: rel 2e-3 ≈ 4 · u16, as for the dense cache (tests/test_cache.py's docstring)
         assert float(from_cache[key].detach()) == pytest.approx(float(from_teacher[key].detach()), rel=2e-3), key
 
 
@@ -115,6 +120,6 @@ def test_detkd_cache_and_distill_from_it_equal_the_online_run(root, tmp_path):
         records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         runs[name] = next(r for r in records if r.get("step") == 0 and "loss" in r)
     for key in ("loss_kd_gt_bridged", "loss_box_teacher_set", "loss_cls"):
-        assert runs["cached"][key] == pytest.approx(runs["online"][key], rel=2e-3), key
+        assert runs["cached"][key] == pytest.approx(runs["online"][key], rel=2e-3), key  # fp16 logits, as above
     bad = invoke("cache", str(root / "teacher.safetensors"), "--data", str(root / "data"), "--out", str(tmp_path / "d"), "--regions", "main", "--no-progress")
     assert bad.exit_code == 2 and "sparse teacher" in one_error_line(bad)

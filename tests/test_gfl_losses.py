@@ -4,6 +4,9 @@ import pytest
 import torch
 
 from students.gfl.losses import distribution_focal_loss, giou_loss, quality_focal_loss
+from tolerances import FP32_FEW_OPS, FP32_FEW_OPS_CANCEL, fp32_chain
+
+# Expected values are exact (Python floats); the fp32 side is a few roundings (tests/tolerances.py).
 
 
 def sigmoid(x: float) -> float:
@@ -32,8 +35,9 @@ def test_qfl_positive_row_golden():
     neg = bce(-1.0, 0.0) * sigmoid(-1.0) ** 2
     out = quality_focal_loss(logits, labels, quality)
     assert out.shape == (1,)
-    assert out.item() == pytest.approx(pos + neg, rel=1e-5)
-    assert out.item() == pytest.approx(3.3963e-4 + 0.022658, rel=1e-3)
+    # ≤ 16 roundings; 0.6 - sigmoid(0.5) cancels 28x, but that term is 1.5% of the sum
+    assert out.item() == pytest.approx(pos + neg, rel=FP32_FEW_OPS_CANCEL)
+    assert out.item() == pytest.approx(3.3963e-4 + 0.022658, rel=1e-3)  # the comment's 5-digit arithmetic
 
 
 def test_qfl_background_row_and_quality_ignored():
@@ -43,7 +47,7 @@ def test_qfl_background_row_and_quality_ignored():
     expected = sum(math.log(1 + math.exp(x)) * sigmoid(x) ** 2 for x in (2.0, -3.0, 0.0))
     for q in (0.0, 0.9):  # quality of a background row has no effect
         out = quality_focal_loss(logits, labels, torch.tensor([q]))
-        assert out.item() == pytest.approx(expected, rel=1e-5)
+        assert out.item() == pytest.approx(expected, rel=FP32_FEW_OPS)  # softplus and sigmoid^2, no cancellation
 
 
 def test_qfl_several_rows_and_beta():
@@ -54,7 +58,7 @@ def test_qfl_several_rows_and_beta():
     row0 = bce(1.0, 0.0) * sigmoid(1.0) ** beta + bce(0.0, 0.3) * abs(0.3 - 0.5) ** beta
     row1 = bce(0.0, 0.0) * 0.5**beta + bce(-2.0, 0.0) * sigmoid(-2.0) ** beta
     out = quality_focal_loss(logits, labels, quality, beta=beta)
-    assert torch.allclose(out, torch.tensor([row0, row1]), rtol=1e-5)
+    assert torch.allclose(out, torch.tensor([row0, row1]), rtol=FP32_FEW_OPS)  # ≤ 16 roundings (pow counted as 4)
 
 
 def test_qfl_is_zero_for_a_perfect_prediction():
@@ -62,6 +66,7 @@ def test_qfl_is_zero_for_a_perfect_prediction():
     q = 0.8
     logits = torch.tensor([[math.log(q / (1 - q)), -30.0]])
     out = quality_focal_loss(logits, torch.tensor([0]), torch.tensor([q]))
+    # fp32 sigmoid(logit(0.8)) is 0.8 within ≈ 5 · 0.8 · 2^-24 ≈ 2.4e-7: scale ≤ 6e-14, times BCE ≈ 0.5
     assert out.item() < 1e-10
 
 
@@ -73,7 +78,7 @@ def test_qfl_large_logits_finite_with_gradients():
     assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all()
     # row 0: class 1 has target 0.5 at sigmoid(-100) ~ 0 -> BCE ~ 0.5 * 100 = 50, scale 0.25
     #        class 0 has target 0 at sigmoid(100) = 1 -> BCE = 100, scale 1
-    assert out[0].item() == pytest.approx(100 + 0.25 * 50, rel=1e-4)
+    assert out[0].item() == pytest.approx(100 + 0.25 * 50, rel=1e-4)  # exact to e^-100; a few roundings
 
 
 def test_qfl_half_input_and_empty():
@@ -101,7 +106,8 @@ def test_dfl_interpolates_neighbouring_bins():
     expected = 0.7 * (lse - 2.0) + 0.3 * (lse - 3.0)
     out = distribution_focal_loss(logits, torch.tensor([2.3]))
     assert out.shape == (1,)
-    assert out.item() == pytest.approx(expected, rel=1e-5)
+    # ≤ 16 roundings of lse ≈ 3.46 against a result of 1.16: condition 3
+    assert out.item() == pytest.approx(expected, rel=fp32_chain(16, condition=3))
 
 
 def test_dfl_integer_target_and_last_bin():
@@ -109,7 +115,8 @@ def test_dfl_integer_target_and_last_bin():
     # row 0, target 1.0: all weight on bin 1, p = 3 / 5 -> CE = log(5 / 3)
     # row 1, target 2.0 = R: all weight on bin 2 (no bin 3 is read), p = 1/3 -> log 3
     out = distribution_focal_loss(logits, torch.tensor([1.0, 2.0]))
-    assert torch.allclose(out, torch.tensor([math.log(5 / 3), math.log(3.0)]))
+    # lse = ln 5 against CE = ln(5/3): condition 3, as above
+    assert torch.allclose(out, torch.tensor([math.log(5 / 3), math.log(3.0)]), rtol=fp32_chain(16, condition=3))
 
 
 def test_dfl_batch_large_logits_and_empty():
@@ -119,7 +126,7 @@ def test_dfl_batch_large_logits_and_empty():
     assert torch.isfinite(out).all() and torch.isfinite(logits.grad).all()
     # row 0: CE(bin 0) ~ 0, CE(bin 1) ~ 200 -> 0.5 * 200 = 100
     # row 1: CE(bin 2) ~ 200 weighted 0.1, CE(bin 3) ~ 0 -> 20
-    assert torch.allclose(out.detach(), torch.tensor([100.0, 20.0]), rtol=1e-4)
+    assert torch.allclose(out.detach(), torch.tensor([100.0, 20.0]), rtol=1e-4)  # exact to e^-100, fp32(2.9) to 1e-7
     assert distribution_focal_loss(torch.zeros(0, 17), torch.zeros(0)).shape == (0,)
 
 
@@ -134,10 +141,11 @@ def test_giou_loss_literal():
     # row 1: disjoint, union 2, enclosing (0,0,3,1) = 3 -> GIoU = 0 - 1/3 -> loss 4/3
     # row 2: identical -> 0
     out = giou_loss(pred, target)
+    # allclose keeps its rtol 1e-5: ≥ 1e-5 · 1.08 against ≤ 16 roundings of values ≤ 9 (≈ 1e-6 of the result)
     assert torch.allclose(out, torch.tensor([68 / 63, 4 / 3, 0.0]), atol=1e-6)
 
 
 def test_giou_loss_empty_and_half():
     assert giou_loss(torch.zeros(0, 4), torch.zeros(0, 4)).shape == (0,)
     out = giou_loss(torch.tensor([[0.0, 0.0, 2.0, 2.0]]).half(), torch.tensor([[1.0, 1.0, 3.0, 3.0]]))
-    assert out.dtype == torch.float32 and out.item() == pytest.approx(68 / 63, rel=1e-6)
+    assert out.dtype == torch.float32 and out.item() == pytest.approx(68 / 63, rel=FP32_FEW_OPS)

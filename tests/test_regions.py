@@ -124,6 +124,8 @@ def test_gt_boxes_requires_the_centre_strictly_inside():
 
 
 # --- vlr --------------------------------------------------------------------------------------
+# Masks are IoUs of small dyadic boxes (a few fp32 roundings of values ≤ 1): assert_close's fp32 default
+# (atol 1e-5) is > 10x. Band edges are ≥ 0.004 from every DIoU here (exactly 1 where the box is the GT).
 
 
 def test_vlr_true_diou_band():

@@ -1,4 +1,7 @@
-"""Learning-rate schedule: hand-computed values at chosen steps."""
+"""Learning-rate schedule: hand-computed values at chosen steps.
+
+Python floats (fp64) on both sides, a few operations: pytest.approx's default rel 1e-6 is ~1e9x their rounding.
+"""
 import math
 
 import pytest

@@ -68,11 +68,11 @@ def resolve_spec(recipe, variants: str | None, regions: str | None, features: bo
     from teachers.cache_format import VARIANTS
     from teachers.cache_select import CacheSpec, spec_from_recipe
 
+    from recipes import RECOMMENDED, load_recipe
+
     chosen = parse_variants(variants)
-    if recipe is not None:
-        base = spec_from_recipe(recipe, variants=chosen)
-    else:
-        base = CacheSpec(chosen or VARIANTS)
+    # without --recipe: what the recommended recipe's losses read (regions, features), both flips
+    base = spec_from_recipe(recipe or load_recipe(RECOMMENDED), variants=chosen or (None if recipe else VARIANTS))
     head = parse_regions(regions) if regions else base.head_regions
     if features is None:
         features = bool(base.feature_regions) or feature_regions is not None
@@ -107,8 +107,8 @@ def cache_command(
     recipe: str = typer.Option(None, "--recipe", help="Distillation recipe: input size, class map, the student's assignment, flips, and the regions its losses read."),
     set_: list[str] = typer.Option([], "--set", help=SET_HELP),
     variants: str = typer.Option(None, "--variants", help="Deterministic variants to cache: none,hflip (default: those the recipe draws, else both)."),
-    regions: str = typer.Option(None, "--regions", help="Regions of the class / bin-logit rows, e.g. main,vlr or 'vlr(gamma=0.5)' (default: the recipe's KD/LD regions, else main,vlr)."),
-    features: bool = typer.Option(None, "--features/--no-features", help="Also cache FPN feature rows (default: when a recipe loss reads features)."),
+    regions: str = typer.Option(None, "--regions", help="Regions of the class / bin-logit rows, e.g. main,vlr or 'vlr(gamma=0.5)' (default: the recipe's KD/LD regions, else the recommended recipe's)."),
+    features: bool = typer.Option(None, "--features/--no-features", help="Also cache FPN feature rows (default: when a loss of the recipe, else of the recommended recipe, reads features)."),
     feature_regions: str = typer.Option(None, "--feature-regions", help="Regions of the feature rows (default: the recipe's, else --regions)."),
     dense: bool = typer.Option(False, "--dense", help="Every valid location (region 'all') instead of a selection."),
     image_size: int = typer.Option(None, "--image-size", help="Input size (default: the recipe's, else the teacher's)."),
@@ -139,6 +139,10 @@ def cache_command(
             raise ConfigError(f"{option} must be >= 1, got {value}")
     if workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {workers}")
+    from distill.outputs import check_output_folder, data_roots, is_cache_folder
+
+    # a new folder, or the cache being resumed (same fingerprint: checked by build_cache)
+    check_output_folder(out, data_roots(data), owned=is_cache_folder, self_too=False)
     torch_device = resolve_device(device)
     frozen = load_teacher(teacher).to(torch_device)
     where = str(frozen.meta.get("path", teacher))
@@ -188,4 +192,11 @@ def cache_command(
         "fraction of dense": summary["fraction_of_dense"],
     }
     console.print(key_value_table(f"teacher cache {out}", rows))
-    console.print(f"manifest and summary.json in {out}; use it with: detkd distill RECIPE --teacher {teacher} --data {data} --cache {out}", markup=False)
+    from teachers.cache_select import recipes_served
+
+    served = recipes_served(spec)
+    console.print(
+        f"manifest and summary.json in {out}; serves {', '.join(served) if served else 'no shipped recipe'}: "
+        f"detkd distill {served[0] if served else 'RECIPE'} --teacher {teacher} --data {data} --cache {out}",
+        markup=False,
+    )

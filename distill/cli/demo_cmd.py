@@ -8,6 +8,14 @@ import typer
 from distill.cli.app import AMP_HELP, DEVICE_HELP, app, user_errors
 
 
+DEMO_ENTRIES = ("data", "teacher", "baseline", "distilled", "predictions", "demo.json")
+
+
+def is_demo_folder(folder: Path) -> bool:
+    """A folder an earlier ``detkd demo`` wrote (it is continued): only the demo's own entries."""
+    return all(entry.name in DEMO_ENTRIES or entry.name.startswith(".") for entry in folder.iterdir())
+
+
 @app.command("demo")
 @user_errors
 def demo_command(
@@ -32,6 +40,11 @@ def demo_command(
     from distill.errors import ConfigError
     from recipes import load_recipe
 
+    from distill.engine.device import make_runtime
+    from distill.outputs import check_output_folder
+
+    make_runtime(device, amp)  # --device cuda without CUDA, --amp fp16 on the CPU: refused before any data is generated
+    check_output_folder(out, owned=is_demo_folder)
     student_sets = [f"train.seed={seed}"] + ([f"train.epochs={epochs}"] if epochs is not None else [])
     resolved = load_recipe(recipe, student_sets)
     if resolved.teacher is None or not resolved.teacher.recipe:

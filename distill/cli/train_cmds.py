@@ -67,12 +67,14 @@ def eval_command(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that is not an eval record of detkd."),
 ) -> None:
     """COCO metrics of a checkpoint on a dataset split."""
     from distill.data import DetectionTransform, load_dataset
     from distill.checkpoint import atomic_write_text, load_detector, require_meta, resolve_checkpoint
     from distill.engine.device import resolve_device
-    from distill.engine.evaluate import evaluate_detector
+    from distill.engine.evaluate import check_scorable, evaluate_detector
+    from distill.outputs import check_output_file, data_roots
     from distill.report import console, key_value_table, make_progress
     from teachers.checks import check_same_classes
 
@@ -80,23 +82,33 @@ def eval_command(
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     torch_device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
+    suffix = "-agnostic" if class_agnostic else ""
+    out = out or path.with_name(f"{path.stem}.eval-{split}{suffix}.json")
+    check_output_file(out, ours=is_eval_record, overwrite=overwrite, roots=data_roots(data))
     model, meta = load_detector(path)
     require_meta(meta, path, "image_size")
     model.to(torch_device)
     dataset = load_dataset(data, split, DetectionTransform(meta["image_size"], hflip_prob=0.0))
     check_same_classes(meta["classes"], dataset.classes, what=str(path), where=str(data))
+    check_scorable(dataset, split)
     with make_progress(progress) as bar:
         task = bar.add_task("eval", total=len(dataset), info=split)
         metrics = evaluate_detector(
             model, dataset, batch_size, progress=lambda done, total: bar.update(task, completed=done), class_agnostic=class_agnostic
         )
-    suffix = "-agnostic" if class_agnostic else ""
     console.print(key_value_table(f"{path.name} on {data} [{split}{', class-agnostic' if class_agnostic else ''}]", metrics))
-    out = out or path.with_name(f"{path.stem}.eval-{split}{suffix}.json")
     record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset),
               "class_agnostic": class_agnostic, "metrics": metrics}
     atomic_write_text(out, json.dumps(record, indent=2, sort_keys=True) + "\n")
     console.print(f"metrics written to {out}", markup=False)
+
+
+def is_eval_record(path: Path) -> bool:
+    """Whether ``path`` is what ``detkd eval`` writes (so it may be replaced by a new evaluation)."""
+    from distill.outputs import read_json
+
+    record = read_json(path)
+    return isinstance(record, dict) and {"checkpoint", "split", "metrics"} <= record.keys()
 
 
 @app.command("predict")
@@ -107,8 +119,9 @@ def predict_command(
     out: Path = typer.Option(..., "--out", help="Folder for the annotated PNGs and detections.json."),
     score_thresh: float = typer.Option(0.3, "--score-thresh", help="Draw detections above this score."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a detections.json in --out that detkd predict did not write."),
 ) -> None:
     """Draw a checkpoint's detections on images (PNG per image, plus detections.json)."""
     from distill.engine.predict import predict_images
 
-    predict_images(checkpoint, images, out, score_thresh=score_thresh, device=device)
+    predict_images(checkpoint, images, out, score_thresh=score_thresh, device=device, overwrite=overwrite)

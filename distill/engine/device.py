@@ -1,8 +1,13 @@
-"""Where a run computes (``--device``) and in which precision (``--amp``).
+"""Where a run computes (``--device``) and in which precision (``--amp``, ``DETKD_DTYPE``).
 
 ``auto`` is CUDA when available, else the CPU; under torchrun every rank uses ``cuda:LOCAL_RANK``.
 Mixed precision autocasts the student's forward and loss (the distillation kernels cast to fp32
 themselves); fp16 needs a GradScaler and CUDA, bf16 runs on either.
+
+``DETKD_DTYPE=float64`` makes a *reference run*: the run's models, batches, losses and optimizer
+state are fp64 (the default dtype is fp64 while the run lasts). It is ~2-4x slower and meant for
+proofs, not training: two computations that are the same math agree there to ~1e-12 rather than
+fp32's ~1e-6, so a test can tell a rounding difference from a bug (``tests/test_distributed.py``).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import torch
 from distill.errors import ConfigError
 
 AMP_MODES = ("off", "bf16", "fp16")
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -25,10 +31,21 @@ class Runtime:
 
     device: str = "cpu"
     amp: str = "off"
+    dtype: str = "float32"  # the default float dtype while the run lasts (float64: a reference run)
 
     @property
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
+
+    @contextlib.contextmanager
+    def precision(self):
+        """The run's default float dtype for the duration of the block (restored after)."""
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[self.dtype])
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(before)
 
 
 def resolve_device(text: str | None, option: str = "--device") -> torch.device:
@@ -49,14 +66,20 @@ def resolve_device(text: str | None, option: str = "--device") -> torch.device:
     return torch.device(text)
 
 
-def make_runtime(device: str | None = None, amp: str | None = None) -> Runtime:
+def make_runtime(device: str | None = None, amp: str | None = None, dtype: str | None = None) -> Runtime:
+    """``dtype`` None reads ``DETKD_DTYPE`` (float32 when unset)."""
     amp = (amp or "off").strip().lower()
     if amp not in AMP_MODES:
         raise ConfigError(f"--amp {amp!r}: expected one of {', '.join(AMP_MODES)}")
+    dtype = (dtype or os.environ.get("DETKD_DTYPE") or "float32").strip().lower()
+    if dtype not in DTYPES:
+        raise ConfigError(f"DETKD_DTYPE {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype != "float32" and amp != "off":
+        raise ConfigError(f"--amp {amp} with DETKD_DTYPE={dtype}: a reference run is fp64 throughout; use --amp off")
     resolved = resolve_device(device)
     if amp == "fp16" and resolved.type != "cuda":
         raise ConfigError("--amp fp16 needs a CUDA device (its GradScaler guards fp16 gradients); use --amp bf16 on the CPU")
-    return Runtime(device=str(resolved), amp=amp)
+    return Runtime(device=str(resolved), amp=amp, dtype=dtype)
 
 
 def autocast(runtime: Runtime):

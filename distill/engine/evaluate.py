@@ -11,6 +11,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import nn
 
+from distill.errors import DataError
 from distill.structures import Batch, Detections
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -59,6 +60,20 @@ def coco_metrics(
         evaluator.summarize()
     stats = np.maximum(evaluator.stats, 0.0)  # pycocotools reports -1 where a size bin has no GT
     return {name: float(v) for name, v in zip(METRIC_NAMES, stats)}
+
+
+def check_scorable(dataset, split: str = "val") -> None:
+    """Refuse a split that cannot score anything: no images, or images without one annotation
+    (AP would be 0 of nothing, and a run would keep a meaningless 'best' checkpoint)."""
+    where = getattr(dataset, "ann_file", f"{split} split")
+    if len(dataset) == 0:
+        raise DataError(f"{where}: the {split} split has no images; evaluation (and the best checkpoint) needs some")
+    coco = getattr(dataset, "coco", None)
+    if coco is not None and not coco.getAnnIds(imgIds=list(getattr(dataset, "image_ids", []))):
+        raise DataError(
+            f"{where}: the {split} split has {len(dataset)} images but no annotations; AP would be 0 of nothing "
+            "(and the best checkpoint meaningless): annotate it or evaluate another split"
+        )
 
 
 @torch.no_grad()

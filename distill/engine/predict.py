@@ -69,10 +69,24 @@ def detect(model, image: Image.Image, image_size: int, size_divisor: int = 32) -
     return Detections(boxes=det.boxes.cpu() / sample.scale, scores=det.scores.cpu(), labels=det.labels.cpu())
 
 
-def check_outputs(images: list[Path], out: Path) -> None:
-    """Refuse, before anything is written, an --out that is a file and inputs whose PNGs would collide."""
+def is_detections_file(path: Path) -> bool:
+    """Whether ``path`` is a detections.json that predict wrote (a list of {image, detections})."""
+    from distill.outputs import read_json
+
+    records = read_json(path)
+    return isinstance(records, list) and all(isinstance(r, dict) and {"image", "detections"} <= r.keys() for r in records)
+
+
+def check_outputs(images: list[Path], out: Path, overwrite: bool = False) -> None:
+    """Refuse, before anything is written: an --out that is a file, inside a dataset, cache or
+    checkpoint folder, or not writable; a detections.json predict did not write; inputs whose PNGs
+    would collide. The ``NAME.pred.png`` pictures are predict's own and are replaced."""
+    from distill.outputs import check_output_file, check_output_folder
+
     if out.exists() and not out.is_dir():
         raise DataError(f"{out}: --out is a file; predictions go into a folder")
+    check_output_folder(out)
+    check_output_file(out / "detections.json", ours=is_detections_file, overwrite=overwrite, what="--out's detections.json")
     seen: dict[str, Path] = {}
     for path in images:
         stem = Path(path).stem
@@ -81,12 +95,14 @@ def check_outputs(images: list[Path], out: Path) -> None:
         seen[stem] = Path(path)
 
 
-def predict_images(checkpoint: Path, images: list[Path], out: Path, score_thresh: float = 0.3, device: str | None = "cpu") -> list[Path]:
+def predict_images(
+    checkpoint: Path, images: list[Path], out: Path, score_thresh: float = 0.3, device: str | None = "cpu", overwrite: bool = False
+) -> list[Path]:
     from distill.checkpoint import require_meta, resolve_checkpoint
     from distill.engine.device import resolve_device
 
     out = Path(out)
-    check_outputs(images, out)
+    check_outputs(images, out, overwrite)
     torch_device = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
     model, meta = load_detector(path)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -16,13 +17,41 @@ from distill.engine.trainer import FitResult, Trainer
 from distill.errors import ConfigError
 
 
-def check_fresh_run_dir(out: Path) -> None:
-    """A new run needs a folder without a saved step (a run killed before its first save holds
-    none: it starts again); ``--out`` must not be a file."""
+def check_fresh_run_dir(out: Path, data: str | Path | None = None) -> None:
+    """A new run needs a new or empty folder, or one of a run killed before its first save (it holds
+    no saved step: it starts again); never a file, a folder of other files, a dataset, a cache or a
+    checkpoint folder; and it must be writable (checked by a probe file, before any work)."""
+    from distill.outputs import check_output_folder, data_roots
+
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out}: --out is a file; the run folder must be a new or empty folder")
     if (out / "train_state.safetensors").exists():
         raise ConfigError(f"{out}: already holds a run; pass --resume {out} to continue it, or choose another --out")
+    check_output_folder(out, data_roots(data), owned=lambda folder: (folder / "run.json").is_file())
+
+
+@contextlib.contextmanager
+def removed_if_refused(out: Path, resume: bool):
+    """A run folder this command creates is removed again when the command fails before the run
+    wrote anything but its stub (``recipe.yaml`` + ``run.json``): a refused command leaves nothing."""
+    created = not resume and dist.is_main() and not out.exists()
+    try:
+        yield
+    except BaseException:
+        if created and out.is_dir() and _only_stub(out):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _only_stub(out: Path) -> bool:
+    """Whether ``out`` holds nothing but a run's stub (and temporaries, an empty checkpoints/)."""
+    for entry in out.iterdir():
+        temporary = entry.name.startswith(".") and entry.name.endswith(".tmp")
+        if entry.name not in ("recipe.yaml", "run.json", "checkpoints") and not temporary:
+            return False
+        if entry.name == "checkpoints" and any(entry.iterdir()):
+            return False
+    return True
 
 
 def read_run_info(run: Path, kind: str | None = None) -> dict:
@@ -43,12 +72,20 @@ def read_run_info(run: Path, kind: str | None = None) -> dict:
 
 def prepare_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool):
     """What every run starts with: a fresh (or resumed) folder, threads, datasets, the student."""
+    from distill.engine.trainer import check_batches, check_splits
+    from distill.outputs import check_writable
+
     out = Path(out)
     if not resume:
-        check_fresh_run_dir(out)
+        check_fresh_run_dir(out, data)
+    else:
+        check_writable(out, "--resume")
     dist.barrier()  # every rank checked the folder before rank 0 writes into it
     apply_threads(recipe)
     train_set, val_set = build_datasets(recipe, data)
+    check_splits(train_set, val_set)  # before the run folder exists: a refused run leaves none
+    check_batches(train_set, recipe)
+    dist.local_batch_size(recipe.train.batch_size)
     model = build_detector(recipe, num_classes=len(train_set.classes))
     return out, train_set, val_set, model
 
@@ -70,7 +107,8 @@ def session(device: str | None, amp: str | None):
     runtime = make_runtime(device, amp)
     joined = not dist.is_distributed() and dist.init_from_env(runtime.torch_device)
     try:
-        yield runtime
+        with runtime.precision():  # models are built inside: fp64 parameters in a reference run
+            yield runtime
     finally:
         if joined:
             dist.shutdown()
@@ -85,7 +123,7 @@ def train_run(
     ``device``: auto | cpu | cuda[:N]; ``amp``: off | bf16 | fp16. Under torchrun, DDP (gloo on the
     CPU, nccl on CUDA) with ``train.batch_size`` as the global batch.
     """
-    with session(device, amp) as runtime:
+    with session(device, amp) as runtime, removed_if_refused(Path(out), resume):
         out, train_set, val_set, model = prepare_run(recipe, data, out, resume)
         meta = run_meta(model, train_set, recipe, data)
         meta["kind"] = "train"
@@ -152,7 +190,7 @@ def distill_run(
     """
     if not recipe.losses:
         raise ConfigError(f"recipe {recipe.name}: has no distillation terms (losses is empty); train it with detkd train instead")
-    with session(device, amp) as runtime:
+    with session(device, amp) as runtime, removed_if_refused(Path(out), resume):
         return _distill(recipe, teacher_path, data, out, force, resume, show_progress, cache, runtime)
 
 

@@ -33,20 +33,21 @@ from torch import Tensor, nn
 
 from distill.config import Recipe
 from distill import distributed as dist
-from distill.checkpoint import append_line, atomic_write_text, check_finite, load_train_state, make_dir, save_checkpoint, save_train_state
+from distill.checkpoint import append_line, atomic_write_text, check_finite, load_train_state, make_dir, read_train_state_info, save_checkpoint, save_train_state
 from distill.engine.device import Runtime, auto_workers, autocast, grad_scaler
-from distill.engine.evaluate import evaluate_detector
+from distill.engine.evaluate import check_scorable, evaluate_detector
 from distill.engine.forward import StudentForward, student_forward, unwrap
 from distill.report import console, make_progress, metrics_table, warn
 from distill.engine.run_state import STATE, clean_leftovers, has_saved_step, read_summary, truncate_metrics
 from distill.engine.schedule import lr_factor
-from distill.errors import CheckpointError, DataError, DetkdError
+from distill.errors import CheckpointError, ConfigError, DataError, DetkdError, OutputError
 from distill.structures import Batch
 
 # (the StudentForward, possibly DDP-wrapped, or a bare detector) , batch -> named loss terms
 StepFn = Callable[[nn.Module, Batch], dict[str, Tensor]]
 
 MAX_BAD_STEPS = 3  # non-finite steps in a row before the run stops
+SHOWN_TERMS = 4  # loss terms a non-finite step's message names (metrics.jsonl lists them all)
 
 
 def detector_step(model: nn.Module, batch: Batch) -> dict[str, Tensor]:
@@ -78,11 +79,16 @@ class FitResult:
 
 def check_splits(train_set, val_set) -> None:
     """Refuse splits that would train on nothing or report AP 0 of nothing."""
-    if len(val_set) == 0:
-        raise DataError(f"{getattr(val_set, 'ann_file', 'val split')}: the val split has no images; evaluation (and the best checkpoint) needs some")
+    check_scorable(val_set, "val")
     coco = getattr(train_set, "coco", None)
     if coco is not None and not coco.getAnnIds(imgIds=list(getattr(train_set, "image_ids", []))):
         raise DataError(f"{getattr(train_set, 'ann_file', 'train split')}: the train split has no annotations; nothing to learn from")
+
+
+def check_batches(train_set, recipe: Recipe) -> None:
+    """A training split with fewer images than one (global) batch trains no step."""
+    if len(train_set) < recipe.train.batch_size:
+        raise DetkdError(f"training split has {len(train_set)} images, fewer than batch_size {recipe.train.batch_size}")
 
 
 class Trainer:
@@ -131,7 +137,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if dist.is_main():
-            append_line(self.out / "metrics.jsonl", json.dumps(record, sort_keys=True) + "\n")
+            try:
+                append_line(self.out / "metrics.jsonl", json.dumps(record, sort_keys=True) + "\n")
+            except OutputError as exc:  # disk full: say what the run keeps and how to go on
+                raise OutputError(f"{exc}; {self._kept()}") from None
 
     def _save(self, name: str, epoch: int, step: int, metrics: dict[str, float] | None) -> None:
         meta = {**self.meta, "recipe": self.recipe.to_dict(), "epoch": epoch, "step": step, "metrics": metrics}
@@ -159,6 +168,12 @@ class Trainer:
         info = load_train_state(self.out / STATE, self.optimizer, self.extra, model=self.model)
         if None not in (info.get("kind"), self.meta.get("kind")) and info["kind"] != self.meta["kind"]:
             raise CheckpointError(f"{self.out}: is a {info.get('kind')} run; resume it with detkd {info.get('kind')}")
+        done, asked = info["epoch"] + 1, self.recipe.train.epochs
+        if asked < done:  # before anything in the folder is touched
+            raise ConfigError(
+                f"{self.out}: the run has already done {done} epochs (step {info['step']}); train.epochs {asked} is fewer, "
+                f"nothing to do: pass --epochs {done + 1} or more to extend it"
+            )
         if dist.is_main():
             truncate_metrics(self.out, info["step"])
             last = self.out / "checkpoints" / "last.safetensors"
@@ -233,6 +248,7 @@ class Trainer:
         result = FitResult(epochs=spec.epochs, steps=step, best_ap=max(best_ap, 0.0), final_metrics=metrics, seconds=seconds)
         if main:
             self._write_summary(result, train_seconds, images)
+            self._write_curves()
             if metrics:  # the closing table, with or without the progress bar
                 console.print(metrics_table(f"{self.recipe.name}: val metrics after {spec.epochs} epochs", {"final": metrics}, ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR100"]))
         return result
@@ -253,14 +269,26 @@ class Trainer:
         summary = {
             "recipe": self.recipe.name, "epochs": spec.epochs, "steps": result.steps, "best_AP": result.best_ap, "final": result.final_metrics,
             "seconds": round(result.seconds, 2), "seed": spec.seed, "world_size": dist.world_size(), "device": self.runtime.device,
-            "amp": self.runtime.amp, "train_seconds": round(train_seconds, 3), "images_per_s": round(images / train_seconds, 2) if train_seconds else None,
+            "amp": self.runtime.amp, "dtype": self.runtime.dtype, "train_seconds": round(train_seconds, 3), "images_per_s": round(images / train_seconds, 2) if train_seconds else None,
         }
         later = getattr(self, "epoch_seconds", [])[1:]  # without the first epoch's warm-up (allocator, caches)
         if later and sum(t for t, _ in later) > 0:
             summary["steady_images_per_s"] = round(sum(n for _, n in later) / sum(t for t, _ in later), 2)
         if self.device.type == "cuda":
             summary["peak_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        try:
+            atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        except OutputError as exc:
+            raise OutputError(f"{exc}; {self._kept()}") from None
+
+    def _write_curves(self) -> None:
+        """RUN/curves.png; a picture never fails a finished run: a problem is one warning line."""
+        try:
+            from distill.viz.curves import write_run_curves
+
+            write_run_curves(self.out)
+        except Exception as exc:  # noqa: BLE001  (matplotlib missing or broken, disk full, ...)
+            warn(f"{self.out / 'curves.png'}: training curves not drawn ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
 
     def _check_weights(self, epoch: int, step: int) -> None:
         """Never save weights that are not finite: stop, the last good checkpoint stays as it is."""
@@ -277,11 +305,22 @@ class Trainer:
     def _save_epoch(self, epoch: int, step: int, best_ap: float, metrics: dict, improved: bool) -> None:
         # Order: best, then the state (the resume point, one atomic file), then last. A kill after
         # the state leaves last behind, which the resume rewrites from the state.
-        if improved:
-            self._save("best", epoch, step, metrics)
-        info = {"epoch": epoch, "step": step, "best_ap": best_ap, "metrics": metrics or None, "kind": self.meta.get("kind")}
-        save_train_state(self.out / STATE, self.optimizer, self.extra, info, model=self.model)
-        self._save("last", epoch, step, metrics or None)
+        try:
+            if improved:
+                self._save("best", epoch, step, metrics)
+            info = {"epoch": epoch, "step": step, "best_ap": best_ap, "metrics": metrics or None, "kind": self.meta.get("kind")}
+            save_train_state(self.out / STATE, self.optimizer, self.extra, info, model=self.model)
+            self._save("last", epoch, step, metrics or None)
+        except OutputError as exc:  # disk full: say what the run keeps and how to go on
+            raise OutputError(f"{exc}; {self._kept()}") from None
+
+    def _kept(self) -> str:
+        kind = self.meta.get("kind") or "train"
+        info = read_train_state_info(self.out / STATE)
+        if info is None:
+            return "the run has no saved step yet"
+        return (f"the run keeps its last saved step (epoch {info['epoch'] + 1}, step {info['step']}): "
+                f"free space and resume with detkd {kind} --resume {self.out}")
 
     def _train_step(self, batch: Batch, step: int, steps_per_epoch: int, epoch: int) -> dict[str, Any]:
         factor = lr_factor(step, steps_per_epoch, self.recipe.train)
@@ -327,15 +366,17 @@ class Trainer:
                 self._log({**record, "skipped": "fp16 overflow"})
                 return record
         self.bad_steps += 1
-        self._log({**record, "skipped": ", ".join(bad)})
+        self._log({**record, "skipped": ", ".join(bad)})  # the log keeps every term
         where = f"step {step} (epoch {epoch + 1})"
+        # a diverged sparse detector makes 20+ terms NaN at once: the line names the first few
+        terms = ", ".join(bad[:SHOWN_TERMS]) + (f" and {len(bad) - SHOWN_TERMS} more terms" if len(bad) > SHOWN_TERMS else "")
         if self.bad_steps >= MAX_BAD_STEPS:
             raise DetkdError(
-                f"{self.out}: {self.bad_steps} steps in a row were not finite (last: {where}, {', '.join(bad)}); stopped, "
+                f"{self.out}: {self.bad_steps} steps in a row were not finite (last: {where}, {terms}); stopped, "
                 "the last good checkpoint is kept; lower train.lr or check the data"
             )
         if dist.is_main():
-            warn(f"{where}: {', '.join(bad)} not finite; step skipped ({self.bad_steps} in a row, the run stops at {MAX_BAD_STEPS})")
+            warn(f"{where}: {terms} not finite; step skipped ({self.bad_steps} in a row, the run stops at {MAX_BAD_STEPS})")
         return record
 
 

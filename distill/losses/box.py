@@ -19,6 +19,7 @@ from distill.errors import ConfigError
 from distill.losses.kl import weighted_sum
 from distill.losses.registry import DistillInputs, DistillLoss, register_loss
 from distill.structures import Pairs
+from distill.ops.precision import compute_dtype
 
 
 def box_rows(student_boxes: Tensor, teacher_boxes: Tensor, scale: Tensor, weights: Tensor, l1_weight: float, giou_weight: float) -> Tensor:
@@ -26,7 +27,7 @@ def box_rows(student_boxes: Tensor, teacher_boxes: Tensor, scale: Tensor, weight
 
     Weighted mean over rows of ``l1_weight * L1(b_s / scale, b_t / scale) + giou_weight * (1 - GIoU)``.
     """
-    s, t = student_boxes.float(), teacher_boxes.detach().float()
+    s, t = student_boxes.to(compute_dtype()), teacher_boxes.detach().to(compute_dtype())
     l1 = ((s - t).abs() / scale).sum(dim=-1)  # (R,)
     giou = generalized_box_iou_loss(s, t, reduction="none") if len(s) else s.new_zeros(0)  # (R,) 1 - GIoU
     return weighted_sum(l1_weight * l1 + giou_weight * giou, weights, weights.sum())
@@ -60,7 +61,7 @@ class BoxDistillation(DistillLoss):
         t_boxes = teacher.box_rows(pairs.image, pairs.teacher)  # (R, 4)
         if student.image_sizes is None:
             raise ValueError("loss 'box' needs the image sizes (L1 is relative to the image)")
-        hw = student.image_sizes.to(s_boxes.device, torch.float32)[pairs.image]  # (R, 2)
+        hw = student.image_sizes.to(s_boxes.device, compute_dtype())[pairs.image]  # (R, 2)
         scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)  # (R, 4) w h w h
         return box_rows(s_boxes, t_boxes, scale, pairs.weight, self.l1_weight, self.giou_weight)
 

@@ -12,7 +12,9 @@ gathered rows only.
 
 Normalisation: ``sum_rows m * ||s - t||^2 / (C_t * sum_rows m)`` — the mean squared error per masked
 location and channel over all chosen levels; batch-size independent. ``legacy=True`` reproduces the
-official LD ``IMLoss``: an element-wise mean per level, summed over levels.
+official LD ``IMLoss``: an element-wise mean per level, summed over levels, and 0 on a level where
+the student has no positive location (the reference overwrites such a level's loss with 0, whatever
+its region selects).
 
 ``relative=True`` (default) divides instead by the teacher's own energy on the same rows,
 ``sum m * ||t||^2``: a scale-free relative squared error. FPN activations of different backbones
@@ -33,13 +35,14 @@ from distill.losses.kl import weighted_sum
 from distill.inputs import level_offsets
 from distill.losses.registry import DistillInputs, DistillLoss, register_loss
 from distill.structures import DetectorSpec, Pairs
+from distill.ops.precision import compute_dtype
 
 _TINY = torch.finfo(torch.float32).tiny
 
 
 def mimic_rows(student_rows: Tensor, teacher_rows: Tensor, weights: Tensor, normalizer: Tensor | float) -> Tensor:
     """(R, C), (R, C), (R,) -> () ``sum_r w_r * ||s_r - t_r||^2 / normalizer`` in fp32."""
-    sq_error = (student_rows.float() - teacher_rows.detach().float()).pow(2).sum(dim=-1)  # (R,)
+    sq_error = (student_rows.to(compute_dtype()) - teacher_rows.detach().to(compute_dtype())).pow(2).sum(dim=-1)  # (R,)
     return weighted_sum(sq_error, weights, normalizer)
 
 
@@ -100,7 +103,7 @@ class FeatureMimic(DistillLoss):
         """(M, C_s) student rows -> (M, C_t), the 1x1 conv applied per location."""
         if isinstance(self.adapter, nn.Identity):
             return rows
-        return F.linear(rows, self.adapter.weight.flatten(1).float(), self.adapter.bias.float())
+        return F.linear(rows, self.adapter.weight.flatten(1).to(compute_dtype()), self.adapter.bias.to(compute_dtype()))
 
     def check_pair(self, student: DetectorSpec, teacher: DetectorSpec) -> None:
         super().check_pair(student, teacher)
@@ -118,6 +121,9 @@ class FeatureMimic(DistillLoss):
                 "feature imitation needs the same strides and input size"
             )
         levels = self._levels(len(sizes))
+        if self.legacy:
+            levels = [level for level in levels if self._has_positives(student, sizes, level)]
+        student, teacher = self.prepare(student, teacher)
         # Pairs index the student's flattened grid; both sides read a level's rows with the index
         # inside that level, so a teacher with extra levels (other offsets) is read correctly.
         offsets = level_offsets(sizes, pairs.student.device)  # (L + 1,)
@@ -126,13 +132,15 @@ class FeatureMimic(DistillLoss):
         rows_s, rows_t, weights = [], [], []
         for level in levels:
             s_rows, t_rows, w = self._level_rows(student, teacher, pairs, level, teacher_level[level], level_of, offsets)
-            self._check_channels(s_rows.shape[-1], t_rows.shape[-1])
-            s_rows = self.adapt(s_rows.float())  # (M_l, C_t)
+            self.check_rows(s_rows, t_rows)
+            s_rows = self.adapt_rows(s_rows.to(compute_dtype()))  # (M_l, C_t)
             if self.legacy:  # each level is its own element-wise mean: scale its rows by 1 / (C * sum w_l)
                 w = w / (w.sum() * t_rows.shape[-1]).clamp(min=_TINY)
             rows_s.append(s_rows)
-            rows_t.append(t_rows.float())
+            rows_t.append(t_rows.to(compute_dtype()))
             weights.append(w)
+        if not rows_s:  # legacy, no level with positives: an exact 0 still connected to the student
+            return student.require_features()[0].sum() * 0.0
         s_all, t_all, w_all = torch.cat(rows_s), torch.cat(rows_t), torch.cat(weights)
         if self.legacy:
             normalizer = 1.0
@@ -142,6 +150,26 @@ class FeatureMimic(DistillLoss):
             normalizer = w_all.sum() * t_all.shape[-1]
         return mimic_rows(s_all, t_all, w_all, normalizer)
 
+    def prepare(self, student: DistillInputs, teacher: DistillInputs) -> tuple[DistillInputs, DistillInputs]:
+        """The two sides whose feature rows are compared (here: as they are; see ``pkd``)."""
+        return student, teacher
+
+    def check_rows(self, student_rows: Tensor, teacher_rows: Tensor) -> None:
+        """The gathered rows have the configured channel counts (a teacher cache serves rows, not maps)."""
+        self._check_channels(student_rows.shape[-1], teacher_rows.shape[-1])
+
+    def adapt_rows(self, rows: Tensor) -> Tensor:
+        """Student rows -> the teacher's channels (here: the adapter, applied to the gathered rows)."""
+        return self.adapt(rows)
+
+    @staticmethod
+    def _has_positives(student: DistillInputs, sizes: list[tuple[int, int]], level: int) -> bool:
+        """Whether the student has a positive (matched) location on FPN level ``level`` (legacy rule)."""
+        if student.matches is None:
+            raise ConfigError("loss 'feature' with legacy: true zeroes levels without student positives, so it needs the student's matches")
+        offsets = level_offsets(sizes, torch.device("cpu")).tolist()
+        return any(bool(((index >= offsets[level]) & (index < offsets[level + 1])).any()) for index in student.matches.pred_index)
+
     @staticmethod
     def _level_rows(student: DistillInputs, teacher: DistillInputs, pairs: Pairs, level: int, t_level: int, level_of: Tensor, offsets: Tensor):
         """Student rows (M, C_s), teacher rows (M, C_t) and weights (M,) of the pairs on student
@@ -149,7 +177,7 @@ class FeatureMimic(DistillLoss):
         start, stop = int(offsets[level]), int(offsets[level + 1])
         if pairs.mask is not None and bool((pairs.mask[:, start:stop] > 0).all()):
             # A region selecting the whole level (``all`` on a full canvas): same rows, no gather/scatter.
-            w = pairs.mask[:, start:stop].reshape(-1).float()
+            w = pairs.mask[:, start:stop].reshape(-1).to(compute_dtype())
             return student.feature_rows(level, None, None), teacher.feature_rows(t_level, None, None), w
         on_level = level_of == level
         image = pairs.image[on_level]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.distributed import mean_over_ranks
+from distill.ops.precision import compute_dtype
 
 
 def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -25,8 +26,8 @@ def softmax_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: floa
 
     With K = 1 both distributions are the constant 1 and the result is exactly 0.
     """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    log_q = F.log_softmax(student_logits.to(compute_dtype()) / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.detach().to(compute_dtype()) / temperature, dim=-1)
     # log-space target: exp(log_p) * (log_p - log_q) is exactly 0 for identical rows and stays finite
     # when a teacher probability underflows (exp(-huge) = 0 times a finite difference).
     kl = F.kl_div(log_q, log_p, reduction="none", log_target=True)
@@ -39,8 +40,8 @@ def softmax_kl_to_probs(student_logits: Tensor, teacher_probs: Tensor, temperatu
     Used when the teacher distribution was resampled to the student's bins and may contain exact
     zeros; ``kl_div`` uses ``xlogy`` so ``0 * log 0`` counts as 0.
     """
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = F.kl_div(log_q, teacher_probs.detach().float(), reduction="none")
+    log_q = F.log_softmax(student_logits.to(compute_dtype()) / temperature, dim=-1)
+    kl = F.kl_div(log_q, teacher_probs.detach().to(compute_dtype()), reduction="none")
     return kl.mean(dim=-1) * temperature**2
 
 
@@ -50,8 +51,8 @@ def binary_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float
     The per-class binary KL matches sigmoid-trained (GFL/QFL) class scores and, unlike the softmax
     over classes, is informative with a single class.
     """
-    s = student_logits.float() / temperature
-    t = teacher_logits.detach().float() / temperature
+    s = student_logits.to(compute_dtype()) / temperature
+    t = teacher_logits.detach().to(compute_dtype()) / temperature
     # p and 1 - p from sigmoid(+-t) and every log from logsigmoid: no log(0) and no 1 - p cancellation
     # even for logits of +-1e4.
     kl = torch.sigmoid(t) * (F.logsigmoid(t) - F.logsigmoid(s)) + torch.sigmoid(-t) * (
@@ -66,7 +67,7 @@ def weighted_sum(row_loss: Tensor, weights: Tensor, normalizer: Tensor | float) 
     row_loss, weights: (R,). Exactly 0 when there are no rows or all weights are 0, also for a
     normaliser of 0 (then the numerator is 0 too), so empty regions never produce NaN.
     """
-    total = (row_loss * weights.float()).sum()
-    normalizer = torch.as_tensor(normalizer, dtype=torch.float32, device=total.device)
+    total = (row_loss * weights.to(compute_dtype())).sum()
+    normalizer = torch.as_tensor(normalizer, dtype=compute_dtype(), device=total.device)
     normalizer = mean_over_ranks(normalizer)  # DDP: the global normaliser, see distill.distributed
     return total / normalizer.clamp(min=torch.finfo(torch.float32).tiny)

@@ -46,6 +46,7 @@ from distill.losses.kl import softmax_kl, softmax_kl_to_probs, weighted_sum
 from distill.losses.registry import DistillInputs, DistillLoss, register_loss
 from distill.pairers import RegionPairer
 from distill.structures import DetectorSpec, Pairs
+from distill.ops.precision import compute_dtype
 
 RESAMPLE_MODES = ("off", "distance", "scale")
 LEGACY_AVG_FACTOR = {"main": 4.0, "vlr": 16.0}  # reference constants; other regions use 4
@@ -59,7 +60,7 @@ def resample_bins(probs: Tensor, num_bins: int, mode: str = "distance") -> Tenso
     its mass to both in proportion to proximity (the same split DFL uses for its targets).
     """
     k_t = probs.shape[-1]
-    src = torch.arange(k_t, dtype=torch.float32, device=probs.device)
+    src = torch.arange(k_t, dtype=compute_dtype(), device=probs.device)
     if mode == "scale":
         pos = src * ((num_bins - 1) / (k_t - 1)) if k_t > 1 else src
     elif mode == "distance":
@@ -72,7 +73,7 @@ def resample_bins(probs: Tensor, num_bins: int, mode: str = "distance") -> Tenso
     transfer = torch.zeros(k_t, num_bins, device=probs.device)  # (K_t, K_s), rows sum to 1
     transfer.index_put_((src.long(), left), 1.0 - frac, accumulate=True)
     transfer.index_put_((src.long(), right), frac, accumulate=True)
-    out = probs.float() @ transfer
+    out = probs.to(compute_dtype()) @ transfer
     return out / out.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
@@ -87,17 +88,21 @@ def reencode_bins(
     bins, clamped to ``[0, K_s - 1]`` and split linearly between the two nearest bins (as DFL targets).
     Returns (R, 4, num_bins), rows summing to 1.
     """
-    delta = (student_centers - teacher_centers).float()  # (R, 2)
+    delta = (student_centers - teacher_centers).to(compute_dtype())  # (R, 2)
     offset = torch.stack([delta[:, 0], delta[:, 1], -delta[:, 0], -delta[:, 1]], dim=-1)  # (R, 4) px
-    k = torch.arange(probs.shape[-1], device=probs.device, dtype=torch.float32)
-    pos = (offset[..., None] + k * teacher_spacing.float()[..., None]) / student_spacing.float()[..., None]  # (R, 4, K_t)
-    pos = pos.clamp(0, num_bins - 1)
+    k = torch.arange(probs.shape[-1], device=probs.device, dtype=compute_dtype())
+    pos = (offset[..., None] + k * teacher_spacing.to(compute_dtype())[..., None]) / student_spacing.to(compute_dtype())[..., None]  # (R, 4, K_t)
+    # Centres of diverged predictions are NaN; a NaN cast to long is an arbitrary index (a crash),
+    # so index those rows at 0 and make them NaN: the loss reaches the trainer's non-finite guard.
+    finite = torch.isfinite(pos)
+    pos = torch.where(finite, pos, torch.zeros_like(pos)).clamp(0, num_bins - 1)
     left = pos.floor().long().clamp(max=num_bins - 1)
     right = (left + 1).clamp(max=num_bins - 1)
     frac = pos - left
-    p = probs.float()
+    p = probs.to(compute_dtype())
     out = torch.zeros(*probs.shape[:-1], num_bins, device=probs.device)
-    return out.scatter_add_(-1, left, p * (1 - frac)).scatter_add_(-1, right, p * frac)
+    out = out.scatter_add_(-1, left, p * (1 - frac)).scatter_add_(-1, right, p * frac)
+    return out.masked_fill(~finite.all(-1, keepdim=True), float("nan"))
 
 
 def ld_rows(
@@ -116,7 +121,7 @@ def ld_rows(
     if teacher_bins.shape[-1] == student_bins.shape[-1]:
         row_loss = softmax_kl(student_bins, teacher_bins, temperature)
     else:
-        probs = torch.softmax(teacher_bins.detach().float() / temperature, dim=-1)
+        probs = torch.softmax(teacher_bins.detach().to(compute_dtype()) / temperature, dim=-1)
         target = resample_bins(probs, student_bins.shape[-1], resample)
         row_loss = softmax_kl_to_probs(student_bins, target, temperature)
     return weighted_sum(row_loss, weights, normalizer)
@@ -206,7 +211,7 @@ class LocalizationDistillation(DistillLoss):
             return ld_rows(
                 s_rows.flatten(0, 1), t_rows.flatten(0, 1), row_weights, normalizer, self.temperature, self.resample_bins
             )
-        probs = torch.softmax(t_rows.detach().float() / self.temperature, dim=-1)
+        probs = torch.softmax(t_rows.detach().to(compute_dtype()) / self.temperature, dim=-1)
         target = reencode_bins(
             probs, *teacher.bin_references(pairs.image, pairs.teacher), *student.bin_references(pairs.image, pairs.student), s_rows.shape[-1]
         )

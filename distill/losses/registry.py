@@ -58,7 +58,8 @@ from distill.inputs import DistillInputs
 from distill.pairers import Pairer, create_pairer
 from distill.structures import DetectorSpec, Pairs
 
-TEACHER_PARTS = frozenset({"features", "head"})
+# "head_tail": the teacher head finished on the student's intermediate maps (CrossKD; DistillInputs.head_tail)
+TEACHER_PARTS = frozenset({"features", "head", "head_tail"})
 # "final": the student's final predictions only; "all": also every auxiliary head / earlier stage
 # (``Predictions.aux``, each with its own ``Matches.aux``), the term being the mean over heads.
 HEADS = ("final", "all")
@@ -72,6 +73,8 @@ class DistillLoss(nn.Module, ABC):
     name: ClassVar[str]
     needs: ClassVar[frozenset[str]]
     legacy_sums_over_batch: ClassVar[bool] = False
+    # Whether a teacher cache (region rows) can serve this loss; False names why it cannot.
+    cache_refusal: ClassVar[str | None] = None
 
     def __init__(self, *, weight: float = 1.0, pairer: str = "main", pairer_params: Mapping[str, Any] | None = None, heads: str = "final"):
         super().__init__()

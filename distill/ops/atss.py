@@ -18,6 +18,7 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from distill.ops.boxes import box_centers
+from distill.ops.precision import compute_dtype
 
 # An anchor centre closer than this (px) to a GT side counts as outside the GT.
 INSIDE_EPS = 0.01
@@ -62,7 +63,7 @@ def atss_assign(
     if sum(num_per_level) != num_anchors:
         raise ValueError(f"num_per_level sums to {sum(num_per_level)} but there are {num_anchors} anchors")
     device = anchors.device
-    anchors, gt_boxes = anchors.float(), gt_boxes.float()
+    anchors, gt_boxes = anchors.to(compute_dtype()), gt_boxes.to(compute_dtype())
     if valid is None:
         valid = torch.ones(num_anchors, dtype=torch.bool, device=device)
 
@@ -99,7 +100,7 @@ def atss_assign(
     cand_valid = valid[cand]  # (K, G)
     cand_ious = ious.gather(0, cand)  # (K, G)
 
-    num_cand = cand_valid.sum(0).float()  # (G,)
+    num_cand = cand_valid.sum(0).to(compute_dtype())  # (G,)
     mean = (cand_ious * cand_valid).sum(0) / num_cand.clamp(min=1)
     # Unbiased std like torch.std; a single candidate has no spread, so its std is 0 (not NaN).
     var = ((cand_ious - mean).pow(2) * cand_valid).sum(0) / (num_cand - 1).clamp(min=1)

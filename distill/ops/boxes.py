@@ -1,13 +1,15 @@
 """Box helpers shared by assigners, heads, losses and region masks.
 
 Pairwise IoU / GIoU / DIoU come from ``torchvision.ops``; this module adds only what torchvision
-lacks: square anchors around dense locations, and the distance <-> box coding of GFL.
+lacks: square anchors around dense locations, the distance <-> box coding of GFL, and the IoU of
+row-aligned pairs (``box_iou`` would build an M x M matrix to read its diagonal).
 All boxes are xyxy.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from distill.ops.precision import compute_dtype
 
 
 def square_anchors(points: Tensor, strides: Tensor, scale: float = 8.0) -> Tensor:
@@ -70,7 +72,7 @@ def diou_iof_legacy(anchors: Tensor, gts: Tensor, eps: float = 1e-6) -> Tensor:
     true DIoU (``torchvision.ops.distance_box_iou``) and equals it when the GT lies inside the anchor.
     Kept only to reproduce the published VLR numbers.
     """
-    anchors, gts = anchors.float(), gts.float()
+    anchors, gts = anchors.to(compute_dtype()), gts.to(compute_dtype())
     lt = torch.max(anchors[:, None, :2], gts[None, :, :2])
     rb = torch.min(anchors[:, None, 2:], gts[None, :, 2:])
     inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (N, G)
@@ -82,3 +84,13 @@ def diou_iof_legacy(anchors: Tensor, gts: Tensor, eps: float = 1e-6) -> Tensor:
     diag_sq = (enclose_rb - enclose_lt).pow(2).sum(dim=-1)  # c^2
     rho_sq = (box_centers(anchors)[:, None] - box_centers(gts)[None]).pow(2).sum(dim=-1)
     return iof - rho_sq / diag_sq.clamp(min=eps)
+
+
+def aligned_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU of row-aligned boxes (..., 4), (..., 4) xyxy -> (...,)."""
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(dim=-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(dim=-1)
+    return inter / (area_a + area_b - inter).clamp(min=1e-6)

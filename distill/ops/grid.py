@@ -9,27 +9,34 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+from distill.ops.precision import compute_dtype
 
 
-@lru_cache(maxsize=32)
 def dense_points(
     level_sizes: tuple[tuple[int, int], ...], strides: tuple[int, ...], device: torch.device
 ) -> tuple[Tensor, Tensor]:
     """Location centres of a pyramid, flattened level by level, row-major.
 
     Cell (i, j) of a stride-s level has centre ((j + 0.5) * s, (i + 0.5) * s).
-    Returns points (N, 2) xy and strides (N,), both float32. Cached per (sizes, strides, device):
+    Returns points (N, 2) xy and strides (N,) in the compute dtype. Cached per (sizes, strides, device, dtype):
     the returned tensors are shared and must not be modified in place. They are built outside
     inference mode even when first requested under it, so that training can reuse them later.
     """
+    return _dense_points(level_sizes, strides, device, compute_dtype())
+
+
+@lru_cache(maxsize=32)
+def _dense_points(
+    level_sizes: tuple[tuple[int, int], ...], strides: tuple[int, ...], device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     points, point_strides = [], []
     with torch.inference_mode(False):
         for (h, w), s in zip(level_sizes, strides):
-            ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) * s
-            xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) * s
+            ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) * s
+            xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) * s
             yy, xx = torch.meshgrid(ys, xs, indexing="ij")
             points.append(torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1))
-            point_strides.append(torch.full((h * w,), float(s), device=device))
+            point_strides.append(torch.full((h * w,), float(s), device=device, dtype=dtype))
         return torch.cat(points), torch.cat(point_strides)
 
 

@@ -27,6 +27,7 @@ from distill.errors import ConfigError
 from distill.inputs import DistillInputs
 from distill.pairers.base import Pairer
 from distill.structures import DenseOutputs, Pairs, Predictions, Target
+from distill.ops.precision import compute_dtype
 
 
 def _pairs(rows: list[tuple[int, Tensor, Tensor, Tensor]], num_images: int, device) -> Pairs:
@@ -37,7 +38,7 @@ def _pairs(rows: list[tuple[int, Tensor, Tensor, Tensor]], num_images: int, devi
     image = torch.cat([torch.full_like(s, b) for b, s, _, _ in rows])
     student = torch.cat([s for _, s, _, _ in rows])
     teacher = torch.cat([t for _, _, t, _ in rows])
-    weight = torch.cat([w for _, _, _, w in rows]).float()
+    weight = torch.cat([w for _, _, _, w in rows]).to(compute_dtype())
     order = torch.argsort(image * (int(student.max()) + 1) + student, stable=True)
     return Pairs(image[order], student[order], teacher[order], weight[order], num_images)
 
@@ -52,7 +53,7 @@ def representative_matches(boxes: Tensor, pred_index: Tensor, gt_index: Tensor, 
     rep = torch.full((num_gt,), -1, dtype=torch.long, device=gt_boxes.device)
     if len(pred_index) == 0 or num_gt == 0:
         return rep
-    iou = box_iou(boxes[pred_index].float(), gt_boxes.float())[torch.arange(len(pred_index)), gt_index]  # (M,)
+    iou = box_iou(boxes[pred_index].to(compute_dtype()), gt_boxes.to(compute_dtype()))[torch.arange(len(pred_index)), gt_index]  # (M,)
     best = torch.full((num_gt,), -1.0, device=iou.device).scatter_reduce(0, gt_index, iou, "amax")
     is_best = iou == best[gt_index]
     sentinel = torch.full((num_gt,), torch.iinfo(torch.long).max, dtype=torch.long, device=iou.device)
@@ -90,8 +91,8 @@ def teacher_candidates(predictions: Predictions, b: int, top_k: int, nms_iou: fl
     valid = predictions.valid[b].nonzero(as_tuple=True)[0]
     if not isinstance(predictions, DenseOutputs):
         return valid
-    scores = predictions.logits[b, valid].float().sigmoid().amax(dim=-1)
-    keep = nms(predictions.boxes[b, valid].float(), scores, nms_iou)[:top_k]  # sorted by score
+    scores = predictions.logits[b, valid].to(compute_dtype()).sigmoid().amax(dim=-1)
+    keep = nms(predictions.boxes[b, valid].to(compute_dtype()), scores, nms_iou)[:top_k]  # sorted by score
     return valid[keep]
 
 
@@ -104,12 +105,12 @@ def set_matching_cost(
     class: mean over classes of BCE(sigmoid(s), p_t); L1 of boxes divided by (w, h, w, h) of the
     image (``size_hw`` (2,) height, width); GIoU as -GIoU.
     """
-    log_p, log_not_p = F.logsigmoid(student_logits.float()), F.logsigmoid(-student_logits.float())  # (S, C)
-    p_t = teacher_probs.float()
+    log_p, log_not_p = F.logsigmoid(student_logits.to(compute_dtype())), F.logsigmoid(-student_logits.to(compute_dtype()))  # (S, C)
+    p_t = teacher_probs.to(compute_dtype())
     bce = -(log_p @ p_t.T + log_not_p @ (1 - p_t).T) / p_t.shape[1]  # (S, T)
-    scale = torch.stack([size_hw[1], size_hw[0], size_hw[1], size_hw[0]]).float().to(student_boxes.device)
-    l1 = torch.cdist(student_boxes.float() / scale, teacher_boxes.float() / scale, p=1)
-    giou = generalized_box_iou(student_boxes.float(), teacher_boxes.float())
+    scale = torch.stack([size_hw[1], size_hw[0], size_hw[1], size_hw[0]]).to(compute_dtype()).to(student_boxes.device)
+    l1 = torch.cdist(student_boxes.to(compute_dtype()) / scale, teacher_boxes.to(compute_dtype()) / scale, p=1)
+    giou = generalized_box_iou(student_boxes.to(compute_dtype()), teacher_boxes.to(compute_dtype()))
     return class_cost * bce + l1_cost * l1 - giou_cost * giou
 
 
@@ -146,12 +147,14 @@ class TeacherSetPairer(Pairer):
             t_idx = teacher_candidates(t_pred, b, self.top_k, self.nms_iou)
             if len(s_idx) == 0 or len(t_idx) == 0:
                 continue
-            t_probs = t_pred.logits[b, t_idx].float().sigmoid()
+            t_probs = t_pred.logits[b, t_idx].to(compute_dtype()).sigmoid()
             cost = set_matching_cost(
                 s_pred.logits[b, s_idx], s_pred.boxes[b, s_idx], t_probs, t_pred.boxes[b, t_idx], student.image_sizes[b],
                 self.class_cost, self.l1_cost, self.giou_cost,
             )
-            r, c = linear_sum_assignment(cost.cpu().numpy())
+            # diverged student boxes give NaN costs, on which scipy raises: a huge finite cost keeps
+            # the pairing defined, and the NaN loss of those predictions reaches the trainer's guard
+            r, c = linear_sum_assignment(torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8).cpu().numpy())
             r, c = torch.as_tensor(r, device=s_idx.device), torch.as_tensor(c, device=s_idx.device)
             rows.append((b, s_idx[r], t_idx[c], t_probs[c].amax(dim=-1)))
         return _pairs(rows, s_pred.num_images, s_pred.logits.device)

@@ -20,6 +20,7 @@ from distill.inputs import DistillInputs
 from distill.pairers.base import Pairer
 from distill.pairers.matched import teacher_candidates
 from distill.structures import DetectorSpec, Pairs, Target
+from distill.ops.precision import compute_dtype
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,14 @@ class SharedQueriesPairer(Pairer):
         chosen = []
         for b in range(preds.num_images):
             index = teacher_candidates(preds, b, self.top_k, self.nms_iou)
-            score = preds.logits[b, index].float().sigmoid().amax(dim=-1)
+            score = preds.logits[b, index].to(compute_dtype()).sigmoid().amax(dim=-1)
             chosen.append(index[score.argsort(descending=True, stable=True)][: self.top_k])
         k = max(1, max(len(c) for c in chosen))
         index = torch.full((preds.num_images, k), -1, dtype=torch.long, device=preds.logits.device)
         for b, c in enumerate(chosen):
             index[b, : len(c)] = c
         valid = index >= 0
-        boxes = preds.boxes.detach().float().gather(1, index.clamp(min=0)[..., None].expand(-1, -1, 4))
+        boxes = preds.boxes.detach().to(compute_dtype()).gather(1, index.clamp(min=0)[..., None].expand(-1, -1, 4))
         return boxes, valid, index
 
     def __call__(self, student: DistillInputs, teacher: DistillInputs, targets: list[Target], space: str) -> Pairs:
@@ -71,7 +72,7 @@ class SharedQueriesPairer(Pairer):
         _, valid, index = self.teacher_queries(teacher)
         image, k = valid.nonzero(as_tuple=True)
         t_index = index[image, k]
-        weight = teacher.predictions.logits[image, t_index].detach().float().sigmoid().amax(dim=-1)
+        weight = teacher.predictions.logits[image, t_index].detach().to(compute_dtype()).sigmoid().amax(dim=-1)
         return Pairs(image, k, t_index, weight, valid.shape[0])
 
     def __str__(self) -> str:

@@ -1,0 +1,27 @@
+"""torchrun DDP on CPU (gloo), sparse: an ASAG-S student distilled from the 6-stage teacher under two
+processes equals one process. Tolerances and their derivation: ``tests/ddp_helpers.py``."""
+import pytest
+
+from ddp_helpers import REFERENCE, assert_same_run, detkd
+
+SPARSE = ["--set", "student.params.norm_eval=true", "--set", "train.threads=1", "--set", "train.warmup_steps=0", "--no-progress"]
+SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Data and a one-epoch fp32 sparse teacher (the teacher need not be a reference run: both
+    students read the same one)."""
+    root = tmp_path_factory.mktemp("ddp_sparse")
+    detkd("data", "scenes", root / "data", "--train", 16, "--val", 4, "--size", 64, "--seed", 3)
+    detkd("train", "sparse6-tiny", "--data", root / "data", "--out", root / "sparse6", *SMALL, "--epochs", "1", *SPARSE)
+    return root
+
+
+def test_two_gloo_processes_distill_a_sparse_student_like_one(setup):
+    """The sparse path under DDP: ASAG-S from the 6-stage teacher with GT-bridged, teacher-set and
+    shared-query terms (Hungarian matching per image, num_boxes all-reduced, the extra decoder pass)."""
+    args = ["distill", "asag-kd-tiny", "--teacher", setup / "sparse6", "--data", setup / "data", "--force", *SMALL, "--epochs", "2", *SPARSE]
+    detkd(*args, "--out", setup / "s1", env=REFERENCE)
+    detkd(*args, "--out", setup / "s2", procs=2, env=REFERENCE)
+    assert_same_run(setup / "s1", setup / "s2")
