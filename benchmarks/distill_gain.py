@@ -10,17 +10,20 @@ resumes): generate the scenes data; train the teacher (``gfl-teacher``); train t
 seed; then time one training step of the student alone, of distillation with the online teacher, and
 of the distillation losses alone. Prints a table and writes ``distill_gain.json`` in the output folder.
 
-Gap closed = (recipe AP - baseline AP) / (teacher AP - baseline AP), on the mean over seeds.
+Every run's final checkpoint is also scored on a tuning split (``data-tune``: the same generator,
+seed 1; train and val use 0): the recipe to recommend is chosen there, val only reports it.
+
+Gap closed = (recipe AP - baseline AP) / (teacher AP - baseline AP), on the mean over seeds; the
+teacher's AP is that of the checkpoint the rows distil from (its best). Paired gain = a row's AP
+minus the baseline's of the same seed, with a 95% Student-t interval over seeds.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -31,6 +34,8 @@ from distill.data import GENERATORS
 from distill.engine.demo import finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe
+
+from common import fresh, gain_interval, heldout_metrics, interleaved_medians, optimizer_step, paired_gains, select_rows, tune_data
 
 PROFILES = {
     "full": {"train": 600, "val": 150, "size": 128, "teacher_epochs": 24, "student_epochs": 12, "seeds": [0, 1]},
@@ -45,8 +50,8 @@ VARIANTS = [
     ("Main KD + Main LD + VLR LD", "ld-full", "ld-full", []),
     ("  same, tau 1 (ablation)", "ld-full-tau1", "ld-full", TAU1),
     ("  same, tau 1, + feature mimicking", "ld-full-feat", "ld-full-feat", []),
-    ("CrossKD (cls KD + bin KL + GIoU through the teacher's head)", "crosskd", "crosskd", []),
-    ("PKD (Pearson features, every location)", "pkd", "pkd", []),
+    ("CrossKD", "crosskd", "crosskd", []),
+    ("PKD", "pkd", "pkd", []),
     ("CrossKD + PKD", "crosskd-pkd", "crosskd-pkd", []),
 ]
 QUICK_VARIANTS = [VARIANTS[0], VARIANTS[5]]
@@ -67,6 +72,7 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
         recipe = load_recipe("gfl-teacher", size + [f"train.epochs={profile['teacher_epochs']}"])
         train_run(recipe, data, teacher, resume=(teacher / "train_state.safetensors").is_file())
     results = {"teacher": finished(teacher), "runs": {}}
+    tune = tune_data(reuse or out, profile)  # recipes are chosen here; val only reports
     for name, slug, recipe_name, overrides in variants:
         for seed in profile["seeds"]:
             run = out / f"{slug}-s{seed}"
@@ -78,51 +84,12 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
                     distill_run(recipe, teacher, data, run)
                 else:
                     train_run(recipe, data, run)
-            results["runs"].setdefault(name, []).append({"seed": seed, "run": str(run), **finished(run)})
+            results["runs"].setdefault(name, []).append({"seed": seed, "run": str(run), **finished(run), "tune": heldout_metrics(run, tune)})
     return results
 
 
-def interleaved_medians(fns: dict, repeats: int = 15, warmup: int = 3) -> dict[str, float]:
-    """Median seconds of each function, run in turn within every repeat: a shared, noisy machine then
-    slows all of them alike and their ratios stay meaningful."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for i in range(warmup + repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
-def fresh(run: Path) -> bool:
-    """True when ``run`` must be trained; an interrupted run is started again rather than mixed."""
-    if finished(run) is not None:
-        return False
-    if run.exists():
-        shutil.rmtree(run)
-    return True
-
-
-def select_rows(parser: argparse.ArgumentParser, only: str, rows: list) -> list:
-    """The rows named in ``--only`` (comma-separated slugs, the second field of each row)."""
-    wanted = only.split(",")
-    unknown = set(wanted) - {row[1] for row in rows}
-    if unknown:
-        parser.error(f"--only: unknown {sorted(unknown)}; choose from {[row[1] for row in rows]}")
-    return [row for row in rows if row[1] in wanted]
-
-
-def optimizer_step(step_fn, student, batch, optimizer):
-    """A closure for :func:`interleaved_medians`: one training step of ``step_fn``'s summed terms."""
-
-    def run():
-        terms = step_fn(student, batch)
-        optimizer.zero_grad(set_to_none=True)
-        sum(terms.values()).backward()
-        optimizer.step()
-
-    return run
 
 
 def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]) -> dict:
@@ -180,27 +147,47 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
 
 
 def summarise(results: dict, cost: dict | None) -> dict:
+    """Per row: val AP (mean, std), AP on the tuning split, paired gains over the baseline of the same
+    seed (val and tune, 95% interval on val) and the gap closed. The teacher's AP is its best
+    checkpoint's, the checkpoint every row distils from (``resolve_checkpoint`` of the run folder).
+    ``selected_on_tune``: the distill row with the largest mean paired gain on the tuning split."""
     teacher_ap = results["teacher"]["best_AP"]
+    baseline = results["runs"].get(VARIANTS[0][0])  # absent when --only leaves the baseline out
     rows = {}
     for name, runs in results["runs"].items():
         aps = [r["final"]["AP"] for r in runs]
-        rows[name] = {"AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0, "APs": aps,
-                      "AP50_mean": statistics.mean(r["final"]["AP50"] for r in runs), "seeds": [r["seed"] for r in runs]}
-    base = rows.get(VARIANTS[0][0], {}).get("AP_mean")  # absent when --only leaves the baseline out
+        row = {"AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0, "APs": aps,
+               "AP50_mean": statistics.mean(r["final"]["AP50"] for r in runs), "seeds": [r["seed"] for r in runs],
+               "tune_AP_mean": statistics.mean(r["tune"]["AP"] for r in runs)}
+        if baseline is not None and name != VARIANTS[0][0]:
+            gains = paired_gains(runs, baseline)
+            tune_gains = paired_gains(runs, baseline, lambda r: r["tune"])
+            row.update(paired_gains=gains, paired_gain_mean=statistics.mean(gains) if gains else None, paired_gain_ci95=gain_interval(gains),
+                       tune_paired_gain_mean=statistics.mean(tune_gains) if tune_gains else None)
+        rows[name] = row
+    base = rows.get(VARIANTS[0][0], {}).get("AP_mean")
     for row in rows.values():
         row["gap_closed"] = None if base is None else gap_closed(teacher_ap, base, row["AP_mean"])
-    return {"teacher_AP": teacher_ap, "teacher_final": results["teacher"]["final"], "rows": rows, "cost": cost}
+    scored = {name: row["tune_paired_gain_mean"] for name, row in rows.items() if row.get("tune_paired_gain_mean") is not None}
+    selected = max(scored, key=scored.get) if scored else None
+    return {"teacher_AP": teacher_ap, "teacher_final": results["teacher"]["final"], "rows": rows, "cost": cost, "selected_on_tune": selected}
 
 
 def print_table(summary: dict, profile_name: str) -> None:
-    table = Table(title=f"distill_gain ({profile_name}): COCO AP on {summary['settings'].get('dataset', 'scenes')} val, final epoch")
-    for column in ("setting", "AP (mean)", "± std", "AP50", "gap closed", "seeds"):
+    dataset = summary["settings"].get("dataset", "scenes")
+    table = Table(title=f"distill_gain ({profile_name}): COCO AP on {dataset} val (students: final epoch; teacher: the checkpoint distilled from)")
+    for column in ("setting", "AP (mean)", "± std", "AP50", "gain (95% interval)", "gap closed", "tune AP", "tune gain", "seeds"):
         table.add_column(column, justify="left" if column == "setting" else "right")
-    table.add_row("teacher (gfl-teacher)", f"{summary['teacher_AP']:.4f}", "", f"{summary['teacher_final']['AP50']:.4f}", "", "0")
+    table.add_row("teacher (gfl-teacher)", f"{summary['teacher_AP']:.4f}", "", f"{summary['teacher_final']['AP50']:.4f}", "", "", "", "", "")
     for name, row in summary["rows"].items():
         gap = "-" if row["gap_closed"] is None else f"{100 * row['gap_closed']:.0f}%"
-        table.add_row(name, f"{row['AP_mean']:.4f}", f"{row['AP_std']:.4f}", f"{row['AP50_mean']:.4f}", gap, ",".join(map(str, row["seeds"])))
+        ci = row.get("paired_gain_ci95")
+        gain = "-" if row.get("paired_gain_mean") is None else f"{row['paired_gain_mean']:+.4f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+        tune_gain = "-" if row.get("tune_paired_gain_mean") is None else f"{row['tune_paired_gain_mean']:+.4f}"
+        table.add_row(name, f"{row['AP_mean']:.4f}", f"{row['AP_std']:.4f}", f"{row['AP50_mean']:.4f}", gain, gap, f"{row['tune_AP_mean']:.4f}",
+                      tune_gain, ",".join(map(str, row["seeds"])))
     console.print(table)
+    console.print(f"chosen on the tuning split (largest mean paired gain there): {summary.get('selected_on_tune')}")
     cost = summary.get("cost")
     if cost:
         costs = Table(title=f"cost per training step (batch {cost['batch_size']}, {cost['image_size']} px, {cost['threads']} threads, median)")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import statistics
 import subprocess
 import sys
@@ -52,8 +51,9 @@ from distill.engine.demo import baseline_recipe, finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe, recipe_path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from distill_gain import fresh, interleaved_medians, optimizer_step, select_rows  # noqa: E402  (the sibling benchmark's timing helpers)
+from common import (  # the benchmarks' shared helpers (this script's folder is on sys.path)
+    fresh, gain_interval, heldout_metrics, interleaved_medians, large_data, optimizer_step, paired_gains, select_rows, tune_data,
+)
 
 PROFILES = {
     "full": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 8, "seeds": [0, 1, 2]},
@@ -168,38 +168,7 @@ def link_shared(out: Path, reuse: Path) -> None:
                 pass
 
 
-def tune_data(out: Path, profile: dict) -> Path:
-    """The tuning split: scenes from another generator seed (1; train and val use 0), as many images
-    as val. Rows are compared and the one to recommend is chosen on it; val only reports them."""
-    tune = out / "data-tune"
-    if not (tune / "val.json").is_file():
-        GENERATORS[profile["dataset"]](tune, num_train=0, num_val=profile["val"], size=profile["size"], seed=1)
-    return tune
 
-
-def large_data(out: Path, profile: dict, count: int) -> Path:
-    """A larger report split (``--large-val``): ``count`` scenes of generator seed 2, same objects and
-    textures as val. Evaluation only: a 100-image val moves one run's AP by ~0.02 with the scenes it
-    is scored on, so the same checkpoints are also scored on more images."""
-    large = out / f"data-large{count}"
-    if not (large / "val.json").is_file():
-        GENERATORS[profile["dataset"]](large, num_train=0, num_val=count, size=profile["size"], seed=2)
-    return large
-
-
-def heldout_metrics(run: Path, split: Path, name: str = "tune") -> dict:
-    """COCO metrics of a finished run's final checkpoint on the val split of dataset ``split`` (the
-    tuning split or the larger report split; computed once, kept in the run as ``<name>.json``)."""
-    from distill.checkpoint import load_detector, resolve_checkpoint
-    from distill.data import DetectionTransform, load_dataset
-    from distill.engine.evaluate import evaluate_detector
-
-    record = run / f"{name}.json"
-    if not record.is_file():
-        model, meta = load_detector(resolve_checkpoint(run / "checkpoints" / "last.safetensors"))
-        dataset = load_dataset(split, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
-        atomic_write_text(record, json.dumps(evaluate_detector(model, dataset), indent=2, sort_keys=True) + "\n")
-    return json.loads(record.read_text())
 
 
 def teacher_cache(out: Path, teacher_slug: str) -> Path:
@@ -308,23 +277,6 @@ def measure_cost(out: Path, profile: dict, threads: int, rows: list, repeats: in
     return cost
 
 
-def paired_gains(results: dict, slug: str, split=lambda r: r["final"]) -> list[float]:
-    """Per-seed AP differences of row ``slug`` to the student alone with the same seed, on ``split``
-    (val by default; ``r["tune"]``, ``r["large"]`` for the other splits)."""
-    alone = {r["seed"]: split(r)["AP"] for r in results["alone"]}
-    return [split(r)["AP"] - alone[r["seed"]] for r in results[slug] if r["seed"] in alone]
-
-
-def gain_interval(diffs: list[float]) -> tuple[float, float] | None:
-    """95% confidence interval of the mean of paired gains (Student's t, n - 1 degrees of freedom):
-    the gain is beyond the seed spread when the interval excludes 0. None below two seeds."""
-    if len(diffs) < 2:
-        return None
-    from scipy.stats import t
-
-    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    mean = statistics.mean(diffs)
-    return (mean - half, mean + half)
 
 
 def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> dict:
@@ -346,14 +298,14 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             # Paired by seed: a seed fixes the student's initialisation and the data order in both
             # runs (build_detector seeds; the sampler is seeded per epoch), so per-seed differences
             # remove the between-seed spread of the student itself.
-            diffs = paired_gains(results, slug)
+            diffs = paired_gains(results[slug], results["alone"])
             row["paired_gains"] = diffs
             row["paired_gain_mean"] = statistics.mean(diffs) if diffs else None
             row["paired_gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             row["seeds_above_alone"] = sum(d > 0 for d in diffs)
             row["paired_gain_ci95"] = gain_interval(diffs)
             row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
-            tune_diffs = paired_gains(results, slug, lambda r: r["tune"])
+            tune_diffs = paired_gains(results[slug], results["alone"], lambda r: r["tune"])
             row["tune_paired_gain_mean"] = statistics.mean(tune_diffs) if tune_diffs else None
             row["tune_seeds_above_alone"] = sum(d > 0 for d in tune_diffs)
         cost_slug = slug if slug in (cost or {}) else SAME_STEP.get(slug, slug)
@@ -365,7 +317,7 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             row["large_APs"], row["large_AP_mean"] = large_aps, statistics.mean(large_aps)
             row["large_AP_std"] = statistics.stdev(large_aps) if len(large_aps) > 1 else 0.0
             if teacher_slug:
-                large_diffs = paired_gains(results, slug, lambda r: r["large"])
+                large_diffs = paired_gains(results[slug], results["alone"], lambda r: r["large"])
                 row["large_paired_gains"] = large_diffs
                 row["large_paired_gain_mean"] = statistics.mean(large_diffs) if large_diffs else None
                 row["large_paired_gain_std"] = statistics.stdev(large_diffs) if len(large_diffs) > 1 else 0.0

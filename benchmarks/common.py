@@ -1,0 +1,112 @@
+"""What the benchmarks share: fresh runs, row selection, interleaved timing, the tuning and larger
+report splits, and paired-gain statistics. Imported by the benchmark scripts as ``common`` (a script's
+own folder is on ``sys.path``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+from distill.checkpoint import atomic_write_text
+from distill.data import GENERATORS
+from distill.engine.demo import finished
+
+
+def fresh(run: Path) -> bool:
+    """True when ``run`` must be trained; an interrupted run is started again rather than mixed."""
+    if finished(run) is not None:
+        return False
+    if run.exists():
+        shutil.rmtree(run)
+    return True
+
+
+def select_rows(parser: argparse.ArgumentParser, only: str, rows: list) -> list:
+    """The rows named in ``--only`` (comma-separated slugs, the second field of each row)."""
+    wanted = only.split(",")
+    unknown = set(wanted) - {row[1] for row in rows}
+    if unknown:
+        parser.error(f"--only: unknown {sorted(unknown)}; choose from {[row[1] for row in rows]}")
+    return [row for row in rows if row[1] in wanted]
+
+
+def interleaved_medians(fns: dict, repeats: int = 15, warmup: int = 3) -> dict[str, float]:
+    """Median seconds of each function, run in turn within every repeat: a shared, noisy machine then
+    slows all of them alike and their ratios stay meaningful."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def optimizer_step(step_fn, student, batch, optimizer):
+    """A closure for :func:`interleaved_medians`: one training step of ``step_fn``'s summed terms."""
+
+    def run():
+        terms = step_fn(student, batch)
+        optimizer.zero_grad(set_to_none=True)
+        sum(terms.values()).backward()
+        optimizer.step()
+
+    return run
+
+
+def tune_data(out: Path, profile: dict) -> Path:
+    """The tuning split: scenes from another generator seed (1; train and val use 0), as many images
+    as val. Rows are compared and the one to recommend is chosen on it; val only reports them."""
+    tune = out / "data-tune"
+    if not (tune / "val.json").is_file():
+        GENERATORS[profile["dataset"]](tune, num_train=0, num_val=profile["val"], size=profile["size"], seed=1)
+    return tune
+
+
+def large_data(out: Path, profile: dict, count: int) -> Path:
+    """A larger report split (``--large-val``): ``count`` scenes of generator seed 2, same objects and
+    textures as val. Evaluation only: a 100-image val moves one run's AP by ~0.02 with the scenes it
+    is scored on, so the same checkpoints are also scored on more images."""
+    large = out / f"data-large{count}"
+    if not (large / "val.json").is_file():
+        GENERATORS[profile["dataset"]](large, num_train=0, num_val=count, size=profile["size"], seed=2)
+    return large
+
+
+def heldout_metrics(run: Path, split: Path, name: str = "tune") -> dict:
+    """COCO metrics of a finished run's final checkpoint on the val split of dataset ``split`` (the
+    tuning split or the larger report split; computed once, kept in the run as ``<name>.json``)."""
+    from distill.checkpoint import load_detector, resolve_checkpoint
+    from distill.data import DetectionTransform, load_dataset
+    from distill.engine.evaluate import evaluate_detector
+
+    record = run / f"{name}.json"
+    if not record.is_file():
+        model, meta = load_detector(resolve_checkpoint(run / "checkpoints" / "last.safetensors"))
+        dataset = load_dataset(split, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
+        atomic_write_text(record, json.dumps(evaluate_detector(model, dataset), indent=2, sort_keys=True) + "\n")
+    return json.loads(record.read_text())
+
+
+def paired_gains(runs: list[dict], baseline: list[dict], split=lambda r: r["final"]) -> list[float]:
+    """Per-seed AP differences of ``runs`` to the ``baseline`` runs of the same seed, on ``split``
+    (val by default; ``r["tune"]``, ``r["large"]`` for the other splits)."""
+    base = {r["seed"]: split(r)["AP"] for r in baseline}
+    return [split(r)["AP"] - base[r["seed"]] for r in runs if r["seed"] in base]
+
+
+def gain_interval(diffs: list[float]) -> tuple[float, float] | None:
+    """95% confidence interval of the mean of paired gains (Student's t, n - 1 degrees of freedom):
+    the gain is beyond the seed spread when the interval excludes 0. None below two seeds."""
+    if len(diffs) < 2:
+        return None
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    mean = statistics.mean(diffs)
+    return (mean - half, mean + half)
