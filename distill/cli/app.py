@@ -68,6 +68,7 @@ def _register_commands() -> None:
     # Imported for their @app.command side effects; kept here so ``app`` is complete on import.
     from distill.cli import cache_cmd, data_cmds, demo_cmd, distill_cmd, info_cmds, train_cmds  # noqa: F401
     from distill.cli import compare_cmd, plot_cmd, show_cmd  # noqa: F401  (after a run: pictures, table)
+    from distill.cli import export_cmd  # noqa: F401  (ship the student: ONNX)
 
 
 _register_commands()

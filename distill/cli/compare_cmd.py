@@ -45,7 +45,8 @@ def compare_command(
     console.print(table)
     if base is None:
         console.print("gap closed needs --baseline RUN (the student trained alone)", markup=False, highlight=False)
-    console.print("export MB: '-' until detkd export exists", markup=False, highlight=False)
+    if any(row["export MB"] is None for row in rows):
+        console.print("export MB: '-' for a run without export/student.onnx (detkd export RUN)", markup=False, highlight=False)
     if json_out is not None:
         atomic_write_text(json_out, rows_json(rows, base, top))
         console.print(f"rows written to {json_out}", markup=False, highlight=False)

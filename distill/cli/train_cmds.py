@@ -57,7 +57,7 @@ def train_command(
 @app.command("eval")
 @user_errors
 def eval_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (uses its best checkpoint)."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (uses its best checkpoint), or a `detkd export` .onnx file."),
     data: Path = typer.Option(..., "--data", help="Dataset folder or dataset YAML."),
     split: str = typer.Option("val", "--split", help="Split to evaluate."),
     out: Path = typer.Option(None, "--out", help="JSON file for the metrics (default: next to the checkpoint)."),
@@ -85,16 +85,24 @@ def eval_command(
     suffix = "-agnostic" if class_agnostic else ""
     out = out or path.with_name(f"{path.stem}.eval-{split}{suffix}.json")
     check_output_file(out, ours=is_eval_record, overwrite=overwrite, roots=data_roots(data))
-    model, meta = load_detector(path)
-    require_meta(meta, path, "image_size")
-    model.to(torch_device)
+    exported = path.suffix == ".onnx"  # a `detkd export` file, run by onnxruntime (distill.export.evaluate)
+    if exported:
+        from distill.export.evaluate import evaluate_onnx, read_onnx_meta
+
+        meta = read_onnx_meta(path)
+    else:
+        model, meta = load_detector(path)
+        require_meta(meta, path, "image_size")
+        model.to(torch_device)
     dataset = load_dataset(data, split, DetectionTransform(meta["image_size"], hflip_prob=0.0))
     check_same_classes(meta["classes"], dataset.classes, what=str(path), where=str(data))
     check_scorable(dataset, split)
     with make_progress(progress) as bar:
         task = bar.add_task("eval", total=len(dataset), info=split)
-        metrics = evaluate_detector(
-            model, dataset, batch_size, progress=lambda done, total: bar.update(task, completed=done), class_agnostic=class_agnostic
+        run = evaluate_onnx if exported else evaluate_detector
+        metrics = run(
+            path if exported else model, dataset, batch_size, progress=lambda done, total: bar.update(task, completed=done),
+            class_agnostic=class_agnostic,
         )
     console.print(key_value_table(f"{path.name} on {data} [{split}{', class-agnostic' if class_agnostic else ''}]", metrics))
     record = {"checkpoint": str(path), "data": str(data), "split": split, "images": len(dataset),

@@ -3,8 +3,8 @@
 ``gap closed`` = (AP_run - AP_baseline) / (AP_teacher - AP_baseline): the fraction of the
 baseline-to-teacher AP gap a distilled student closes (0: no better than the student trained alone,
 1: as good as the teacher). Undefined ("-") when the teacher is not above the baseline. AP values
-are each run's final evaluation (``summary.json`` ``final``). Export size is "-" until
-``detkd export`` exists.
+are each run's final evaluation (``summary.json`` ``final``). Export size: the run's
+``export/student.onnx`` (``detkd export``'s default), "-" when the run has none.
 """
 from __future__ import annotations
 
@@ -88,6 +88,12 @@ def recorded_teacher_ap(info: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) else None
 
 
+def export_mb(run: Path) -> float | None:
+    """Size in MB of the run's ``export/student.onnx`` (where ``detkd export RUN`` writes), else None."""
+    path = Path(run) / "export" / "student.onnx"
+    return path.stat().st_size / 1e6 if path.is_file() else None
+
+
 def compare_rows(records: list[RunRecord], baseline: RunRecord | None, teacher: RunRecord | None) -> list[dict[str, Any]]:
     """One row per run: recipe, teacher, metrics, gap closed, time, speed, parameters, export size.
 
@@ -113,7 +119,7 @@ def compare_rows(records: list[RunRecord], baseline: RunRecord | None, teacher: 
             "train s": record.summary.get("train_seconds", record.summary.get("seconds")),
             "images/s": record.summary.get("steady_images_per_s", record.summary.get("images_per_s")),
             "params": count_parameters(record.path),
-            "export MB": None,  # detkd export does not exist yet
+            "export MB": export_mb(record.path),
         })
     return rows
 

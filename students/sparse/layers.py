@@ -72,7 +72,8 @@ def roi_features(
     unused = []
     for feat, stride, lg in zip(features, strides, logs):
         index = (level == lg).nonzero(as_tuple=True)[0]
-        if len(index):
+        # Traced (ONNX export): every level stays in the graph, the branch would freeze to the example's.
+        if len(index) or torch.jit.is_tracing():
             out[index] = roi_align(feat, rois[index].to(feat.dtype), output_size, 1.0 / stride, sampling_ratio, aligned=True)
         else:
             unused.append(feat)
@@ -124,7 +125,8 @@ def attention_mask(valid: Tensor, groups: Tensor | None, num_heads: int, bias: T
     allowed = valid[:, None, :].expand(batch, num, num)
     if groups is not None:
         allowed = allowed & (groups[:, None] == groups[None, :])[None]
-    allowed = allowed | torch.eye(num, dtype=torch.bool, device=valid.device)[None]
+    # A float identity compared, not a bool eye: onnxruntime has no boolean EyeLike (ONNX export).
+    allowed = allowed | (torch.eye(num, device=valid.device) > 0)[None]
     mask = torch.zeros(batch, num_heads, num, num, device=valid.device)
     if bias is not None:
         mask = mask + bias
