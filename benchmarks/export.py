@@ -72,7 +72,8 @@ def main() -> None:
         table.add_row(r["row"], f"{r['size_mb']:.1f}", f"{r['eager_ms_b1']:.1f}", f"{r['onnx_ms_b1']:.1f}", f"{r['speedup_b1']:.2f}",
                       f"{r['eager_ms_b16']:.0f}", f"{r['onnx_ms_b16']:.0f}", f"{r['speedup_b16']:.2f}")
     Console(width=150).print(table)
-    record = {"image_size": SIZE, "threads": torch.get_num_threads(), "repeats": args.repeats, "torch": torch.__version__, "rows": rows}
+    record = {"image_size": SIZE, "threads": torch.get_num_threads(), "repeats": args.repeats, "torch": torch.__version__, "rows": rows,
+              "command": " ".join(["python", *sys.argv])}
     atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
 
 
