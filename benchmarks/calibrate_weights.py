@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import create_loss
-from distill.data import DetectionTransform, collate, load_dataset
 from distill.checkpoint import load_detector, resolve_checkpoint
+from distill.data import DetectionTransform, collate, load_dataset
 from distill.losses import DistillInputs
 from teachers import load_teacher
 

@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
+from common import fresh, gain_interval, heldout_metrics, interleaved_medians, optimizer_step, paired_gains, select_rows, tune_data
 from rich.console import Console
 from rich.table import Table
 
@@ -34,8 +35,6 @@ from distill.data import GENERATORS
 from distill.engine.demo import finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe
-
-from common import fresh, gain_interval, heldout_metrics, interleaved_medians, optimizer_step, paired_gains, select_rows, tune_data
 
 PROFILES = {
     "full": {"train": 600, "val": 150, "size": 128, "teacher_epochs": 24, "student_epochs": 12, "seeds": [0, 1]},

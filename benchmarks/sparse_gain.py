@@ -41,19 +41,26 @@ import sys
 from pathlib import Path
 
 import torch
+from common import (  # the benchmarks' shared helpers (this script's folder is on sys.path)
+    fresh,
+    gain_interval,
+    heldout_metrics,
+    interleaved_medians,
+    large_data,
+    optimizer_step,
+    paired_gains,
+    select_rows,
+    tune_data,
+)
 from rich.console import Console
 from rich.table import Table
 
 from distill.checkpoint import atomic_write_text
-from distill.config import apply_overrides, recipe_from_dict, read_yaml
+from distill.config import apply_overrides, read_yaml, recipe_from_dict
 from distill.data import GENERATORS
 from distill.engine.demo import baseline_recipe, finished, gap_closed
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe, recipe_path
-
-from common import (  # the benchmarks' shared helpers (this script's folder is on sys.path)
-    fresh, gain_interval, heldout_metrics, interleaved_medians, large_data, optimizer_step, paired_gains, select_rows, tune_data,
-)
 
 PROFILES = {
     "full": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 8, "seeds": [0, 1, 2]},

@@ -207,9 +207,8 @@ def require_meta(meta: dict[str, Any], path: str | Path, *keys: str) -> None:
 
 def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a detector from a checkpoint. Returns (model in eval mode, metadata)."""
-    from students import create_student
-
     from distill.errors import DetkdError
+    from students import create_student
 
     path = resolve_checkpoint(path)
     state, meta = read_checkpoint(path)

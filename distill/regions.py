@@ -39,8 +39,8 @@ from torchvision.ops import box_iou, distance_box_iou
 
 from distill.errors import ConfigError
 from distill.ops.boxes import diou_iof_legacy, square_anchors
-from distill.structures import Matches, Target
 from distill.ops.precision import compute_dtype
+from distill.structures import Matches, Target
 
 VLR_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "diou": distance_box_iou,

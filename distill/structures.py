@@ -24,6 +24,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
 from distill.ops.precision import compute_dtype
 
 

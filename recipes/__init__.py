@@ -13,7 +13,6 @@ from pathlib import Path
 from distill.config import Recipe, apply_overrides, override_source, read_yaml, recipe_from_dict
 from distill.errors import ConfigError
 
-
 # The dense recipe the README recommends; ``detkd cache`` without --recipe caches what it reads.
 RECOMMENDED = "ld-full-feat"
 

@@ -9,12 +9,19 @@ Every student implements the detector contract (``distill.detector``): dense GFL
 DAB-DETR). ``students.common`` holds what both families use; a family never imports another.
 ``validate_student(name, params, source)`` checks a recipe's ``student.params`` without building.
 """
-from students.registry import (
-    create_student, is_student, list_students, register_preset, register_student, student_entrypoint, validate_student,
+from students import (
+    gfl,  # noqa: E402,F401  (registers the GFL family)
+    sparse,  # noqa: E402,F401  (registers the sparse query-detector family)
 )
-
-from students import gfl  # noqa: E402,F401  (registers the GFL family)
-from students import sparse  # noqa: E402,F401  (registers the sparse query-detector family)
+from students.registry import (
+    create_student,
+    is_student,
+    list_students,
+    register_preset,
+    register_student,
+    student_entrypoint,
+    validate_student,
+)
 
 __all__ = [
     "create_student", "is_student", "list_students", "register_preset", "register_student", "student_entrypoint",

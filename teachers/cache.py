@@ -36,7 +36,14 @@ from distill.pairers import RegionPairer
 from distill.regions import Region
 from distill.structures import Batch, BoxBins, DenseOutputs, DetectorSpec
 from teachers.cache_format import (
-    VARIANTS, check_shard, check_shard_size, covers, open_shard, read_manifest, region_from_json, variant_code,
+    VARIANTS,
+    check_shard,
+    check_shard_size,
+    covers,
+    open_shard,
+    read_manifest,
+    region_from_json,
+    variant_code,
 )
 from teachers.cache_queries import QUERY_PARTS, stack_queries
 from teachers.cache_select import CacheSpec, fingerprint

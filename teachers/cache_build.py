@@ -24,16 +24,25 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from distill.data.loader import collate
 from distill import distributed as dist
-from distill.report import console, make_progress
 from distill.checkpoint import make_dir
-from distill.errors import CheckpointError, OutputError
-from teachers.cache_format import (
-    FORMAT, MANIFEST, SUMMARY, VERSION, check_shard, json_sha256, read_manifest, variant_code, write_json, write_manifest, write_shard,
-)
+from distill.data.loader import collate
+from distill.errors import CheckpointError, ConfigError, OutputError
 from distill.ops.grid import dense_points
-from distill.errors import ConfigError
+from distill.report import console, make_progress
+from teachers.cache_format import (
+    FORMAT,
+    MANIFEST,
+    SUMMARY,
+    VERSION,
+    check_shard,
+    json_sha256,
+    read_manifest,
+    variant_code,
+    write_json,
+    write_manifest,
+    write_shard,
+)
 from teachers.cache_queries import query_rows, query_shard_tensors
 from teachers.cache_select import CacheSpec, fingerprint, flat_features, require_grid_assigner, teacher_rows
 

@@ -15,13 +15,12 @@ Both this class and :class:`teachers.cache.TeacherCache` implement the teacher-s
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-from dataclasses import replace
 
 from distill.inputs import DistillInputs
 from distill.structures import Batch, DetectorSpec, Matches, Target

@@ -73,6 +73,6 @@ def assert_same_run(one, two):
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], atol=FP64_WEIGHT_ATOL, rtol=0)
     # one set of files: rank 1 wrote nothing of its own
-    files = lambda run: sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    files = lambda run: sorted(str(p.relative_to(run)) for p in run.rglob("*"))  # noqa: E731
     assert files(one) == files(two)
     assert json.loads((two / "summary.json").read_text())["world_size"] == 2

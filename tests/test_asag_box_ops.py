@@ -5,9 +5,9 @@ few roundings: ``torch.allclose``'s default (rtol 1e-5 ≈ 168 · 2^-24) is > 10
 sit in the chain, the bound is derived at the site (tests/tolerances.py).
 """
 import torch
+from tolerances import FP32_FEW_OPS, fp32_chain
 
 from distill.structures import BoxBins
-from tolerances import FP32_FEW_OPS, fp32_chain
 from students.sparse.box_ops import (
     apply_deltas,
     bin_reference,

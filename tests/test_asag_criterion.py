@@ -3,12 +3,12 @@ import math
 
 import pytest
 import torch
+from tolerances import FP32_FEW_OPS
 
 from distill.structures import BoxBins, Predictions, Target
 from students.sparse.box_ops import bin_reference
 from students.sparse.criterion import SetCriterion, num_boxes, query_weights, qw_norm
 from students.sparse.matcher import HungarianMatcher
-from tolerances import FP32_FEW_OPS
 
 LN2 = math.log(2.0)
 

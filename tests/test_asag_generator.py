@@ -4,16 +4,20 @@ import time
 
 import pytest
 import torch
+from tolerances import FP32_NETWORK, FP64_SAME_MATH
 
 from distill.engine.device import Runtime
 from distill.structures import Target
 from students.sparse.asag.anchor_generator import AnchorGenerator, PatchPredictions
 from students.sparse.asag.generator_ops import SUPPRESSED_LOGIT, gather_windows, place_windows, resample_valid_region
 from students.sparse.asag.generator_targets import (
-    GeneratorLossWeights, generator_loss, match_patches, patch_targets, training_windows,
+    GeneratorLossWeights,
+    generator_loss,
+    match_patches,
+    patch_targets,
+    training_windows,
 )
 from students.sparse.asag.generator_types import empty_patches
-from tolerances import FP32_NETWORK, FP64_SAME_MATH
 
 C = 16
 SIZES = torch.tensor([[160, 160], [128, 150], [96, 160]])  # (h, w) inside a 160 x 160 canvas

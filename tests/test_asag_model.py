@@ -1,6 +1,8 @@
 """Sparse detectors at the model level: shapes, valid masks, aux heads / stages, groups, query sources."""
 import pytest
 import torch
+from asag_helpers import SIZE, TINY, image_sizes, images, targets
+from tolerances import FP64_SAME_MATH, fp32_chain
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -8,8 +10,6 @@ from distill.detector import Detector
 from distill.structures import Target
 from students import create_student
 from students.sparse import LearnedAnchors, Queries, SparseDetector
-from asag_helpers import SIZE, TINY, image_sizes, images, targets
-from tolerances import FP64_SAME_MATH, fp32_chain
 
 
 def _model(name="asag_s", seed=0, **kw):

@@ -3,11 +3,11 @@ import json
 
 import pytest
 import torch
+from asag_helpers import box_outputs, image_sizes, images, targets, tiny_params
 
 from distill.structures import Detections
 from students import create_student, list_students
 from students.registry import student_entrypoint
-from asag_helpers import box_outputs, image_sizes, images, targets, tiny_params
 
 SPARSE = [n for n in list_students() if student_entrypoint(n).__module__.startswith("students.sparse.")]
 

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from tolerances import FP32_FEW_OPS
 from torchvision.ops import box_iou
 
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import square_anchors
-from tolerances import FP32_FEW_OPS
 
 # Thresholds mean + std of ≤ 18 IoUs in [0, 1], in fp32: the mean, the centred squares and the sqrt are
 # ≤ 16 roundings of values ≤ 1, so FP32_FEW_OPS (≈ 9.5e-6) absolute; IoUs of literal boxes are a few

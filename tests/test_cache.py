@@ -21,9 +21,9 @@ import torch
 from cli_helpers import invoke, one_error_line
 
 import distill
+from distill.checkpoint import save_checkpoint
 from distill.cli.cache_cmd import parse_regions
 from distill.data import DetectionTransform, build_loader, collate, generate_scenes, load_dataset, set_epoch
-from distill.checkpoint import save_checkpoint
 from distill.errors import CheckpointError, DataError
 from distill.losses import DistillInputs
 from distill.regions import create_region

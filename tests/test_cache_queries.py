@@ -5,6 +5,7 @@ import pytest
 import torch
 import yaml
 from cli_helpers import invoke, one_error_line
+from tolerances import FP32_NETWORK
 from toy_query import ToyQuery  # noqa: F401  registers the query detector
 
 import distill
@@ -16,7 +17,6 @@ from distill.inputs import DistillInputs
 from students import create_student
 from teachers import CacheSpec, TeacherCache, build_cache, load_teacher
 from teachers.cache_select import spec_from_recipe
-from tolerances import FP32_NETWORK
 
 SIZE = 64
 QUERIES = CacheSpec(head_regions=(), feature_regions=(), queries=True)

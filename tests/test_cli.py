@@ -5,7 +5,6 @@ import pytest
 import yaml
 from cli_helpers import invoke, one_error_line
 
-
 SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import invoke, one_error_line
 from pycocotools.coco import COCO
 
-from cli_helpers import invoke, one_error_line
 from distill.data import CLUTTER_CLASSES, DetectionTransform, generate_clutter, load_dataset
 from distill.data.clutter import MIN_SIDE, ClutterConfig, _admissible, load_photos, load_pool, make_clutter
 from distill.data.synth import Canvas, box_iou

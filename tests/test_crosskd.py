@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from tolerances import fp32_chain
 
 import distill
 from distill.engine.distiller import Distiller
@@ -13,7 +14,6 @@ from distill.losses import qfl_kd_rows
 from distill.structures import Batch, Target
 from students import create_student
 from teachers import FrozenTeacher
-from tolerances import fp32_chain
 
 
 def gfl(channels=16, convs=2, seed=0):

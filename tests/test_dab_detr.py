@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from tolerances import fp32_chain
 
 from distill.data import DetectionTransform, collate, generate_scenes, load_dataset
 from distill.engine.evaluate import evaluate_detector
@@ -11,10 +12,14 @@ from students import create_student
 from students.sparse.dab_detr.attention import ConditionalCrossAttention, modulate_position
 from students.sparse.dab_detr.decoder import QUERY_PE_TEMPERATURE
 from students.sparse.dab_detr.embedding import (
-    IMAGE_PE_TEMPERATURE, anchors_to_pixels, flatten_memory, inverse_sigmoid, pixels_to_anchors, refine_anchors,
+    IMAGE_PE_TEMPERATURE,
+    anchors_to_pixels,
+    flatten_memory,
+    inverse_sigmoid,
+    pixels_to_anchors,
+    refine_anchors,
 )
 from students.sparse.layers import sine_embedding
-from tolerances import fp32_chain
 
 # sin / cos of fp32 angles ≤ 2π: the angle carries ≤ 3 roundings (2π, the product, the division), the
 # sine its own: ≤ 4 roundings of 2π absolute (tests/tolerances.py), ≈ 1.5e-5

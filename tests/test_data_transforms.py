@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from distill.data import (IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, Sample, boxes_to_original,
-                          collate)
+from distill.data import IMAGENET_MEAN, IMAGENET_STD, DetectionTransform, Sample, boxes_to_original, collate
 from distill.data.transforms import flip_draw, hflip_boxes, resized_shape
 from distill.errors import ConfigError
 from distill.structures import Target

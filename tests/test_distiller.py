@@ -7,17 +7,17 @@ from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
 import distill
-from distill.config import LossSpec, Recipe, ModelSpec, TrainSpec, DataSpec, EvalSpec
 from distill.checkpoint import read_checkpoint
+from distill.config import DataSpec, EvalSpec, LossSpec, ModelSpec, Recipe, TrainSpec
 from distill.engine.distiller import Distiller, loss_keys
 from distill.errors import CheckpointError, ConfigError
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import square_anchors
 from distill.structures import Batch, DenseOutputs, DetectorSpec, Matches, Target
 from students import create_student
-from students.gfl.losses import distribution_focal_loss
 from students.gfl.coder import encode_targets
 from students.gfl.head import dense_outputs
+from students.gfl.losses import distribution_focal_loss
 from students.gfl.postprocess import postprocess_dense
 from teachers import FrozenTeacher, check_pair, class_index_for
 
@@ -163,7 +163,7 @@ def test_teacher_runs_only_the_parts_the_losses_need(monkeypatch):
 
 
 def test_class_mapping_reorders_teacher_logits():
-    student, teacher_model = gfl(), gfl(seed=1)
+    _, teacher_model = gfl(), gfl(seed=1)
     index = class_index_for(["b", "c", "a"], ["a", "b", "c"])
     assert index == [1, 2, 0]
     teacher = FrozenTeacher(teacher_model, class_index=torch.tensor(index))

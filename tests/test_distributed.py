@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from ddp_helpers import FP32_STEP0_REL, FP64_WEIGHT_ATOL, REFERENCE, TINY, assert_same_run, detkd, step_losses
 from safetensors.torch import load_file
 
-from ddp_helpers import FP32_STEP0_REL, FP64_WEIGHT_ATOL, REFERENCE, TINY, assert_same_run, detkd, step_losses
 from distill import distributed as dist
 from distill.data.loader import EpochSampler
 

@@ -1,7 +1,6 @@
 """torchrun DDP on CPU (gloo), sparse: an ASAG-S student distilled from the 6-stage teacher under two
 processes equals one process. Tolerances and their derivation: ``tests/ddp_helpers.py``."""
 import pytest
-
 from ddp_helpers import REFERENCE, assert_same_run, detkd
 
 SPARSE = ["--set", "student.params.norm_eval=true", "--set", "train.threads=1", "--set", "train.warmup_steps=0", "--no-progress"]

@@ -7,13 +7,13 @@ run the same ops.
 """
 import pytest
 import torch
+from tolerances import FP32_FEW_OPS, fp32_chain
 
 from distill.errors import ConfigError
 from distill.inputs import DistillInputs
 from distill.losses import create_loss, pearson_normalise
 from distill.ops.grid import dense_points, valid_locations
 from distill.structures import BoxBins, DenseOutputs, DetectorSpec, Matches, Pairs
-from tolerances import FP32_FEW_OPS, fp32_chain
 
 FEW_ULPS = FP32_FEW_OPS  # O(1) values through a handful of fp32 ops: ≤ 16·2^-24, times 10 (≈ 9.5e-6)
 

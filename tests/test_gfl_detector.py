@@ -9,12 +9,12 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections import OrderedDict
-
 from types import SimpleNamespace
 
 import pytest
 import timm
 import torch
+from tolerances import FP32_FEW_OPS, FP32_NETWORK, FP64_SAME_MATH, fp32_chain, fp32_sum
 from torchvision.ops import box_iou, generalized_box_iou
 
 from distill.engine.device import Runtime
@@ -25,7 +25,6 @@ from students.backbone import TimmBackbone, find_out_indices, offline_weights_pa
 from students.gfl.fpn import FPN
 from students.gfl.head import dense_outputs, dense_points, gn_groups, valid_locations
 from students.gfl.postprocess import postprocess_dense
-from tolerances import FP32_FEW_OPS, FP32_NETWORK, FP64_SAME_MATH, fp32_chain, fp32_sum
 
 TINY = dict(num_classes=3, fpn_channels=16, head_convs=1)
 PRIOR = 0.01  # sigmoid of the cls bias once the cls conv weights are zeroed

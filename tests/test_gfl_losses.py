@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from tolerances import FP32_FEW_OPS, FP32_FEW_OPS_CANCEL, fp32_chain
 
 from students.gfl.losses import distribution_focal_loss, giou_loss, quality_focal_loss
-from tolerances import FP32_FEW_OPS, FP32_FEW_OPS_CANCEL, fp32_chain
 
 # Expected values are exact (Python floats); the fp32 side is a few roundings (tests/tolerances.py).
 

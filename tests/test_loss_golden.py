@@ -20,8 +20,11 @@ import math
 
 import pytest
 import torch
+from tolerances import FP32_FEW_OPS, FP64_SAME_MATH, fp32_chain
 from torch import Tensor
 
+from distill.engine.device import Runtime
+from distill.errors import ConfigError
 from distill.losses import (
     DistillInputs,
     binary_kl,
@@ -34,11 +37,8 @@ from distill.losses import (
     softmax_kl,
     weighted_sum,
 )
-from distill.engine.device import Runtime
-from distill.errors import ConfigError
 from distill.structures import Matches, Pairs, Predictions
 from students.gfl.head import dense_outputs
-from tolerances import FP32_FEW_OPS, FP64_SAME_MATH, fp32_chain
 
 LN3 = math.log(3.0)
 KL_REL = fp32_chain(16, condition=100)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tolerances import FP32_FEW_OPS, FP64_SAME_MATH, fp32_sum
 from torch import Tensor
 
 from distill.engine.device import Runtime
@@ -17,7 +18,6 @@ from distill.losses import DistillInputs, DistillLoss, create_loss, list_losses,
 from distill.pairers import RegionPairer
 from distill.structures import DetectorSpec, Matches, Pairs, Predictions, Target
 from students.gfl.head import dense_outputs
-from tolerances import FP32_FEW_OPS, FP64_SAME_MATH, fp32_sum
 
 LEVEL_SIZES = [(2, 2), (1, 2)]
 LEVEL_STRIDES = [8, 16]

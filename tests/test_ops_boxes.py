@@ -1,4 +1,5 @@
 import torch
+from tolerances import FP32_FEW_OPS, fp32_chain
 from torchvision.ops import box_iou, distance_box_iou
 
 from distill.ops.boxes import (
@@ -8,7 +9,6 @@ from distill.ops.boxes import (
     distance2bbox,
     square_anchors,
 )
-from tolerances import FP32_FEW_OPS, fp32_chain
 
 
 def test_square_anchors_literal():

@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from asag_helpers import SIZE, TINY, image_sizes, images, targets
+from asag_helpers import TINY, image_sizes, images, targets
 
 import distill
 from distill.engine.distiller import Distiller, distillation_terms, shared_sides

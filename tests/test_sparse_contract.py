@@ -4,15 +4,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from cli_helpers import invoke, one_error_line
 from tolerances import FP32_FEW_OPS_CANCEL, fp32_chain
 from toy_query import ToyQuery
 
 import distill
-from distill.data import DetectionTransform, generate_scenes, load_dataset
 from distill.checkpoint import read_checkpoint, save_checkpoint
+from distill.data import DetectionTransform, generate_scenes, load_dataset
 from distill.engine.distiller import Distiller, distillation_terms, loss_keys
 from distill.errors import ConfigError
 from distill.inputs import DistillInputs
@@ -20,7 +19,7 @@ from distill.losses import reencode_bins
 from distill.pairers import create_pairer, list_pairers, representative_matches
 from distill.structures import BoxBins, DetectorSpec, Matches, Pairs, Predictions, Target
 from students import create_student
-from teachers import FrozenTeacher, check_pair, load_teacher
+from teachers import FrozenTeacher
 
 SPARSE = DetectorSpec("sparse", 3, (8, 16, 32, 64, 128), 16, None)
 DENSE = DetectorSpec("dense", 3, (8, 16, 32, 64, 128), 16, 17)
@@ -154,7 +153,6 @@ def test_reencode_moves_teacher_edges_into_the_students_frame():
 def test_ld_between_frames_is_zero_when_the_boxes_agree_and_reaches_the_right_rows():
     # A student distribution head measuring from (20, 20) in 2 px bins; a teacher from (16, 24) in 4 px bins.
     k = 9
-    s_logits = torch.zeros(1, 2, 4, k, requires_grad=True)
     t_centres, t_spacing = torch.tensor([[[16.0, 24.0]] * 2]), torch.full((1, 2, 4), 4.0)
     t_bins = torch.full((1, 2, 4, k), -30.0)
     t_bins[0, 1, :, 2] = 30.0  # teacher query 1: every edge 8 px from (16, 24) -> box (8, 16, 24, 32)

@@ -11,14 +11,13 @@ import json
 
 import pytest
 import torch
+import toy_query  # noqa: F401  registers the test-only sparse detector, so the common contract covers a sparse one
 
-from distill.errors import ConfigError
 from distill.detector import Detector, GridAssigner
+from distill.errors import ConfigError
 from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, Predictions, Target
 from students import create_student, list_students, register_student
 from students.registry import student_entrypoint
-
-import toy_query  # noqa: F401  registers the test-only sparse detector, so the common contract covers a sparse one
 
 TINY = dict(num_classes=3, fpn_channels=16, head_convs=1, pretrained=None)
 # Small settings of every registered student that is not a GFL preset (a new student adds its own).

@@ -10,8 +10,8 @@ import torch
 from cli_helpers import invoke, one_error_line
 from safetensors.torch import load_file
 
-from distill.engine import trainer as trainer_module
 from distill.checkpoint import load_detector, load_train_state, read_checkpoint
+from distill.engine import trainer as trainer_module
 from distill.errors import CheckpointError
 
 SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8", "--no-progress"]

@@ -66,9 +66,18 @@ def user_errors(fn: Callable) -> Callable:
 
 def _register_commands() -> None:
     # Imported for their @app.command side effects; kept here so ``app`` is complete on import.
-    from distill.cli import cache_cmd, data_cmds, demo_cmd, distill_cmd, info_cmds, train_cmds  # noqa: F401
-    from distill.cli import compare_cmd, plot_cmd, show_cmd  # noqa: F401  (after a run: pictures, table)
-    from distill.cli import export_cmd  # noqa: F401  (ship the student: ONNX)
+    from distill.cli import (  # noqa: F401  # noqa: F401  (after a run: pictures, table)
+        cache_cmd,
+        compare_cmd,
+        data_cmds,
+        demo_cmd,
+        distill_cmd,
+        export_cmd,  # noqa: F401  (ship the student: ONNX)
+        info_cmds,
+        plot_cmd,
+        show_cmd,
+        train_cmds,
+    )
 
 
 _register_commands()

@@ -65,10 +65,9 @@ def parse_variants(text: str | None) -> tuple[str, ...] | None:
 def resolve_spec(recipe, variants: str | None, regions: str | None, features: bool | None, feature_regions: str | None, dense: bool):
     """The CacheSpec from the recipe (if any) and the explicit options, which win."""
     from distill.regions import create_region
+    from recipes import RECOMMENDED, load_recipe
     from teachers.cache_format import VARIANTS
     from teachers.cache_select import CacheSpec, spec_from_recipe
-
-    from recipes import RECOMMENDED, load_recipe
 
     chosen = parse_variants(variants)
     # without --recipe: what the recommended recipe's losses read (regions, features), both flips

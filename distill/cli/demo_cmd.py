@@ -7,7 +7,6 @@ import typer
 
 from distill.cli.app import AMP_HELP, DEVICE_HELP, app, user_errors
 
-
 DEMO_ENTRIES = ("data", "teacher", "baseline", "distilled", "predictions", "demo.json")
 
 
@@ -35,13 +34,12 @@ def demo_command(
     import json
 
     from distill.engine.demo import run_demo
-    from distill.engine.predict import predict_images
-    from distill.report import console, metrics_table
-    from distill.errors import ConfigError
-    from recipes import load_recipe
-
     from distill.engine.device import make_runtime
+    from distill.engine.predict import predict_images
+    from distill.errors import ConfigError
     from distill.outputs import check_output_folder
+    from distill.report import console, metrics_table
+    from recipes import load_recipe
 
     make_runtime(device, amp)  # --device cuda without CUDA, --amp fp16 on the CPU: refused before any data is generated
     check_output_folder(out, owned=is_demo_folder)

@@ -70,8 +70,8 @@ def eval_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that is not an eval record of detkd."),
 ) -> None:
     """COCO metrics of a checkpoint on a dataset split."""
-    from distill.data import DetectionTransform, load_dataset
     from distill.checkpoint import atomic_write_text, load_detector, require_meta, resolve_checkpoint
+    from distill.data import DetectionTransform, load_dataset
     from distill.engine.device import resolve_device
     from distill.engine.evaluate import check_scorable, evaluate_detector
     from distill.outputs import check_output_file, data_roots

@@ -34,7 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from distill.data.synth import (
-    PLACEMENT_TRIES, SPLIT_CODES, Canvas, Scene, asset, box_iou, resize, tight_box, tint, write_dataset,
+    PLACEMENT_TRIES,
+    SPLIT_CODES,
+    Canvas,
+    Scene,
+    asset,
+    box_iou,
+    resize,
+    tight_box,
+    tint,
+    write_dataset,
     write_split,
 )
 from distill.data.transforms import derive_seed

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distill.config import Recipe
 from distill.checkpoint import atomic_write_text
+from distill.config import Recipe
 from distill.errors import ConfigError
 
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from distill.config import Recipe
-from distill.engine.build import apply_threads, build_datasets, build_detector, run_meta
 from distill import distributed as dist
 from distill.checkpoint import atomic_write_text, make_dir
+from distill.config import Recipe
+from distill.engine.build import apply_threads, build_datasets, build_detector, run_meta
 from distill.engine.device import make_runtime
 from distill.engine.trainer import FitResult, Trainer
 from distill.errors import ConfigError

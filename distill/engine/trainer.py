@@ -31,16 +31,25 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from distill.config import Recipe
 from distill import distributed as dist
-from distill.checkpoint import append_line, atomic_write_text, check_finite, load_train_state, make_dir, read_train_state_info, save_checkpoint, save_train_state
+from distill.checkpoint import (
+    append_line,
+    atomic_write_text,
+    check_finite,
+    load_train_state,
+    make_dir,
+    read_train_state_info,
+    save_checkpoint,
+    save_train_state,
+)
+from distill.config import Recipe
 from distill.engine.device import Runtime, auto_workers, autocast, grad_scaler
 from distill.engine.evaluate import check_scorable, evaluate_detector
 from distill.engine.forward import StudentForward, student_forward, unwrap
-from distill.report import console, make_progress, metrics_table, warn
 from distill.engine.run_state import STATE, clean_leftovers, has_saved_step, read_summary, truncate_metrics
 from distill.engine.schedule import lr_factor
 from distill.errors import CheckpointError, ConfigError, DataError, DetkdError, OutputError
+from distill.report import console, make_progress, metrics_table, warn
 from distill.structures import Batch
 
 # (the StudentForward, possibly DDP-wrapped, or a bare detector) , batch -> named loss terms

@@ -18,8 +18,8 @@ from torchvision.ops import generalized_box_iou_loss
 from distill.errors import ConfigError
 from distill.losses.kl import weighted_sum
 from distill.losses.registry import DistillInputs, DistillLoss, register_loss
-from distill.structures import Pairs
 from distill.ops.precision import compute_dtype
+from distill.structures import Pairs
 
 
 def box_rows(student_boxes: Tensor, teacher_boxes: Tensor, scale: Tensor, weights: Tensor, l1_weight: float, giou_weight: float) -> Tensor:

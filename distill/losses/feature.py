@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.losses.kl import weighted_sum
 from distill.inputs import level_offsets
+from distill.losses.kl import weighted_sum
 from distill.losses.registry import DistillInputs, DistillLoss, register_loss
-from distill.structures import DetectorSpec, Pairs
 from distill.ops.precision import compute_dtype
+from distill.structures import DetectorSpec, Pairs
 
 _TINY = torch.finfo(torch.float32).tiny
 

@@ -44,9 +44,9 @@ from torch import Tensor
 from distill.errors import ConfigError
 from distill.losses.kl import softmax_kl, softmax_kl_to_probs, weighted_sum
 from distill.losses.registry import DistillInputs, DistillLoss, register_loss
+from distill.ops.precision import compute_dtype
 from distill.pairers import RegionPairer
 from distill.structures import DetectorSpec, Pairs
-from distill.ops.precision import compute_dtype
 
 RESAMPLE_MODES = ("off", "distance", "scale")
 LEGACY_AVG_FACTOR = {"main": 4.0, "vlr": 16.0}  # reference constants; other regions use 4

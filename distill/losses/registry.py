@@ -45,9 +45,9 @@ Registry (timm style): ``@register_loss`` on the class (keyed by its ``name``), 
 from __future__ import annotations
 
 import fnmatch
-from abc import ABC, abstractmethod
 import inspect
 import math
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping
 
 import torch

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
 from distill.ops.precision import compute_dtype
 
 

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 import torch
 from torch import Tensor
+
 from distill.ops.precision import compute_dtype
 
 

@@ -25,9 +25,9 @@ from torchvision.ops import box_iou, generalized_box_iou, nms
 
 from distill.errors import ConfigError
 from distill.inputs import DistillInputs
+from distill.ops.precision import compute_dtype
 from distill.pairers.base import Pairer
 from distill.structures import DenseOutputs, Pairs, Predictions, Target
-from distill.ops.precision import compute_dtype
 
 
 def _pairs(rows: list[tuple[int, Tensor, Tensor, Tensor]], num_images: int, device) -> Pairs:

@@ -17,10 +17,10 @@ from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.inputs import DistillInputs
+from distill.ops.precision import compute_dtype
 from distill.pairers.base import Pairer
 from distill.pairers.matched import teacher_candidates
 from distill.structures import DetectorSpec, Pairs, Target
-from distill.ops.precision import compute_dtype
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from distill.distributed import mean_over_ranks
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import aligned_iou, square_anchors
+from distill.ops.precision import compute_dtype
 from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, Target
 from students.backbone import TimmBackbone, backbone_checks
 from students.gfl.coder import decode_boxes, encode_targets
@@ -17,7 +18,6 @@ from students.gfl.head import GFLHead, dense_outputs, dense_points, valid_locati
 from students.gfl.losses import distribution_focal_loss, giou_loss, quality_focal_loss
 from students.gfl.postprocess import postprocess_dense
 from students.registry import ParamCheck, finite, raise_failed, register_preset
-from distill.ops.precision import compute_dtype
 
 __all__ = ["GFL"]
 
@@ -135,7 +135,7 @@ class GFL(nn.Module):
         parameters.
         """
         cls_logits, reg_logits = self.dense_head.forward_from(stage, cls_maps, reg_maps)
-        flat = lambda maps: torch.cat([x.flatten(2).transpose(1, 2) for x in maps], dim=1)  # (B, N, D)
+        flat = lambda maps: torch.cat([x.flatten(2).transpose(1, 2) for x in maps], dim=1)  # noqa: E731  (B, N, D)
         cls = flat(cls_logits) if cls_logits is not None else None
         bins = None
         if reg_logits is not None:

@@ -7,8 +7,8 @@ import torch
 from torch import Tensor, nn
 
 from distill.ops.grid import dense_points, valid_locations
-from distill.structures import BoxBins, DenseOutputs, HeadStages
 from distill.ops.precision import compute_dtype
+from distill.structures import BoxBins, DenseOutputs, HeadStages
 
 __all__ = ["GFLHead", "Scale", "gn_groups", "dense_points", "dense_outputs", "valid_locations"]
 

@@ -8,10 +8,10 @@ and gradients.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
+
 from distill.ops.precision import compute_dtype
 from students.common.losses import distribution_focal_loss  # noqa: F401  (re-exported; shared with the sparse family)
 

@@ -6,10 +6,10 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from distill.ops.boxes import distance2bbox
+from distill.ops.precision import compute_dtype
 from distill.structures import DenseOutputs, Detections
 from students.gfl.coder import integral
 from students.gfl.head import valid_locations
-from distill.ops.precision import compute_dtype
 
 __all__ = ["postprocess_dense"]
 

@@ -17,9 +17,11 @@ Models, each in its own subpackage, importing only the shared modules:
 - ``dab_detr``: DAB-DETR's decoder (dynamic anchor boxes, modulated cross-attention); ``dab_detr``
   and its presets.
 """
-from students.sparse import sparse_rcnn  # noqa: F401  (stage "dynamic", sparse_rcnn6) -- first: asag_s uses it
-from students.sparse import asag  # noqa: F401  (asag_s, asag_s_gen, asag_a)
-from students.sparse import dab_detr  # noqa: F401  (dab_detr)
+from students.sparse import (
+    asag,  # noqa: F401  (asag_s, asag_s_gen, asag_a)
+    dab_detr,  # noqa: F401  (dab_detr)
+    sparse_rcnn,  # noqa: F401  (stage "dynamic", sparse_rcnn6) -- first: asag_s uses it
+)
 from students.sparse.detector import QueryDetector, SparsePredictions
 from students.sparse.proposal import ProposalBlock
 from students.sparse.queries import LearnedAnchors, Queries, QuerySource, create_query_source, register_query_source

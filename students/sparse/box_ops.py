@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_convert
 
-from distill.structures import BoxBins
 from distill.ops.precision import compute_dtype
+from distill.structures import BoxBins
 
 __all__ = [
     "xyxy_to_cxcywh",

@@ -26,12 +26,12 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from distill.distributed import mean_over_ranks
-from distill.structures import BoxBins, Matches, Predictions, Target
 from distill.ops.boxes import aligned_iou
+from distill.ops.precision import compute_dtype
+from distill.structures import BoxBins, Matches, Predictions, Target
+from students.common.losses import distribution_focal_loss
 from students.sparse.box_ops import encode_bins, normalize_boxes
 from students.sparse.matcher import HungarianMatcher, area_weight
-from students.common.losses import distribution_focal_loss
-from distill.ops.precision import compute_dtype
 
 __all__ = ["SetCriterion", "num_boxes", "query_weights", "qw_norm"]
 

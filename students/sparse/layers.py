@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from students.sparse.box_ops import xyxy_to_cxcywh
-from students.common.fpn import top_down, xavier_convs
 from distill.ops.precision import compute_dtype
+from students.common.fpn import top_down, xavier_convs
+from students.sparse.box_ops import xyxy_to_cxcywh
 
 __all__ = [
     "PyramidFPN", "roi_features", "sine_embedding", "box_sine_embedding", "attention_mask", "iof_matrix", "contiguous_groups",

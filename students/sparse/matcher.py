@@ -18,9 +18,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 from torchvision.ops import generalized_box_iou
 
+from distill.ops.precision import compute_dtype
 from distill.structures import Matches, Predictions, Target
 from students.sparse.box_ops import normalize_boxes
-from distill.ops.precision import compute_dtype
 
 __all__ = ["HungarianMatcher", "solve_assignment", "area_weight", "focal_cost"]
 

@@ -5,8 +5,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
-from distill.structures import Detections, Predictions
 from distill.ops.precision import compute_dtype
+from distill.structures import Detections, Predictions
 
 __all__ = ["postprocess_sparse"]
 

@@ -36,7 +36,13 @@ from distill.structures import Target
 from students.backbone import TimmBackbone
 from students.registry import ParamCheck, raise_failed
 from students.sparse.config import (
-    BoxHeadConfig, LossConfig, PostprocessConfig, RoIConfig, common_checks, pick, roi_checks,
+    BoxHeadConfig,
+    LossConfig,
+    PostprocessConfig,
+    RoIConfig,
+    common_checks,
+    pick,
+    roi_checks,
 )
 from students.sparse.detector import QueryDetector, SparsePredictions, build_criterion
 from students.sparse.layers import PyramidFPN

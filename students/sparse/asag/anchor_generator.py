@@ -69,17 +69,28 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
+from distill.ops.precision import compute_dtype
 from distill.structures import Target
 from students.sparse.asag.generator_ops import (
-    SUPPRESSED_LOGIT, decode_patch_boxes, gather_windows, place_windows, rank_within_groups, resample_valid_region,
+    SUPPRESSED_LOGIT,
+    decode_patch_boxes,
+    gather_windows,
+    place_windows,
+    rank_within_groups,
+    resample_valid_region,
     valid_cell_mask,
 )
-from students.sparse.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
 from students.sparse.asag.generator_targets import GeneratorLossWeights, generator_loss, training_windows
 from students.sparse.asag.generator_types import (
-    AnchorOutput, Candidates, PatchPredictions, assemble_anchors, cat_patches, empty_patches, mark_kept,
+    AnchorOutput,
+    Candidates,
+    PatchPredictions,
+    assemble_anchors,
+    cat_patches,
+    empty_patches,
+    mark_kept,
 )
-from distill.ops.precision import compute_dtype
+from students.sparse.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
 
 __all__ = ["AnchorGenerator", "AnchorOutput", "GeneratorLossWeights", "PatchPredictions"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from students.sparse.box_ops import cxcywh_to_xyxy
 from distill.ops.precision import compute_dtype
+from students.sparse.box_ops import cxcywh_to_xyxy
 
 # Logit given to anchors that must never be chosen (too small, centre on padding). Finite, so
 # that sigmoid, BCE and sorting stay well defined; sigmoid(-30) ~ 1e-13.

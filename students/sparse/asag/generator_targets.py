@@ -17,17 +17,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from distill.ops.precision import compute_dtype
 from distill.structures import Target
 from students.sparse.asag.generator_ops import rank_within_groups
-from students.sparse.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
 from students.sparse.asag.generator_types import PatchPredictions
+from students.sparse.box_ops import cxcywh_to_xyxy, xyxy_to_cxcywh
 from students.sparse.matcher import focal_cost, solve_assignment
-from distill.ops.precision import compute_dtype
 
 
 @dataclass(frozen=True)
