@@ -43,7 +43,7 @@ from distill.data.synth import (
     resize,
     tight_box,
     tint,
-    write_dataset,
+    write_generated,
     write_split,
 )
 from distill.data.transforms import derive_seed
@@ -287,8 +287,6 @@ def generate_clutter(
         A summary: ``out_dir``, ``seed``, ``size``, ``classes`` and per split the numbers of
         images, objects, negatives and occluded objects.
     """
-    if num_train < 0 or num_val < 0:
-        raise ConfigError(f"clutter generator: image counts must be >= 0 (got {num_train}, {num_val})")
     cfg = ClutterConfig(size=size, min_objects=min_objects, max_objects=max_objects,
                         negative_fraction=negative_fraction, min_scale=min_scale, max_scale=max_scale,
                         max_iou=max_iou, min_visible=min_visible)
@@ -303,10 +301,5 @@ def generate_clutter(
 
         return write_split(tmp, split, count, first_id, render, _header(split, seed, cfg), _occlusion_counts)
 
-    def fill(tmp: Path) -> dict:
-        summary: dict = {"out_dir": str(Path(out_dir)), "seed": seed, "size": size, "classes": list(CLASSES)}
-        summary["train"] = split_writer(tmp, "train", num_train, 1)
-        summary["val"] = split_writer(tmp, "val", num_val, num_train + 1)
-        return summary
-
-    return write_dataset(out_dir, overwrite, fill)
+    head = {"seed": seed, "size": size, "classes": list(CLASSES)}
+    return write_generated("clutter", out_dir, num_train, num_val, overwrite, head, split_writer)

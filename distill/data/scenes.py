@@ -31,7 +31,7 @@ from distill.data.synth import (
     resize,
     tight_box,
     tint,
-    write_dataset,
+    write_generated,
     write_split,
 )
 from distill.data.transforms import derive_seed
@@ -230,17 +230,12 @@ def generate_scenes(
         A summary: ``out_dir``, ``seed``, ``size``, ``classes`` and per split the numbers of
         images, objects and negatives.
     """
-    if num_train < 0 or num_val < 0:
-        raise ConfigError(f"scene generator: image counts must be >= 0 (got {num_train}, {num_val})")
     cfg = SceneConfig(size=size, min_objects=min_objects, max_objects=max_objects,
                       negative_fraction=negative_fraction, min_scale=min_scale, max_scale=max_scale,
                       max_iou=max_iou, min_visible=min_visible)
     cfg.validate()
 
-    def fill(tmp: Path) -> dict:
-        summary: dict = {"out_dir": str(Path(out_dir)), "seed": seed, "size": size, "classes": list(CLASSES)}
-        summary["train"] = _write_split(tmp, "train", num_train, 1, seed, cfg)
-        summary["val"] = _write_split(tmp, "val", num_val, num_train + 1, seed, cfg)
-        return summary
-
-    return write_dataset(out_dir, overwrite, fill)
+    head = {"seed": seed, "size": size, "classes": list(CLASSES)}
+    return write_generated(
+        "scene", out_dir, num_train, num_val, overwrite, head, lambda tmp, split, count, first: _write_split(tmp, split, count, first, seed, cfg)
+    )

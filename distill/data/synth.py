@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from distill.checkpoint import make_dir
-from distill.errors import DataError
+from distill.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
@@ -198,6 +198,25 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         if not is_dataset_folder(out):
             raise DataError(f"{out}: folder exists and is not a dataset (no images/ and train.json or val.json); --overwrite replaces only a dataset")
     check_output_folder(out, self_too=False)
+
+
+def write_generated(
+    generator: str, out_dir: str | Path, num_train: int, num_val: int, overwrite: bool, head: dict,
+    split_writer: Callable[[Path, str, int, int], dict],
+) -> dict:
+    """Both splits of a generated dataset, written atomically (:func:`write_dataset`): train images
+    get ids ``1..num_train``, val continues after them. ``split_writer(tmp, split, count, first_id)``
+    writes one split and returns its counts; the summary is ``out_dir``, then ``head``, then both."""
+    if num_train < 0 or num_val < 0:
+        raise ConfigError(f"{generator} generator: image counts must be >= 0 (got {num_train}, {num_val})")
+
+    def fill(tmp: Path) -> dict:
+        summary: dict = {"out_dir": str(Path(out_dir)), **head}
+        summary["train"] = split_writer(tmp, "train", num_train, 1)
+        summary["val"] = split_writer(tmp, "val", num_val, num_train + 1)
+        return summary
+
+    return write_dataset(out_dir, overwrite, fill)
 
 
 def write_dataset(out_dir: str | Path, overwrite: bool, fill: Callable[[Path], dict]) -> dict:
