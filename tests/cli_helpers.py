@@ -17,3 +17,22 @@ def one_error_line(result) -> str:
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error:")
     return lines[0]
+
+
+# The tiny setting of the CLI tests: 64 px inputs, batch 4, no progress bar.
+SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
+
+
+def make_scenes(out, train: int = 8, val: int = 4):
+    """``detkd data scenes OUT`` at 64 px, seed 3 (the CLI tests' data); returns ``out``."""
+    result = invoke("data", "scenes", out, "--train", train, "--val", val, "--size", 64, "--seed", 3)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def train_one_epoch(recipe: str, data, run):
+    """``detkd train RECIPE`` for one epoch in the tiny setting; returns the run folder."""
+    result = invoke("train", recipe, "--data", data, "--out", run, "--epochs", 1, *SMALL)
+    assert result.exit_code == 0, result.output
+    return run
+

@@ -3,25 +3,17 @@ frozen teacher, and the one-layer ASAG-S student with its anchor generator."""
 import json
 
 import pytest
-from cli_helpers import invoke
-
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
+from cli_helpers import SMALL, invoke, make_scenes, train_one_epoch
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("asag-cli") / "scenes"
-    result = invoke("data", "scenes", out, "--train", 8, "--val", 4, "--size", 64, "--seed", 3)
-    assert result.exit_code == 0, result.output
-    return out
+    return make_scenes(tmp_path_factory.mktemp("asag-cli") / "scenes")
 
 
 @pytest.fixture(scope="module")
 def trained(data):
-    run = data.parent / "run"
-    result = invoke("train", "sparse6-tiny", "--data", data, "--out", run, "--epochs", 1, *SMALL)
-    assert result.exit_code == 0, result.output
-    return run
+    return train_one_epoch("sparse6-tiny", data, data.parent / "run")
 
 
 def test_train_logs_every_stage_loss(trained):

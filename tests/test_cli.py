@@ -3,25 +3,17 @@ import json
 
 import pytest
 import yaml
-from cli_helpers import invoke, one_error_line
-
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
+from cli_helpers import SMALL, invoke, make_scenes, one_error_line, train_one_epoch
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "scenes"
-    result = invoke("data", "scenes", out, "--train", 12, "--val", 4, "--size", 64, "--seed", 3)
-    assert result.exit_code == 0, result.output
-    return out
+    return make_scenes(tmp_path_factory.mktemp("cli") / "scenes", train=12)
 
 
 @pytest.fixture(scope="module")
 def trained(data):
-    run = data.parent / "run"
-    result = invoke("train", "gfl-tiny", "--data", data, "--out", run, "--epochs", 1, *SMALL)
-    assert result.exit_code == 0, result.output
-    return run
+    return train_one_epoch("gfl-tiny", data, data.parent / "run")
 
 
 def test_recipes_lists_names_kinds_and_purposes():

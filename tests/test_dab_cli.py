@@ -4,26 +4,18 @@ import json
 
 import pytest
 import yaml
-from cli_helpers import invoke
+from cli_helpers import SMALL, invoke, make_scenes, train_one_epoch
 from test_asag_cli import check_eval_and_predict
-
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dab-cli") / "scenes"
-    result = invoke("data", "scenes", out, "--train", 8, "--val", 4, "--size", 64, "--seed", 3)
-    assert result.exit_code == 0, result.output
-    return out
+    return make_scenes(tmp_path_factory.mktemp("dab-cli") / "scenes")
 
 
 @pytest.fixture(scope="module")
 def trained(data):
-    run = data.parent / "run"
-    result = invoke("train", "dab6-tiny", "--data", data, "--out", run, "--epochs", 1, *SMALL)
-    assert result.exit_code == 0, result.output
-    return run
+    return train_one_epoch("dab6-tiny", data, data.parent / "run")
 
 
 def steps(run):

@@ -5,26 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from cli_helpers import invoke, one_error_line
+from cli_helpers import SMALL, invoke, make_scenes, one_error_line, train_one_epoch
 from PIL import Image
-
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("viz") / "scenes"
-    result = invoke("data", "scenes", out, "--train", 8, "--val", 4, "--size", 64, "--seed", 3)
-    assert result.exit_code == 0, result.output
-    return out
+    return make_scenes(tmp_path_factory.mktemp("viz") / "scenes")
 
 
 @pytest.fixture(scope="module")
 def trained(data):
-    run = data.parent / "run"
-    result = invoke("train", "gfl-tiny", "--data", data, "--out", run, "--epochs", 1, *SMALL)
-    assert result.exit_code == 0, result.output
-    return run
+    return train_one_epoch("gfl-tiny", data, data.parent / "run")
 
 
 @pytest.fixture(scope="module")
