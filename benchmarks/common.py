@@ -4,6 +4,7 @@ own folder is on ``sys.path``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import shutil
@@ -16,6 +17,26 @@ from distill.data import GENERATORS
 from distill.engine.demo import finished
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of a benchmark table: a run of ``recipe`` (per seed where the benchmark has seeds).
+
+    ``teacher``: the teacher's slug in the benchmark's own table (None: the student alone);
+    ``losses``: recipe terms used in place of the recipe's own (None keeps them);
+    ``baseline``: the slug of the row whose runs of the same seed this row's paired gains are taken against;
+    ``default``: run without ``--only``.
+    """
+
+    name: str
+    slug: str
+    recipe: str
+    overrides: tuple[str, ...] = ()
+    teacher: str | None = None
+    losses: tuple[dict, ...] | None = None
+    baseline: str | None = None
+    default: bool = True
+
+
 def fresh(run: Path) -> bool:
     """True when ``run`` must be trained; an interrupted run is started again rather than mixed."""
     if finished(run) is not None:
@@ -25,13 +46,15 @@ def fresh(run: Path) -> bool:
     return True
 
 
-def select_rows(parser: argparse.ArgumentParser, only: str, rows: list) -> list:
-    """The rows named in ``--only`` (comma-separated slugs, the second field of each row)."""
+def select_rows(parser: argparse.ArgumentParser, only: str | None, rows: list[Row]) -> list[Row]:
+    """The rows named in ``--only`` (comma-separated slugs); without it, the default rows."""
+    if not only:
+        return [row for row in rows if row.default]
     wanted = only.split(",")
-    unknown = set(wanted) - {row[1] for row in rows}
+    unknown = set(wanted) - {row.slug for row in rows}
     if unknown:
-        parser.error(f"--only: unknown {sorted(unknown)}; choose from {[row[1] for row in rows]}")
-    return [row for row in rows if row[1] in wanted]
+        parser.error(f"--only: unknown {sorted(unknown)}; choose from {[row.slug for row in rows]}")
+    return [row for row in rows if row.slug in wanted]
 
 
 def interleaved_medians(fns: dict, repeats: int = 15, warmup: int = 3) -> dict[str, float]:
@@ -57,6 +80,13 @@ def optimizer_step(step_fn, student, batch, optimizer):
         optimizer.step()
 
     return run
+
+
+def leaf_predictions(preds):
+    """A copy whose float tensors are fresh leaves: the terms' backward then stops at the head outputs."""
+    leaf = lambda t: t.detach().requires_grad_() if t is not None and t.is_floating_point() else t  # noqa: E731
+    bins = None if preds.bins is None else dataclasses.replace(preds.bins, logits=leaf(preds.bins.logits))
+    return dataclasses.replace(preds, logits=leaf(preds.logits), boxes=leaf(preds.boxes), bins=bins, aux=[leaf_predictions(a) for a in preds.aux])
 
 
 def tune_data(out: Path, profile: dict) -> Path:

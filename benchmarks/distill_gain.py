@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 import torch
-from common import fresh, gain_interval, heldout_metrics, interleaved_medians, optimizer_step, paired_gains, select_rows, tune_data
+from common import Row, fresh, gain_interval, heldout_metrics, interleaved_medians, leaf_predictions, optimizer_step, paired_gains, select_rows, tune_data
 from rich.console import Console
 from rich.table import Table
 
@@ -40,20 +40,21 @@ PROFILES = {
     "full": {"train": 600, "val": 150, "size": 128, "teacher_epochs": 24, "student_epochs": 12, "seeds": [0, 1]},
     "quick": {"train": 160, "val": 48, "size": 128, "teacher_epochs": 8, "student_epochs": 4, "seeds": [0]},
 }
-# (row name, run-folder slug, recipe, extra --set overrides); --only selects by slug
-TAU1 = ["losses.0.params.temperature=1", "losses.2.params.temperature=1"]
+# Every row distils from the one GFL teacher into the baseline's student with the baseline's schedule; --only selects by slug.
+TAU1 = ("losses.0.params.temperature=1", "losses.2.params.temperature=1")
 VARIANTS = [
-    ("baseline (no KD)", "gfl-student", "gfl-student", []),
-    ("Main LD", "ld-main", "ld-main", []),
-    ("Main KD + Main LD", "ld-main-kd", "ld-main-kd", []),
-    ("Main KD + Main LD + VLR LD", "ld-full", "ld-full", []),
-    ("  same, tau 1 (ablation)", "ld-full-tau1", "ld-full", TAU1),
-    ("  same, tau 1, + feature mimicking", "ld-full-feat", "ld-full-feat", []),
-    ("CrossKD", "crosskd", "crosskd", []),
-    ("PKD", "pkd", "pkd", []),
-    ("CrossKD + PKD", "crosskd-pkd", "crosskd-pkd", []),
+    Row("baseline (no KD)", "gfl-student", "gfl-student"),
+    Row("Main LD", "ld-main", "ld-main"),
+    Row("Main KD + Main LD", "ld-main-kd", "ld-main-kd"),
+    Row("Main KD + Main LD + VLR LD", "ld-full", "ld-full"),
+    Row("  same, tau 1 (ablation)", "ld-full-tau1", "ld-full", TAU1),
+    Row("  same, tau 1, + feature mimicking", "ld-full-feat", "ld-full-feat"),
+    Row("CrossKD", "crosskd", "crosskd"),
+    Row("PKD", "pkd", "pkd"),
+    Row("CrossKD + PKD", "crosskd-pkd", "crosskd-pkd"),
 ]
-QUICK_VARIANTS = [VARIANTS[0], VARIANTS[5]]
+BASELINE = VARIANTS[0]
+QUICK_VARIANTS = [BASELINE, VARIANTS[5]]
 
 console = Console()
 
@@ -72,18 +73,18 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
         train_run(recipe, data, teacher, resume=(teacher / "train_state.safetensors").is_file())
     results = {"teacher": finished(teacher), "runs": {}}
     tune = tune_data(reuse or out, profile)  # recipes are chosen here; val only reports
-    for name, slug, recipe_name, overrides in variants:
+    for row in variants:
         for seed in profile["seeds"]:
-            run = out / f"{slug}-s{seed}"
+            run = out / f"{row.slug}-s{seed}"
             if fresh(run):
-                sets = size + student_sets + overrides + [f"train.epochs={profile['student_epochs']}", f"train.seed={seed}"]
-                recipe = load_recipe(recipe_name, sets)
-                console.print(f"[bold]{name}[/] seed {seed} -> {run}")
+                sets = size + student_sets + list(row.overrides) + [f"train.epochs={profile['student_epochs']}", f"train.seed={seed}"]
+                recipe = load_recipe(row.recipe, sets)
+                console.print(f"[bold]{row.name}[/] seed {seed} -> {run}")
                 if recipe.kind == "distill":
                     distill_run(recipe, teacher, data, run)
                 else:
                     train_run(recipe, data, run)
-            results["runs"].setdefault(name, []).append({"seed": seed, "run": str(run), **finished(run), "tune": heldout_metrics(run, tune)})
+            results["runs"].setdefault(row.name, []).append({"seed": seed, "run": str(run), **finished(run), "tune": heldout_metrics(run, tune)})
     return results
 
 
@@ -96,10 +97,9 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
     losses): student alone, distillation with the online teacher, distillation losses alone."""
     from distill.data import DetectionTransform, collate, load_dataset
     from distill.engine.build import build_detector
-    from distill.engine.distiller import Distiller, distillation_terms, loss_keys
+    from distill.engine.distiller import Distiller
     from distill.engine.run import build_losses
     from distill.engine.trainer import build_optimizer, detector_step
-    from distill.losses import DistillInputs
     from teachers import load_teacher
 
     torch.set_num_threads(threads)
@@ -114,20 +114,16 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
 
     train_step = lambda step_fn: optimizer_step(step_fn, student, batch, optimizer)  # noqa: E731
 
-    # The distillation terms alone: masks + losses forward + their backward to the head outputs.
-    # (Pairs, row reads, kernels and their backward; the levels are concatenated once in the head,
-    # shared with the student's own loss, so that is part of the student step.)
-    features = student.features(batch.images)
-    outputs = student.head(features, batch.image_sizes)
-    _, matches = student.loss(outputs, batch.targets, batch.image_sizes)
-    leaf = lambda x: x.detach().requires_grad_()  # noqa: E731
-    leaf_bins = dataclasses.replace(outputs.bins, logits=leaf(outputs.bins.logits))
-    leaf_outputs = dataclasses.replace(outputs, logits=leaf(outputs.logits), boxes=leaf(outputs.boxes), bins=leaf_bins)
-    s_in = DistillInputs(student.spec, leaf_outputs, [leaf(f) for f in features], matches, batch.image_sizes)
-    t_in = distiller.source.inputs(batch, s_in, distiller.needs)
+    # The distillation terms alone: pairs, losses forward and their backward to the head outputs and
+    # features (the levels are concatenated once in the head, shared with the student's own loss, so
+    # that is part of the student step).
+    _, features, s_in = distiller.student_side(student, batch)
+    leaf_features = [f.detach().requires_grad_() for f in features]
+    s_in = dataclasses.replace(s_in, predictions=leaf_predictions(s_in.predictions), features=leaf_features if s_in.features is not None else None)
+    t_in = distiller.teacher_side(batch, s_in)
 
     def losses_only():
-        sum(distillation_terms(losses, loss_keys(losses), s_in, t_in, batch.targets).values()).backward()
+        sum(distiller.distillation_terms(student, leaf_features, s_in, t_in, batch).values()).backward()
 
     medians = interleaved_medians({"student": train_step(detector_step), "distill": train_step(distiller.step), "losses": losses_only})
     student_step, distill_step, loss_time = medians["student"], medians["distill"], medians["losses"]
@@ -151,20 +147,20 @@ def summarise(results: dict, cost: dict | None) -> dict:
     checkpoint's, the checkpoint every row distils from (``resolve_checkpoint`` of the run folder).
     ``selected_on_tune``: the distill row with the largest mean paired gain on the tuning split."""
     teacher_ap = results["teacher"]["best_AP"]
-    baseline = results["runs"].get(VARIANTS[0][0])  # absent when --only leaves the baseline out
+    baseline = results["runs"].get(BASELINE.name)  # absent when --only leaves the baseline out
     rows = {}
     for name, runs in results["runs"].items():
         aps = [r["final"]["AP"] for r in runs]
         row = {"AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0, "APs": aps,
                "AP50_mean": statistics.mean(r["final"]["AP50"] for r in runs), "seeds": [r["seed"] for r in runs],
                "tune_AP_mean": statistics.mean(r["tune"]["AP"] for r in runs)}
-        if baseline is not None and name != VARIANTS[0][0]:
+        if baseline is not None and name != BASELINE.name:
             gains = paired_gains(runs, baseline)
             tune_gains = paired_gains(runs, baseline, lambda r: r["tune"])
             row.update(paired_gains=gains, paired_gain_mean=statistics.mean(gains) if gains else None, paired_gain_ci95=gain_interval(gains),
                        tune_paired_gain_mean=statistics.mean(tune_gains) if tune_gains else None)
         rows[name] = row
-    base = rows.get(VARIANTS[0][0], {}).get("AP_mean")
+    base = rows.get(BASELINE.name, {}).get("AP_mean")
     for row in rows.values():
         row["gap_closed"] = None if base is None else gap_closed(teacher_ap, base, row["AP_mean"])
     scored = {name: row["tune_paired_gain_mean"] for name, row in rows.items() if row.get("tune_paired_gain_mean") is not None}
@@ -207,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="override applied to every student and distill recipe, e.g. student.params.backbone=mobilenetv2_100")
     parser.add_argument("--reuse", type=Path, default=None, help="benchmark folder whose data and teacher to reuse")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1 for full)")
-    parser.add_argument("--only", default=None, help="comma-separated rows to run, by slug: " + ",".join(v[1] for v in VARIANTS))
+    parser.add_argument("--only", default=None, help="comma-separated rows to run, by slug: " + ",".join(v.slug for v in VARIANTS))
     parser.add_argument("--dataset", choices=sorted(GENERATORS), default="scenes",
                         help="built-in data to generate: scenes (10 classes, 1-4 objects) or clutter (20 classes, many small, occluded)")
     args = parser.parse_args(argv)

@@ -22,15 +22,15 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import interleaved_medians, select_rows  # noqa: E402
+from common import Row, interleaved_medians, select_rows  # noqa: E402
 
 from distill.checkpoint import atomic_write_text  # noqa: E402
 from distill.export import export_onnx, run_session  # noqa: E402
 from recipes import load_recipe  # noqa: E402
 from students import create_student  # noqa: E402
 
-ROWS = [("GFL (dense, NMS in graph)", "gfl", "gfl-tiny"), ("ASAG-S, learned anchors", "asag-s", "asag-s-tiny"),
-        ("Sparse R-CNN, 6 stages", "sparse6", "sparse6-tiny"), ("DAB-DETR, 6 layers", "dab6", "dab6-tiny")]
+ROWS = [Row("GFL (dense, NMS in graph)", "gfl", "gfl-tiny"), Row("ASAG-S, learned anchors", "asag-s", "asag-s-tiny"),
+        Row("Sparse R-CNN, 6 stages", "sparse6", "sparse6-tiny"), Row("DAB-DETR, 6 layers", "dab6", "dab6-tiny")]
 SIZE = 128
 
 
@@ -60,11 +60,11 @@ def measure(recipe: str, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default=",".join(r[1] for r in ROWS))
+    parser.add_argument("--only", default=None, help="comma-separated rows by slug (default: all): " + ",".join(r.slug for r in ROWS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "records" / "export.json")
     args = parser.parse_args()
-    rows = [{"row": name, **measure(recipe, args.repeats)} for name, _, recipe in select_rows(parser, args.only, ROWS)]
+    rows = [{"row": row.name, **measure(row.recipe, args.repeats)} for row in select_rows(parser, args.only, ROWS)]
     table = Table(title=f"ONNX export at {SIZE} px: size and onnxruntime CPU vs PyTorch eager (median of {args.repeats})")
     for col in ("student", "MB", "eager b1 ms", "ort b1 ms", "x b1", "eager b16 ms", "ort b16 ms", "x b16"):
         table.add_column(col, justify="right")

@@ -42,11 +42,13 @@ from pathlib import Path
 
 import torch
 from common import (  # the benchmarks' shared helpers (this script's folder is on sys.path)
+    Row,
     fresh,
     gain_interval,
     heldout_metrics,
     interleaved_medians,
     large_data,
+    leaf_predictions,
     optimizer_step,
     paired_gains,
     select_rows,
@@ -68,77 +70,103 @@ PROFILES = {
     "long": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 16, "seeds": [0, 1, 2]},
     "quick": {"train": 48, "val": 16, "size": 128, "teacher_epochs": 2, "student_epochs": 2, "seeds": [0], "force": True},
 }
-# teacher slug -> (teacher recipe, its overrides, distill recipe whose student and schedule every row uses)
-# The 6-stage teacher's rows distil from its query cache (``detkd cache``: every query row and its
-# matches for both flips, exact up to fp16 rows; tests/test_cache_queries.py), so its six stages do
-# not run in every step; the GFL teacher runs online (the dense cache serves dense students only).
-CACHED = {"sparse6"}
+# teacher slug -> (teacher recipe, its overrides)
 TEACHERS = {
-    "sparse6": ("sparse6-tiny", ["student.params.groups=3"], "asag-distill-sparse6"),
-    "gfl": ("gfl-teacher", [], "asag-distill-gfl"),
-    # DAB-DETR (six layers, Group DETR, bins head, ImageNet backbone). Its rows distil into this table's
-    # common student (the sparse6 / gfl recipes' random-init ASAG-S), so every row is paired with the
-    # same "alone" runs; asag-distill-dab ships the ImageNet MobileNetV2 student instead, whose rows
-    # need their own "alone" baseline (not in this table). Online: its feature row needs the teacher's maps.
-    "dab": ("dab-teacher", [], "asag-distill-sparse6"),
+    "sparse6": ("sparse6-tiny", ["student.params.groups=3"]),
+    "gfl": ("gfl-teacher", []),
+    # DAB-DETR: six layers, Group DETR, bins head, ImageNet EfficientNet-Lite0 (the GFL teacher's backbone)
+    "dab": ("dab-teacher", []),
 }
+# The query teachers' rows distil from their query cache (``detkd cache``: every query row and its
+# matches for both flips, exact up to fp16 rows; tests/test_cache_queries.py), so their six layers do
+# not run in every step, except rows whose terms read the teacher's feature maps (no cache serves
+# them: those run the teacher online). The GFL teacher runs online (the dense cache serves dense students only).
+CACHED = {"sparse6", "dab"}
 # DETR-style decoders converge slowly: the DAB teacher trains for this multiple of the profile's teacher epochs.
 TEACHER_EPOCH_FACTOR = {"dab": 2}
-KD_BOX = lambda pairer, kd=1.0, heads="all", extra=None: [  # noqa: E731
+# The students (distill recipes whose student and schedule every row of that student uses):
+RANDOM = "asag-distill-sparse6"  # ASAG-S, random-init ResNet-10t (the first table's student)
+IMAGENET = "asag-distill-dab"  # ASAG-S, ImageNet MobileNetV2-1.0 from the offline wheel (the usual case)
+KD_BOX = lambda pairer, kd=1.0, heads="all", extra=None: (  # noqa: E731
     {"name": "kd", "weight": kd, "pairer": pairer, "params": {"heads": heads}, **(extra or {})},
     {"name": "box", "weight": 1.0, "pairer": pairer, "params": {"heads": heads}, **(extra or {})},
-]
+)
 TOP50 = {"pairer_params": {"top_k": 50}}
 TOP16 = {"pairer_params": {"top_k": 16}}  # fewer teacher boxes through the student's decoder: a cheaper extra pass
-LD_GT = [{"name": "ld", "weight": 0.25, "pairer": "gt_bridged", "params": {"temperature": 10}}]
+LD_GT = ({"name": "ld", "weight": 0.25, "pairer": "gt_bridged", "params": {"temperature": 10}},)
 # Feature mimicking on every FPN location, the dense benchmark's recommended term (ld-full-feat:
 # weight 2, relative MSE) taken as is (the scan below tunes it); 1x1 adapter from the student's 32-ch P3-P5
 # to the GFL teacher's 96-ch maps at the same strides (its P6-P7 have no student counterpart).
-FEAT_GFL = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"student_channels": 32, "teacher_channels": 96}}]
+FEAT = lambda teacher_channels, weight=2.0: ({"name": "feature", "weight": weight, "pairer": "all",  # noqa: E731
+                                              "params": {"student_channels": 32, "teacher_channels": teacher_channels}},)
+FEAT_GFL = FEAT(96)
 # The feature weight scanned on the tuning split (2 above, 6, 12, 24, 48): of the terms, only feature mimicking
 # carries what the GT does not at every location, so its weight is the first knob to turn.
-FEAT_GFL_W = lambda weight: [{**FEAT_GFL[0], "weight": weight}]  # noqa: E731
 FEAT_WEIGHTS = (6, 12, 24, 48)
 # The same against dab-teacher's 128-wide projected maps at strides 8-32 (the student's P3-P5 levels).
-FEAT_DAB = [{"name": "feature", "weight": 2.0, "pairer": "all", "params": {"student_channels": 32, "teacher_channels": 128}}]
+FEAT_DAB = FEAT(128)
 # Rows that differ from a timed row only in loss weights: a weight is one scalar multiply, so the
 # step (and its cost record, --cost-from) is that row's.
-SAME_STEP = {**{f"gfl-gt-feat{w}": "gfl-gt-feat" for w in FEAT_WEIGHTS}, "gfl-feat24": "gfl-feat"}
-# (row, slug, teacher slug | None, losses | None = the distill recipe's own, default row?)
+SAME_STEP = {**{f"gfl-gt-feat{w}": "gfl-gt-feat" for w in FEAT_WEIGHTS}, "gfl-feat24": "gfl-feat", "dab-gt-ld-feat24": "dab-gt-ld-feat"}
+
+
+def distilled(name: str, slug: str, teacher: str, losses: tuple | None, student: str = RANDOM, default: bool = True, recipe: str | None = None) -> Row:
+    """A distilled row: ``student``'s recipe (or ``recipe``, same student) with ``losses``, paired with that student alone."""
+    return Row(name, slug, recipe or student, teacher=teacher, losses=losses, baseline=ALONE[student], default=default)
+
+
+ALONE = {RANDOM: "alone", IMAGENET: "alone-in"}
 ROWS = [
-    ("ASAG-S alone (no KD)", "alone", None, [], True),
-    ("6-stage -> ASAG: GT-bridged, KD + box", "s6-gt", "sparse6", KD_BOX("gt_bridged"), True),
-    ("6-stage -> ASAG: teacher-set, KD + box", "s6-set", "sparse6", KD_BOX("teacher_set", 0.5, "final", TOP50), True),
-    ("6-stage -> ASAG: shared queries, KD + box", "s6-shared", "sparse6", KD_BOX("shared_queries", 1.0, "final", TOP50), True),
-    ("6-stage -> ASAG: shared queries top-16, KD + box", "s6-shared16", "sparse6", KD_BOX("shared_queries", 1.0, "final", TOP16), False),
-    ("6-stage -> ASAG: recipe as shipped", "s6-recipe", "sparse6", None, False),
-    ("GFL -> ASAG: GT-bridged, KD + box + LD", "gfl-gt", "gfl", KD_BOX("gt_bridged") + LD_GT, True),
-    ("GFL -> ASAG: teacher-set, KD + box", "gfl-set", "gfl", KD_BOX("teacher_set", 0.5, "final", TOP50), True),
-    ("GFL -> ASAG: shared queries, KD + box", "gfl-shared", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP50), True),
-    ("GFL -> ASAG: feature mimicking (all locations)", "gfl-feat", "gfl", FEAT_GFL, True),
-    ("GFL -> ASAG: GT-bridged KD + box + LD + features", "gfl-gt-feat", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL, True),
-    *[(f"GFL -> ASAG: GT-bridged KD + box + LD + features x{w}", f"gfl-gt-feat{w}", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL_W(float(w)), False)
+    Row("ASAG-S alone (no KD)", "alone", RANDOM),
+    distilled("6-stage -> ASAG: GT-bridged, KD + box", "s6-gt", "sparse6", KD_BOX("gt_bridged")),
+    distilled("6-stage -> ASAG: teacher-set, KD + box", "s6-set", "sparse6", KD_BOX("teacher_set", 0.5, "final", TOP50)),
+    distilled("6-stage -> ASAG: shared queries, KD + box", "s6-shared", "sparse6", KD_BOX("shared_queries", 1.0, "final", TOP50)),
+    distilled("6-stage -> ASAG: shared queries top-16, KD + box", "s6-shared16", "sparse6", KD_BOX("shared_queries", 1.0, "final", TOP16), default=False),
+    distilled("6-stage -> ASAG: recipe as shipped", "s6-recipe", "sparse6", None, default=False),
+    distilled("GFL -> ASAG: GT-bridged, KD + box + LD", "gfl-gt", "gfl", KD_BOX("gt_bridged") + LD_GT),
+    distilled("GFL -> ASAG: teacher-set, KD + box", "gfl-set", "gfl", KD_BOX("teacher_set", 0.5, "final", TOP50)),
+    distilled("GFL -> ASAG: shared queries, KD + box", "gfl-shared", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP50)),
+    distilled("GFL -> ASAG: feature mimicking (all locations)", "gfl-feat", "gfl", FEAT_GFL),
+    distilled("GFL -> ASAG: GT-bridged KD + box + LD + features", "gfl-gt-feat", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT_GFL),
+    *[distilled(f"GFL -> ASAG: GT-bridged KD + box + LD + features x{w}", f"gfl-gt-feat{w}", "gfl", KD_BOX("gt_bridged") + LD_GT + FEAT(96, float(w)), default=False)
       for w in FEAT_WEIGHTS],
-    ("GFL -> ASAG: feature mimicking x24 (all locations)", "gfl-feat24", "gfl", FEAT_GFL_W(24.0), False),
-    ("GFL -> ASAG: shared queries top-16, KD + box", "gfl-shared16", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP16), False),
-    ("GFL -> ASAG: recipe as shipped", "gfl-recipe", "gfl", None, False),
-    # DAB-DETR teacher rows (opt-in with --only: the teacher is the most expensive part of the benchmark)
-    ("DAB-DETR -> ASAG: GT-bridged, KD + box", "dab-gt", "dab", KD_BOX("gt_bridged"), False),
-    ("DAB-DETR -> ASAG: teacher-set, KD + box", "dab-set", "dab", KD_BOX("teacher_set", 0.5, "final", TOP50), False),
-    ("DAB-DETR -> ASAG: shared queries, KD + box", "dab-shared", "dab", KD_BOX("shared_queries", 1.0, "final", TOP50), False),
-    ("DAB-DETR -> ASAG: GT-bridged KD + box + LD (bins to bins)", "dab-gt-ld", "dab", KD_BOX("gt_bridged") + LD_GT, False),
-    ("DAB-DETR -> ASAG: feature mimicking (all locations)", "dab-feat", "dab", FEAT_DAB, False),
+    distilled("GFL -> ASAG: feature mimicking x24 (all locations)", "gfl-feat24", "gfl", FEAT(96, 24.0), default=False),
+    distilled("GFL -> ASAG: shared queries top-16, KD + box", "gfl-shared16", "gfl", KD_BOX("shared_queries", 1.0, "final", TOP16), default=False),
+    distilled("GFL -> ASAG: recipe as shipped", "gfl-recipe", "gfl", None, default=False, recipe="asag-distill-gfl"),
+    # The DAB-DETR table (opt-in with --only: its teacher is the most expensive part of the benchmark):
+    # the ImageNet-pretrained student alone and distilled from six-layer DAB-DETR.
+    Row("ASAG-S (ImageNet MobileNetV2) alone (no KD)", "alone-in", IMAGENET, default=False),
+    distilled("DAB-DETR -> ASAG: GT-bridged, KD + box", "dab-gt", "dab", KD_BOX("gt_bridged"), IMAGENET, False),
+    distilled("DAB-DETR -> ASAG: teacher-set, KD + box", "dab-set", "dab", KD_BOX("teacher_set", 0.5, "final", TOP50), IMAGENET, False),
+    distilled("DAB-DETR -> ASAG: shared queries, KD + box", "dab-shared", "dab", KD_BOX("shared_queries", 1.0, "final", TOP50), IMAGENET, False),
+    # KD-DETR's points: the teacher's 50 boxes plus 50 random boxes through both decoders
+    distilled("DAB-DETR -> ASAG: shared queries + 50 random points (KD-DETR), KD + box", "dab-kddetr", "dab",
+              KD_BOX("shared_queries", 1.0, "final", {"pairer_params": {"top_k": 50, "random": 50}}), IMAGENET, False),
+    distilled("DAB-DETR -> ASAG: GT-bridged KD + box + LD (bins to bins)", "dab-gt-ld", "dab", KD_BOX("gt_bridged") + LD_GT, IMAGENET, False),
+    distilled("DAB-DETR -> ASAG: feature mimicking (all locations)", "dab-feat", "dab", FEAT_DAB, IMAGENET, False),
+    distilled("DAB-DETR -> ASAG: GT-bridged KD + box + LD + features", "dab-gt-ld-feat", "dab", KD_BOX("gt_bridged") + LD_GT + FEAT_DAB, IMAGENET, False),
+    distilled("DAB-DETR -> ASAG: GT-bridged KD + box + LD + features x24", "dab-gt-ld-feat24", "dab", KD_BOX("gt_bridged") + LD_GT + FEAT(128, 24.0), IMAGENET, False),
+    distilled("DAB-DETR -> ASAG: recipe as shipped", "dab-recipe", "dab", None, IMAGENET, False),
 ]
 console = Console(width=160)
 
 
-def row_recipe(teacher_slug: str, losses: list | None, sets: list[str]):
-    """The teacher's distill recipe with ``losses`` in place of its own (None: keep the recipe's)."""
-    path = recipe_path(TEACHERS[teacher_slug][2])
-    raw = apply_overrides(read_yaml(path), sets)
-    if losses is not None:
-        raw["losses"] = losses
+def row_recipe(row: Row, sets: list[str]):
+    """The row's recipe with its ``losses`` in place of the recipe's own (None: keep the recipe's)."""
+    path = recipe_path(row.recipe)
+    raw = apply_overrides(read_yaml(path), [*row.overrides, *sets])
+    if row.losses is not None:
+        raw["losses"] = [dict(term) for term in row.losses]
     return recipe_from_dict(raw, str(path))
+
+
+def needs_online_teacher(recipe) -> bool:
+    """Whether a term of ``recipe`` reads what no query cache holds: the teacher's feature maps, or its
+    decoder run on new boxes at every step (KD-DETR's random points)."""
+    from distill.losses import create_loss
+
+    terms = [create_loss(s.name, weight=s.weight, pairer=s.pairer, pairer_params=s.pairer_params, **s.params) for s in recipe.losses]
+    return any("features" in t.needs or t.cache_refusal or t.pairer.cache_refusal for t in terms)
 
 
 def student_sets(profile: dict, threads: int, seed: int) -> list[str]:
@@ -152,7 +180,7 @@ def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> 
         GENERATORS[profile["dataset"]](data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
     teachers = {}
     for slug in (t for t in TEACHERS if t in wanted):  # a fixed order: the tables list teachers alike every call
-        recipe_name, overrides, _ = TEACHERS[slug]
+        recipe_name, overrides = TEACHERS[slug]
         run = out / f"teacher-{slug}"
         if fresh(run):
             epochs = profile["teacher_epochs"] * TEACHER_EPOCH_FACTOR.get(slug, 1)
@@ -178,103 +206,95 @@ def link_shared(out: Path, reuse: Path) -> None:
 
 
 
-def teacher_cache(out: Path, teacher_slug: str) -> Path:
-    """The teacher's cache on the training split (built once with ``detkd cache``; resumed if interrupted)."""
-    cache = out / f"cache-{teacher_slug}"
+def teacher_cache(out: Path, teacher_slug: str, recipe: str) -> Path:
+    """The teacher's cache on the training split for ``recipe``'s student input (built once with
+    ``detkd cache``; resumed if interrupted). Query caches hold every row, whatever the terms."""
+    cache = out / f"cache-{teacher_slug}" if recipe == RANDOM else out / f"cache-{teacher_slug}-{recipe}"
     if not (cache / "summary.json").is_file():
-        teacher, recipe = out / f"teacher-{teacher_slug}", TEACHERS[teacher_slug][2]
+        teacher = out / f"teacher-{teacher_slug}"
         subprocess.run([sys.executable, "-m", "distill", "cache", str(teacher), "--data", str(out / "data"), "--out", str(cache), "--recipe", recipe], check=True)
     return cache
 
 
 def train_rows(out: Path, profile: dict, threads: int, rows: list, large: Path | None = None) -> dict[str, list[dict]]:
     data, results, tune = out / "data", {}, tune_data(out, profile)
-    for name, slug, teacher_slug, losses, _ in rows:
+    for row in rows:
         for seed in profile["seeds"]:
-            run = out / f"{slug}-s{seed}"
+            run = out / f"{row.slug}-s{seed}"
             if fresh(run):
                 sets = student_sets(profile, threads, seed)
-                console.print(f"[bold]{name}[/] seed {seed} -> {run}")
-                if teacher_slug is None:
-                    train_run(baseline_recipe(load_recipe(TEACHERS["sparse6"][2], sets)), data, run)
+                console.print(f"[bold]{row.name}[/] seed {seed} -> {run}")
+                recipe = row_recipe(row, sets)
+                if row.teacher is None:
+                    train_run(baseline_recipe(recipe), data, run)
                 else:
-                    cache = teacher_cache(out, teacher_slug) if teacher_slug in CACHED else None
+                    cached = row.teacher in CACHED and not needs_online_teacher(recipe)
+                    cache = teacher_cache(out, row.teacher, row.recipe) if cached else None
                     # quick: 2-epoch teachers are below min_ap by design; force past the quality check there only
-                    distill_run(row_recipe(teacher_slug, losses, sets), out / f"teacher-{teacher_slug}", data, run,
-                                force=profile.get("force", False), cache=cache)
+                    distill_run(recipe, out / f"teacher-{row.teacher}", data, run, force=profile.get("force", False), cache=cache)
             record = {"seed": seed, "run": str(run), **finished(run), "tune": heldout_metrics(run, tune)}
             if large is not None:
                 record["large"] = heldout_metrics(run, large, large.name)
-            results.setdefault(slug, []).append(record)
+            results.setdefault(row.slug, []).append(record)
     return results
 
 
-def leaf_predictions(preds):
-    """A copy whose float tensors are fresh leaves: the terms' backward then stops at the head outputs."""
-    leaf = lambda t: t.detach().requires_grad_() if t is not None and t.is_floating_point() else t  # noqa: E731
-    bins = None if preds.bins is None else dataclasses.replace(preds.bins, logits=leaf(preds.bins.logits))
-    return dataclasses.replace(preds, logits=leaf(preds.logits), boxes=leaf(preds.boxes), bins=bins, aux=[leaf_predictions(a) for a in preds.aux])
-
-
-def measure_cost(out: Path, profile: dict, threads: int, rows: list, repeats: int) -> dict[str, dict]:
-    """Median step times of every distilled row against the student alone, on one training batch."""
+def measure_cost(out: Path, profile: dict, threads: int, rows: list[Row], repeats: int) -> dict:
+    """Median step times of every distilled row against its student alone, on one training batch."""
     from distill.data import DetectionTransform, collate, load_dataset
     from distill.engine.build import build_detector
-    from distill.engine.distiller import Distiller, distillation_terms, loss_keys, shared_sides
+    from distill.engine.distiller import Distiller, shared_sides
     from distill.engine.run import build_losses
     from distill.engine.trainer import build_optimizer, detector_step
-    from distill.losses import DistillInputs
     from teachers import load_teacher
 
     torch.set_num_threads(threads)
     sets = student_sets(profile, threads, 0)
-    base = load_recipe(TEACHERS["sparse6"][2], sets)
-    dataset = load_dataset(out / "data", "train", DetectionTransform(base.data.image_size))
-    batch = collate([dataset[i] for i in range(base.train.batch_size)])
-    torch.manual_seed(0)
-    student = build_detector(base, len(dataset.classes)).train()
-    optimizer = build_optimizer(list(student.named_parameters()), base)
-    teachers = {slug: load_teacher(out / f"teacher-{slug}") for slug in {r[2] for r in rows if r[2]}}
-
-    train_step = lambda step_fn: optimizer_step(step_fn, student, batch, optimizer)  # noqa: E731
-
-    fns, loss_counts = {"alone": train_step(detector_step)}, {}
-    for name, slug, teacher_slug, losses, _ in rows:
-        if teacher_slug is None:
-            continue
-        recipe = row_recipe(teacher_slug, losses, sets)
-        teacher = teachers[teacher_slug]
-        terms = build_losses(recipe, student, teacher)
-        distiller = Distiller(student, teacher, terms, recipe)
-        features = student.features(batch.images)
-        preds = student.head(features, batch.image_sizes, batch.targets)
-        _, matches = student.loss(preds, batch.targets, batch.image_sizes)
+    by_slug = {row.slug: row for row in ROWS}
+    distilled_rows = [row for row in rows if row.teacher is not None]
+    teachers = {slug: load_teacher(out / f"teacher-{slug}") for slug in {row.teacher for row in distilled_rows}}
+    students, fns, loss_counts = {}, {}, {}
+    for slug in dict.fromkeys(row.baseline for row in distilled_rows):  # each student once, with its own optimizer
+        recipe = row_recipe(by_slug[slug], sets)
+        dataset = load_dataset(out / "data", "train", DetectionTransform(recipe.data.image_size))
+        batch = collate([dataset[i] for i in range(recipe.train.batch_size)])
+        torch.manual_seed(0)
+        student = build_detector(recipe, len(dataset.classes)).train()
+        students[slug] = (student, batch, build_optimizer(list(student.named_parameters()), recipe), recipe)
+        fns[f"{slug}:alone"] = optimizer_step(detector_step, *students[slug][:3])
+    for row in distilled_rows:
+        student, batch, optimizer, _ = students[row.baseline]
+        recipe = row_recipe(row, sets)
+        terms = build_losses(recipe, student, teachers[row.teacher])
+        distiller = Distiller(student, teachers[row.teacher], terms, recipe)
+        _, features, s_in = distiller.student_side(student, batch)
+        # the terms' backward stops at the student's head outputs and features
         leaf_features = [f.detach().requires_grad_() for f in features]
-        s_in = DistillInputs(student.spec, leaf_predictions(preds), leaf_features, matches, batch.image_sizes)
-        t_in = distiller.source.inputs(batch, s_in, distiller.needs)
-        keys = loss_keys(terms)
+        s_in = dataclasses.replace(s_in, predictions=leaf_predictions(s_in.predictions), features=leaf_features if s_in.features is not None else None)
+        t_in = distiller.teacher_side(batch, s_in)
 
-        def terms_only(terms=terms, keys=keys, s_in=s_in, t_in=t_in, distiller=distiller, leaf_features=leaf_features):
-            shared = shared_sides(terms, student, leaf_features, t_in, batch.image_sizes) if distiller.needs_shared else None
-            sum(distillation_terms(terms, keys, s_in, t_in, batch.targets, shared).values()).backward()
+        def terms_only(distiller=distiller, s_in=s_in, t_in=t_in, leaf_features=leaf_features, batch=batch):
+            sum(distiller.distillation_terms(student, leaf_features, s_in, t_in, batch).values()).backward()
 
-        def teacher_only(distiller=distiller, s_in=s_in):
-            distiller.source.inputs(batch, s_in, distiller.needs)
+        def teacher_only(distiller=distiller, s_in=s_in, batch=batch):
+            distiller.teacher_side(batch, s_in)
 
-        def decode_only(terms=terms, t_in=t_in, leaf_features=leaf_features):
-            sides = shared_sides(terms, student, leaf_features, t_in, batch.image_sizes)
-            sum(side.predictions.logits.sum() + side.predictions.boxes.sum() for side in sides.values()).backward()
+        def decode_only(distiller=distiller, t_in=t_in, leaf_features=leaf_features, batch=batch, student=student):
+            sides = shared_sides(distiller.losses, student, leaf_features, t_in, batch.image_sizes)
+            sum(side.student.predictions.logits.sum() + side.student.predictions.boxes.sum() for side in sides.values()).backward()
 
         if distiller.needs_shared:  # the extra decoder pass alone (forward + backward), part of the terms' time
-            fns[f"{slug}:decode"] = decode_only
-        fns[f"{slug}:distill"] = train_step(distiller.step)
-        fns[f"{slug}:terms"] = terms_only
-        fns[f"{slug}:teacher"] = teacher_only
-        loss_counts[slug] = len(terms)
+            fns[f"{row.slug}:decode"] = decode_only
+        fns[f"{row.slug}:distill"] = optimizer_step(distiller.step, student, batch, optimizer)
+        fns[f"{row.slug}:terms"] = terms_only
+        fns[f"{row.slug}:teacher"] = teacher_only
+        loss_counts[row.slug] = len(terms)
     medians = interleaved_medians(fns, repeats=repeats)
-    alone = medians["alone"]
-    cost = {"alone": {"step_s": alone}, "batch_size": base.train.batch_size, "image_size": base.data.image_size, "threads": threads}
-    for slug in loss_counts:
+    cost = {"students": {slug: {"step_s": medians[f"{slug}:alone"], "batch_size": s[3].train.batch_size, "recipe": s[3].name} for slug, s in students.items()},
+            "image_size": profile["size"], "threads": threads}
+    for row in distilled_rows:
+        alone = medians[f"{row.baseline}:alone"]
+        slug = row.slug
         d, t, te = medians[f"{slug}:distill"], medians[f"{slug}:terms"], medians[f"{slug}:teacher"]
         cost[slug] = {"distill_step_s": d, "distill_over_alone": d / alone, "terms_s": t, "terms_over_alone": t / alone, "teacher_s": te, "num_terms": loss_counts[slug],
                       "without_teacher_over_alone": (d - te) / alone}  # what a step costs when the rows come from a cache
@@ -284,47 +304,50 @@ def measure_cost(out: Path, profile: dict, threads: int, rows: list, repeats: in
     return cost
 
 
-
-
-def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> dict:
+def summarise(teachers: dict, results: dict, rows: list[Row], cost: dict | None) -> dict:
+    """Per row: val AP over seeds, paired gains over its own student alone (val, tuning split, the
+    larger report split), the gap closed to its teacher and its step cost; per teacher, the row with
+    the largest paired gain on the tuning split."""
     out_rows = {}
-    alone = statistics.mean(r["final"]["AP"] for r in results["alone"]) if "alone" in results else None
-    alone_std = statistics.stdev(r["final"]["AP"] for r in results["alone"]) if len(results.get("alone", [])) > 1 else 0.0
-    for name, slug, teacher_slug, _, _ in rows:
+    for spec in rows:
+        slug, teacher_slug = spec.slug, spec.teacher
         if slug not in results:
             continue
+        base = results.get(spec.baseline or "", [])
+        alone = statistics.mean(r["final"]["AP"] for r in base) if base else None
+        alone_std = statistics.stdev(r["final"]["AP"] for r in base) if len(base) > 1 else 0.0
         aps = [r["final"]["AP"] for r in results[slug]]
-        row = {"name": name, "teacher": teacher_slug, "APs": aps, "AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0,
+        row = {"name": spec.name, "teacher": teacher_slug, "baseline": spec.baseline, "APs": aps, "AP_mean": statistics.mean(aps), "AP_std": statistics.stdev(aps) if len(aps) > 1 else 0.0,
                "AP50_mean": statistics.mean(r["final"]["AP50"] for r in results[slug]), "seeds": [r["seed"] for r in results[slug]],
                "train_seconds_mean": statistics.mean(r["seconds"] for r in results[slug])}
         if teacher_slug and alone is not None:
             t_ap = teachers[teacher_slug]["final"]["AP"]
             row["gain"] = row["AP_mean"] - alone
             row["gain_over_spread"] = row["gain"] / max(alone_std, row["AP_std"], 1e-9)
-            row["every_seed_above_alone"] = min(aps) > max(r["final"]["AP"] for r in results["alone"])  # the seed ranges do not overlap
+            row["every_seed_above_alone"] = min(aps) > max(r["final"]["AP"] for r in base)  # the seed ranges do not overlap
             # Paired by seed: a seed fixes the student's initialisation and the data order in both
             # runs (build_detector seeds; the sampler is seeded per epoch), so per-seed differences
             # remove the between-seed spread of the student itself.
-            diffs = paired_gains(results[slug], results["alone"])
+            diffs = paired_gains(results[slug], base)
             row["paired_gains"] = diffs
             row["paired_gain_mean"] = statistics.mean(diffs) if diffs else None
             row["paired_gain_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
             row["seeds_above_alone"] = sum(d > 0 for d in diffs)
             row["paired_gain_ci95"] = gain_interval(diffs)
             row["gap_closed"] = gap_closed(t_ap, alone, row["AP_mean"])
-            tune_diffs = paired_gains(results[slug], results["alone"], lambda r: r["tune"])
+            tune_diffs = paired_gains(results[slug], base, lambda r: r["tune"])
             row["tune_paired_gain_mean"] = statistics.mean(tune_diffs) if tune_diffs else None
             row["tune_seeds_above_alone"] = sum(d > 0 for d in tune_diffs)
         cost_slug = slug if slug in (cost or {}) else SAME_STEP.get(slug, slug)
         if teacher_slug and cost_slug in (cost or {}):
             row["cost"] = cost[cost_slug]
         row["tune_APs"] = [r["tune"]["AP"] for r in results[slug]]
-        if all("large" in r for r in results[slug] + results.get("alone", [])):
+        if all("large" in r for r in results[slug] + base):
             large_aps = [r["large"]["AP"] for r in results[slug]]
             row["large_APs"], row["large_AP_mean"] = large_aps, statistics.mean(large_aps)
             row["large_AP_std"] = statistics.stdev(large_aps) if len(large_aps) > 1 else 0.0
-            if teacher_slug:
-                large_diffs = paired_gains(results[slug], results["alone"], lambda r: r["large"])
+            if teacher_slug and base:
+                large_diffs = paired_gains(results[slug], base, lambda r: r["large"])
                 row["large_paired_gains"] = large_diffs
                 row["large_paired_gain_mean"] = statistics.mean(large_diffs) if large_diffs else None
                 row["large_paired_gain_std"] = statistics.stdev(large_diffs) if len(large_diffs) > 1 else 0.0
@@ -339,7 +362,7 @@ def summarise(teachers: dict, results: dict, rows: list, cost: dict | None) -> d
             selected[teacher_slug] = max(scored, key=scored.get)
     return {"selected_on_tune": selected,
             "teachers": {s: {"AP": t["final"]["AP"], "AP50": t["final"]["AP50"], "seconds": t["seconds"]} for s, t in teachers.items()},
-            "rows": out_rows, "cost_alone": (cost or {}).get("alone")}
+            "rows": out_rows}
 
 
 def print_tables(summary: dict) -> None:
@@ -361,18 +384,20 @@ def print_tables(summary: dict) -> None:
         )
     console.print(table)
     console.print(f"rows chosen on the tuning split (largest paired gain there, per teacher): {summary.get('selected_on_tune')}")
-    if summary.get("cost_alone"):
-        console.print(f"student step alone: {1000 * summary['cost_alone']['step_s']:.0f} ms (batch {summary['cost']['batch_size']}, "
+    for slug, alone in (summary.get("cost") or {}).get("students", {}).items():
+        console.print(f"student step alone ({slug}): {1000 * alone['step_s']:.0f} ms (batch {alone['batch_size']}, "
                       f"{summary['cost']['threads']} threads, median of interleaved repeats)")
 
 
 def print_costs(cost: dict) -> None:
-    table = Table(title=f"step cost (batch {cost['batch_size']}, {cost['image_size']} px, {cost['threads']} threads; student step {1000 * cost['alone']['step_s']:.0f} ms)")
+    steps = ", ".join(f"{slug} {1000 * c['step_s']:.0f} ms (batch {c['batch_size']})" for slug, c in cost["students"].items())
+    table = Table(title=f"step cost ({cost['image_size']} px, {cost['threads']} threads; student alone: {steps})")
     for column in ("row", "distill step", "w/o teacher", "terms / student step", "extra decode / student step"):
         table.add_column(column, justify="left" if column == "row" else "right")
     for slug, c in cost.items():
         if isinstance(c, dict) and "distill_over_alone" in c:
-            decode = f"{100 * c['extra_decode_s'] / cost['alone']['step_s']:.1f}%" if "extra_decode_s" in c else "-"
+            alone = c["distill_step_s"] / c["distill_over_alone"]
+            decode = f"{100 * c['extra_decode_s'] / alone:.1f}%" if "extra_decode_s" in c else "-"
             table.add_row(slug, f"{c['distill_over_alone']:.2f}x", f"{c['without_teacher_over_alone']:.2f}x", f"{100 * c['terms_over_alone']:.1f}%", decode)
     console.print(table)
 
@@ -420,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/sparse_gain-<profile>)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1,2 for full)")
-    parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r[1] for r in ROWS))
+    parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r.slug for r in ROWS))
     parser.add_argument("--no-cost", action="store_true", help="train only; skip the step-time measurements and the summary")
     parser.add_argument("--cost-only", action="store_true", help="time the rows' steps on the trained teachers, train no student; writes <name>-cost.json")
     parser.add_argument("--repeats", type=int, default=12)
@@ -435,16 +460,14 @@ def main(argv: list[str] | None = None) -> dict:
     profile = dict(PROFILES[profile_name], dataset=args.dataset)
     if args.seeds:
         profile["seeds"] = [int(s) for s in args.seeds.split(",")]
-    rows = [r for r in ROWS if r[4]]
-    if args.only:
-        rows = select_rows(parser, args.only, ROWS)
+    rows = select_rows(parser, args.only, ROWS)
     suffix = "" if args.dataset == "scenes" else f"-{args.dataset}"  # scenes keeps its folder names
     out = args.out or Path(__file__).parent / "results" / f"sparse_gain-{profile_name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
     if args.reuse:
         link_shared(out, args.reuse)
     torch.set_num_threads(args.threads)
-    teachers = train_teachers(out, profile, args.threads, {r[2] for r in rows if r[2]})
+    teachers = train_teachers(out, profile, args.threads, {r.teacher for r in rows if r.teacher})
     if args.cost_only:
         cost = measure_cost(out, profile, args.threads, rows, args.repeats)
         atomic_write_text(out / f"{args.name}-cost.json", json.dumps(cost, indent=2, sort_keys=True) + "\n")

@@ -30,6 +30,9 @@ class DistillInputs:
                  (class logits (B, N, C) | None, bin logits (B, N, 4, K) | None)``: the teacher's
                  head finished from tower stage ``stage`` on the given per-level maps, with
                  gradients to the maps (CrossKD).
+    decode:      (teacher, for pairers that need ``"decode"``) ``fn(boxes (B, K, 4) xyxy px, valid (B, K))
+                 -> Predictions``: the teacher's decoder run on given query boxes, detached, classes
+                 mapped to the student's (KD-DETR's distillation points through both decoders).
     """
 
     spec: DetectorSpec | None = None
@@ -38,6 +41,7 @@ class DistillInputs:
     matches: Matches | None = None
     image_sizes: Tensor | None = None
     head_tail: Callable[..., tuple[Tensor | None, Tensor | None]] | None = None
+    decode: Callable[[Tensor, Tensor], Predictions] | None = None
     _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------- prediction rows

@@ -248,6 +248,8 @@ class TeacherCache:
         for loss in losses:
             if loss.cache_refusal:
                 raise CheckpointError(f"{self.folder}: loss {loss.name!r} {loss.cache_refusal}; distil without --cache")
+            if loss.pairer.cache_refusal:
+                raise CheckpointError(f"{self.folder}: loss {loss.name!r} pairs with {loss.pairer}, which {loss.pairer.cache_refusal}; distil without --cache")
         if self.kind == "queries":
             spec = CacheSpec(self.variants, (), (), size_divisor, queries=True)
         else:

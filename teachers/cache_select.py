@@ -104,7 +104,7 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
 def serves(spec: CacheSpec, recipe) -> bool:
     """Whether a cache built with ``spec`` holds everything ``recipe``'s losses read: the same kind
     (dense regions or query rows), every region per part, every flip variant the recipe draws, and
-    no loss that no cache can serve (``DistillLoss.cache_refusal``)."""
+    no loss or pairer that no cache can serve (``cache_refusal``)."""
     from distill.losses import create_loss
 
     try:
@@ -112,7 +112,7 @@ def serves(spec: CacheSpec, recipe) -> bool:
         losses = [create_loss(s.name, weight=s.weight, pairer=s.pairer, pairer_params=s.pairer_params, **s.params) for s in recipe.losses]
     except ConfigError:
         return False
-    if any(loss.cache_refusal for loss in losses) or need.queries != spec.queries or not set(need.variants) <= set(spec.variants):
+    if any(loss.cache_refusal or loss.pairer.cache_refusal for loss in losses) or need.queries != spec.queries or not set(need.variants) <= set(spec.variants):
         return False
     held_head, held_feats = [region_to_json(r) for r in spec.head_regions], [region_to_json(r) for r in spec.feature_regions]
     return all(covers(held_head, r) for r in need.head_regions) and all(covers(held_feats, r) for r in need.feature_regions)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import types
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from distill.inputs import DistillInputs
-from distill.structures import Batch, DetectorSpec, Matches, Target
+from distill.structures import Batch, DetectorSpec, Matches, Predictions, Target
 
 
 def _pinned_train(self: nn.Module, mode: bool = True) -> nn.Module:
@@ -104,7 +105,18 @@ class FrozenTeacher:
             matches=_clone_matches(matches),
             image_sizes=batch.image_sizes,
             head_tail=self._head_tail if "head_tail" in needs else None,
+            decode=partial(self._decode, features, batch.image_sizes) if "decode" in needs else None,
         )
+
+    def _decode(self, features: list[Tensor], image_sizes: Tensor | None, boxes: Tensor, valid: Tensor) -> Predictions:
+        """The teacher's decoder on given query boxes (B, K, 4) xyxy px, on this batch's features:
+        its last layer (eval mode), detached, classes mapped to the student's."""
+        with torch.inference_mode():
+            predictions = self.model.decode_queries(features, image_sizes, boxes, valid, aux=False)
+        predictions = predictions.detach()
+        if self.class_index is not None:
+            predictions.logits = predictions.logits.index_select(-1, self.class_index)
+        return predictions
 
     def _head_tail(self, stage: int, cls_maps: list[Tensor] | None, reg_maps: list[Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
         """The teacher's head from tower stage ``stage`` on (student) maps, outside inference mode so

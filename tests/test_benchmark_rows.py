@@ -27,7 +27,8 @@ def load_benchmark():
 
 
 bench = load_benchmark()
-DISTILLED = [row for row in bench.ROWS if row[2] is not None]
+DISTILLED = [row for row in bench.ROWS if row.teacher is not None]
+BY_SLUG = {row.slug: row for row in bench.ROWS}
 
 
 def build(spec):
@@ -37,29 +38,56 @@ def build(spec):
     return create_student(spec.name, **params)
 
 
-@pytest.mark.parametrize("row", DISTILLED, ids=[row[1] for row in DISTILLED])
+@pytest.mark.parametrize("row", DISTILLED, ids=[row.slug for row in DISTILLED])
 def test_every_row_uses_its_own_correspondence_and_fits_its_teacher(row):
-    name, slug, teacher_slug, losses, _ = row
-    recipe = bench.row_recipe(teacher_slug, losses, bench.student_sets(bench.PROFILES["quick"], 1, 3))
+    recipe = bench.row_recipe(row, bench.student_sets(bench.PROFILES["quick"], 1, 3))
     assert recipe.train.seed == 3 and recipe.train.epochs == bench.PROFILES["quick"]["student_epochs"]
-    if losses is None:  # the recipe as shipped: every term of it
-        assert recipe.losses == load_recipe(bench.TEACHERS[teacher_slug][2]).losses
+    if row.losses is None:  # the recipe as shipped: every term of it
+        assert recipe.losses == load_recipe(row.recipe).losses
     else:
         assert recipe.losses, "a distilled row distils something"
         predicted = [spec for spec in recipe.losses if spec.name != "feature"]
         assert len({spec.pairer for spec in predicted}) <= 1  # one correspondence per row
         assert not predicted or {spec.name for spec in predicted} >= {"kd", "box"}
         assert all(spec.pairer == "all" for spec in recipe.losses if spec.name == "feature")  # features: every location
-    teacher_name, teacher_sets, _ = bench.TEACHERS[teacher_slug]
+    teacher_name, teacher_sets = bench.TEACHERS[row.teacher]
     student, teacher = build(recipe.student), FrozenTeacher(build(load_recipe(teacher_name, teacher_sets).student))
     check_pair(student.spec, teacher.spec, build_losses(recipe, student, teacher))
 
 
-def test_every_row_shares_the_baselines_student_and_schedule():
-    base = bench.baseline_recipe(load_recipe(bench.TEACHERS["sparse6"][2]))
-    for _, _, teacher_slug, losses, _ in DISTILLED:
-        recipe = bench.row_recipe(teacher_slug, losses, [])
-        assert recipe.student == base.student and recipe.train == base.train and recipe.data == base.data
+@pytest.mark.parametrize("row", DISTILLED, ids=[row.slug for row in DISTILLED])
+def test_every_row_shares_its_baselines_student_and_schedule(row):
+    baseline = BY_SLUG[row.baseline]
+    assert baseline.teacher is None  # paired with a student alone
+    base, recipe = bench.baseline_recipe(bench.row_recipe(baseline, [])), bench.row_recipe(row, [])
+    assert recipe.student == base.student and recipe.train == base.train and recipe.data == base.data
+
+
+def test_dab_rows_distil_into_the_imagenet_student_and_pair_with_it_alone():
+    # the setting: the usual ImageNet-pretrained student; the first table keeps its random-init one
+    dab = [row for row in DISTILLED if row.teacher == "dab"]
+    assert dab and {row.baseline for row in dab} == {"alone-in"} and {row.recipe for row in dab} == {bench.IMAGENET}
+    assert bench.row_recipe(BY_SLUG["alone-in"], []).student.params["pretrained"] == "offline"
+    assert "pretrained" not in bench.row_recipe(BY_SLUG["alone"], []).student.params or not bench.row_recipe(BY_SLUG["alone"], []).student.params["pretrained"]
+
+
+def test_paired_gains_are_taken_against_the_rows_own_student():
+    def runs(val):
+        return [{"seed": s, "final": {"AP": v, "AP50": v}, "seconds": 1.0, "tune": {"AP": v}} for s, v in enumerate(val)]
+
+    results = {"alone": runs([0.10, 0.12]), "alone-in": runs([0.30, 0.32]), "dab-gt": runs([0.35, 0.36]), "s6-gt": runs([0.11, 0.13])}
+    teachers = {slug: {"final": {"AP": 0.5, "AP50": 0.8}, "seconds": 1.0} for slug in ("sparse6", "dab")}
+    rows = bench.summarise(teachers, results, bench.ROWS, None)["rows"]
+    assert rows["dab-gt"]["paired_gains"] == pytest.approx([0.05, 0.04]) and rows["s6-gt"]["paired_gains"] == pytest.approx([0.01, 0.01])
+    # gap closed against its own alone: (0.355 - 0.31) / (0.5 - 0.31)
+    assert rows["dab-gt"]["gap_closed"] == pytest.approx(0.045 / 0.19) and rows["dab-gt"]["baseline"] == "alone-in"
+
+
+def test_feature_and_random_point_rows_run_the_teacher_online_and_the_others_read_its_query_cache():
+    for slug in ("dab-feat", "dab-gt-ld-feat", "dab-kddetr"):
+        assert bench.needs_online_teacher(bench.row_recipe(BY_SLUG[slug], [])), slug
+    for slug in ("dab-shared", "dab-gt-ld", "dab-set", "s6-shared"):
+        assert not bench.needs_online_teacher(bench.row_recipe(BY_SLUG[slug], [])), slug
 
 
 def test_the_recommended_row_is_chosen_on_the_tuning_split_not_on_val():
@@ -104,11 +132,10 @@ def test_the_shipped_recipes_are_the_rows_chosen_on_the_tuning_split():
         assert record["profile"] == "long" and record["settings"]["student_epochs"] == load_recipe("asag-distill-gfl").train.epochs
         chosen.update(record["selected_on_tune"])
     assert set(chosen) == {"sparse6", "gfl"}
-    rows = {row[1]: row for row in bench.ROWS}
+    shipped = {"sparse6": "asag-distill-sparse6", "gfl": "asag-distill-gfl"}
     for teacher_slug, slug in chosen.items():
-        _, _, row_teacher, losses, _ = rows[slug]
-        assert row_teacher == teacher_slug
-        assert load_recipe(bench.TEACHERS[teacher_slug][2]).losses == bench.row_recipe(teacher_slug, losses, []).losses, slug
+        assert BY_SLUG[slug].teacher == teacher_slug
+        assert load_recipe(shipped[teacher_slug]).losses == bench.row_recipe(BY_SLUG[slug], []).losses, slug
 
 
 def test_the_larger_report_split_is_paired_by_seed_and_never_selects():
@@ -140,7 +167,6 @@ def test_the_gain_interval_is_students_t_on_the_paired_gains():
 
 @pytest.mark.parametrize("slug", sorted(bench.SAME_STEP))
 def test_rows_sharing_a_step_cost_differ_only_in_loss_weights(slug):
-    rows = {row[1]: row for row in bench.ROWS}
-    mine, timed = rows[slug][3], rows[bench.SAME_STEP[slug]][3]
+    mine, timed = BY_SLUG[slug].losses, BY_SLUG[bench.SAME_STEP[slug]].losses
     strip = lambda losses: [{k: v for k, v in loss.items() if k != "weight"} for loss in losses]  # noqa: E731
     assert strip(mine) == strip(timed) and [l["weight"] for l in mine] != [l["weight"] for l in timed]

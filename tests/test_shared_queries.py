@@ -68,7 +68,7 @@ def test_the_extra_group_is_isolated_from_the_students_own_queries(pair):
         t_in = teacher.inputs(batch, None, frozenset({"head"}))
         side = shared_sides([distill.create_loss("kd", pairer="shared_queries")], student, features, t_in, batch.image_sizes)
         after = student.head(features, batch.image_sizes)
-    shared = next(iter(side.values())).predictions
+    shared = next(iter(side.values())).student.predictions
     # own queries untouched, bit for bit (the same kernels on the same shapes in this process)
     torch.testing.assert_close(after.logits, before.logits, rtol=0, atol=0)
     torch.testing.assert_close(after.boxes, before.boxes, rtol=0, atol=0)
@@ -109,8 +109,92 @@ def test_the_extra_pass_runs_the_parallel_heads_only_when_a_term_reads_them(pair
         t_in = teacher.inputs(batch, None, frozenset({"head"}))
         final = shared_sides([distill.create_loss("kd", pairer="shared_queries")], student, features, t_in, batch.image_sizes)
         every = shared_sides([distill.create_loss("kd", pairer="shared_queries", heads="all")], student, features, t_in, batch.image_sizes)
-    final, every = next(iter(final.values())).predictions, next(iter(every.values())).predictions
+    final, every = next(iter(final.values())).student.predictions, next(iter(every.values())).student.predictions
     # heads: all -> the proposal and the first parallel heads as aux (4 heads: 1 + 3); the final head alone otherwise
     assert student.parallel_heads == 4 and len(every.aux) == 4 and final.aux == []
     torch.testing.assert_close(final.logits, every.logits, rtol=0, atol=0)  # the same main head either way
     torch.testing.assert_close(final.boxes, every.boxes, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- KD-DETR's random points
+def test_random_points_are_kd_detrs_draw_shared_by_the_batch_and_clipped_to_each_image():
+    from distill.pairers.shared import random_boxes
+
+    sizes = torch.tensor([[64, 128], [32, 32]])  # (height, width)
+    torch.manual_seed(7)
+    boxes = random_boxes(5, sizes, "cpu", torch.float64)
+    torch.manual_seed(7)
+    cx, cy, w, h = torch.randn(5, 4, dtype=torch.float64).sigmoid().unbind(-1)
+    expected = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], dim=-1).clamp(0, 1)
+    assert boxes.shape == (2, 5, 4)
+    torch.testing.assert_close(boxes[0], expected * torch.tensor([128.0, 64, 128, 64], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(boxes[1], expected * 32, rtol=0, atol=1e-12)  # the same draw on every image
+    assert (boxes[..., 2] > boxes[..., 0]).all() and (boxes[..., 3] > boxes[..., 1]).all()
+
+
+def test_random_points_follow_the_teachers_boxes_and_pair_with_the_teachers_decoded_rows():
+    pairer = create_pairer("shared_queries", top_k=2, random=3)
+    assert pairer.teacher_decodes and pairer.teacher_needs == {"head", "decode"} and pairer.cache_refusal
+    assert str(pairer) == "shared_queries(top_k=2, random=3)"
+    boxes, valid, index = pairer.teacher_queries(literal_teacher())
+    assert boxes.shape == (2, 5, 4) and index.tolist() == [[1, 3, -1, -1, -1], [2, -1, -1, -1, -1]]
+    assert valid.tolist() == [[True, True, True, True, True], [True, False, True, True, True]]
+    torch.testing.assert_close(boxes[0, :2], torch.tensor([[5.0, 5, 30, 30], [40, 40, 60, 60]]))
+    # the teacher's decoder output on those 5 points: row k answers student row k, weighted by its own max p
+    logits = torch.full((2, 5, 3), -5.0)
+    logits[0, 2, 1], logits[1, 4, 0] = 0.0, 2.1972246  # p = 0.5, 0.9
+    decoded = DistillInputs(literal_teacher().spec, Predictions(logits, boxes, valid), None, None, image_sizes(2))
+    pairs = pairer(None, decoded, [], "predictions")
+    assert pairs.image.tolist() == [0] * 5 + [1] * 4 and pairs.student.tolist() == pairs.teacher.tolist() == [0, 1, 2, 3, 4, 0, 2, 3, 4]
+    p_min = torch.sigmoid(torch.tensor(-5.0))
+    expected = torch.tensor([p_min, p_min, 0.5, p_min, p_min, p_min, p_min, p_min, 0.9])
+    torch.testing.assert_close(pairs.weight, expected, atol=1e-5, rtol=0)  # ln 9 to 8 digits: as above
+
+
+def test_random_points_need_a_teacher_that_decodes_given_boxes():
+    dense = DetectorSpec("dense", 3, (8, 16, 32, 64, 128), 16, 17)
+    sparse = create_student("asag_s", **TINY).spec
+    with pytest.raises(ConfigError, match="random: 2 runs the teacher's decoder"):
+        distill.create_loss("kd", pairer="shared_queries", pairer_params={"random": 2}).check_pair(sparse, dense)
+    distill.create_loss("kd", pairer="shared_queries", pairer_params={"random": 2}).check_pair(sparse, sparse)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="random must be an integer"):
+            create_pairer("shared_queries", random=bad)
+
+
+def test_random_points_run_both_decoders_and_train_the_student_only(pair):
+    student, teacher, batch = pair
+    student.train()
+    before = copy.deepcopy(teacher.model.state_dict())
+    losses = [distill.create_loss("kd", pairer="shared_queries", pairer_params={"top_k": 4, "random": 6}),
+              distill.create_loss("box", pairer="shared_queries", pairer_params={"top_k": 4, "random": 6})]
+    distiller = Distiller(student, teacher, losses)
+    assert "decode" in distiller.needs
+    _, features, s_in = distiller.student_side(student, batch)
+    t_in = distiller.teacher_side(batch, s_in)
+    torch.manual_seed(3)
+    sides = shared_sides(losses, student, features, t_in, batch.image_sizes)
+    side = sides[losses[0].pairer]
+    k = min(4, int(t_in.predictions.valid.sum(1).max())) + 6
+    assert side.student.predictions.logits.shape[:2] == side.teacher.predictions.logits.shape[:2] == (3, k)
+    # the teacher's decoder on its own boxes reproduces its own predictions (same decoder, zero content start
+    # is how its queries start too, so only the points differ): its rows are not its head's rows
+    assert side.teacher is not t_in and side.teacher.predictions.logits.requires_grad is False
+    torch.manual_seed(3)
+    terms = distiller.step(student, batch)
+    assert float(terms["loss_kd_shared_queries"].detach()) > 0 and float(terms["loss_box_shared_queries"].detach()) > 0
+    student.zero_grad()
+    (terms["loss_kd_shared_queries"] + terms["loss_box_shared_queries"]).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert all(p.grad is None for p in teacher.model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.model.state_dict().items())
+
+
+def test_no_cache_serves_random_points():
+    from recipes import load_recipe
+    from teachers.cache_select import CacheSpec, serves
+
+    # asag-distill-dab: shared queries (terms 0, 1), GT-bridged KD + box and LD, all served by a query cache
+    spec = CacheSpec(("none", "hflip"), (), (), 32, queries=True)
+    assert serves(spec, load_recipe("asag-distill-dab"))
+    assert not serves(spec, load_recipe("asag-distill-dab", ["losses.1.pairer_params.random=4"]))

@@ -19,6 +19,7 @@ then not run in training steps). Both implement ``spec`` and ``inputs(batch, stu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +67,18 @@ def student_heads(student: DistillInputs) -> list[DistillInputs]:
     return heads
 
 
-def shared_sides(losses: Sequence[DistillLoss], detector: nn.Module, features, teacher: DistillInputs, image_sizes) -> dict[Any, DistillInputs]:
-    """For each ``shared_queries`` pairer: the student's decoder run on the teacher's boxes (KD-DETR).
+@dataclass(frozen=True)
+class SharedSide:
+    """A ``shared_queries`` pairer's two sides: the student's decoder run on the shared boxes, and the
+    teacher side its pairs read (the teacher's own, or its decoder run on the same boxes)."""
+
+    student: DistillInputs
+    teacher: DistillInputs
+
+
+def shared_sides(losses: Sequence[DistillLoss], detector: nn.Module, features, teacher: DistillInputs, image_sizes) -> dict[Any, SharedSide]:
+    """For each ``shared_queries`` pairer: the student's decoder run on the teacher's boxes (KD-DETR),
+    and where the pairer asks (random points) the teacher's decoder on the same boxes.
 
     The extra pass runs on the unwrapped detector after the DDP-visible forward, on the same
     features: its gradients reach the same parameters within the same backward, so DDP reduces
@@ -79,13 +90,18 @@ def shared_sides(losses: Sequence[DistillLoss], detector: nn.Module, features, t
         # auxiliary heads only when a term on this pairer reads them (heads: all)
         aux = any(loss.heads == "all" for loss in losses if loss.pairer == pairer)
         predictions = detector.decode_queries(features, image_sizes, boxes, valid, aux=aux)
-        sides[pairer] = DistillInputs(detector.spec, predictions, None, None, image_sizes)
+        teacher_side = teacher
+        if pairer.teacher_decodes:
+            if teacher.decode is None:
+                raise ValueError(f"pairer {pairer} runs the teacher's decoder on its points, but this teacher source cannot (a cache)")
+            teacher_side = DistillInputs(teacher.spec, teacher.decode(boxes, valid), None, None, image_sizes)
+        sides[pairer] = SharedSide(DistillInputs(detector.spec, predictions, None, None, image_sizes), teacher_side)
     return sides
 
 
 def distillation_terms(
     losses: Sequence[DistillLoss], keys: Sequence[str], student: DistillInputs, teacher: DistillInputs, targets,
-    shared: dict[Any, DistillInputs] | None = None,
+    shared: dict[Any, SharedSide] | None = None,
 ) -> dict[str, Tensor]:
     """Every distillation term of one batch, keyed by ``keys``. Pairers are hashable, so each
     distinct (pairer, space, head) is computed once and shared by the losses that use it. A loss
@@ -96,18 +112,19 @@ def distillation_terms(
     own = student_heads(student) if any(loss.heads == "all" for loss in losses) else [student]
     for key, loss in zip(keys, losses):
         values = []
+        their = teacher
         if loss.pairer.shared_student:
             if shared is None or loss.pairer not in shared:
                 raise ValueError(f"{key}: pairer {loss.pairer} needs the student's decoder run on the teacher's boxes (shared_sides)")
-            base = shared[loss.pairer]
+            base, their = shared[loss.pairer].student, shared[loss.pairer].teacher
             heads = student_heads(base) if loss.heads == "all" else [base]
         else:
             heads = own if loss.heads == "all" else own[:1]
         for h, side in enumerate(heads):
             slot = (loss.pairer, loss.space, h, loss.pairer.shared_student)
             if slot not in pairs:
-                pairs[slot] = loss.pairer(side, teacher, targets, loss.space)
-            values.append(loss(side, teacher, pairs[slot]))
+                pairs[slot] = loss.pairer(side, their, targets, loss.space)
+            values.append(loss(side, their, pairs[slot]))
         terms[key] = values[0] if len(values) == 1 else torch.stack(values).mean()
     return terms
 
@@ -154,16 +171,31 @@ class Distiller:
 
     def step(self, student: nn.Module, batch: Batch) -> dict[str, Tensor]:
         """Student losses plus every distillation term, for one batch."""
-        features, predictions = student_forward(student)(batch.images, batch.image_sizes, batch.targets)  # DDP-visible forward
-        detector = unwrap(student)
-        terms, matches = detector.loss(predictions, batch.targets, batch.image_sizes)
+        terms, features, s_in = self.student_side(student, batch)
         if not self.losses:
             return terms
-        s_in = DistillInputs(detector.spec, predictions, features if self.needs_features else None, matches, batch.image_sizes)
-        t_in = self.source.inputs(batch, s_in, self.needs)
-        shared = shared_sides(self.losses, detector, features, t_in, batch.image_sizes) if self.needs_shared else None
-        terms.update(distillation_terms(self.losses, self.keys, s_in, t_in, batch.targets, shared))
+        t_in = self.teacher_side(batch, s_in)
+        terms.update(self.distillation_terms(unwrap(student), features, s_in, t_in, batch))
         return terms
+
+    # The three parts of a step, public so that a benchmark can time each without copying the step.
+    def student_side(self, student: nn.Module, batch: Batch) -> tuple[dict[str, Tensor], list[Tensor], DistillInputs]:
+        """The student's (DDP-visible) forward and own losses: (its loss terms, its feature maps, its
+        side of the distillation terms; features in it only when a term reads them)."""
+        features, predictions = student_forward(student)(batch.images, batch.image_sizes, batch.targets)
+        detector = unwrap(student)
+        terms, matches = detector.loss(predictions, batch.targets, batch.image_sizes)
+        return terms, features, DistillInputs(detector.spec, predictions, features if self.needs_features else None, matches, batch.image_sizes)
+
+    def teacher_side(self, batch: Batch, student: DistillInputs) -> DistillInputs:
+        """What the teacher source (frozen teacher or cache) provides for this batch."""
+        return self.source.inputs(batch, student, self.needs)
+
+    def distillation_terms(self, detector: nn.Module, features: list[Tensor], student: DistillInputs, teacher: DistillInputs, batch: Batch) -> dict[str, Tensor]:
+        """Every distillation term, keyed by :attr:`keys`; the student's decoder runs once more on the
+        teacher's boxes first where a ``shared_queries`` pairer needs it (``detector``: unwrapped)."""
+        shared = shared_sides(self.losses, detector, features, teacher, batch.image_sizes) if self.needs_shared else None
+        return distillation_terms(self.losses, self.keys, student, teacher, batch.targets, shared)
 
     def fit(
         self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True, runtime=None

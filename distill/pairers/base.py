@@ -32,6 +32,10 @@ class Pairer(ABC):
     # True: the student side is its decoder run on the teacher's boxes (``shared_queries``), which
     # the engine computes once per step; False: the student's own predictions.
     shared_student: ClassVar[bool] = False
+    # Whether the teacher's decoder runs on this pairer's boxes at every step (random distillation points).
+    teacher_decodes: ClassVar[bool] = False
+    # Why no teacher cache can serve this pairer (None: a cache can, given the rows it needs).
+    cache_refusal: ClassVar[str | None] = None
 
     def check(self, student: DetectorSpec, teacher: DetectorSpec, space: str) -> None:
         if space not in self.spaces:

@@ -175,7 +175,8 @@ def _add_teacher(view: ShowView, teacher_path: Path, meta: dict, dataset, batch,
     index = class_index_for(dataset.classes, teacher.classes, _class_map(meta), where=str(teacher.meta.get("path", teacher_path)))
     if index is not None:
         teacher.class_index = torch.tensor(index, dtype=torch.long)
-    t_in = teacher.inputs(batch, s_in, frozenset({"head", "matches"}))
+    needs = frozenset({"head", "matches"}).union(*(p.teacher_needs for p in matched))
+    t_in = teacher.inputs(batch, s_in, needs)
     view.teacher = teacher.model.postprocess(t_in.predictions, batch.image_sizes)[0]
     view.teacher_name = _run_name(Path(teacher.meta.get("path", teacher_path)))
     shared = {}
@@ -183,8 +184,8 @@ def _add_teacher(view: ShowView, teacher_path: Path, meta: dict, dataset, batch,
         losses = [SimpleNamespace(pairer=p, heads="last") for p in matched if p.shared_student]
         shared = shared_sides(losses, student, s_in.features, t_in, batch.image_sizes)
     for pairer in matched:
-        side = shared.get(pairer, s_in)
-        pairs = pairer(side, t_in, batch.targets, "predictions")
+        side, their = (shared[pairer].student, shared[pairer].teacher) if pairer in shared else (s_in, t_in)
+        pairs = pairer(side, their, batch.targets, "predictions")
         order = torch.argsort(pairs.weight, descending=True)[:MAX_PAIRS]
         s_idx, t_idx = pairs.student[order], pairs.teacher[order]
         gt = np.full((len(order), 4), np.nan, dtype=np.float32)
@@ -195,7 +196,7 @@ def _add_teacher(view: ShowView, teacher_path: Path, meta: dict, dataset, batch,
                 if s in gt_of:
                     gt[r] = boxes[gt_of[s]].float().cpu().numpy()
         view.pairs.append(PairView(
-            str(pairer), side.predictions.boxes[0, s_idx].float().cpu().numpy(), t_in.predictions.boxes[0, t_idx].float().cpu().numpy(),
+            str(pairer), side.predictions.boxes[0, s_idx].float().cpu().numpy(), their.predictions.boxes[0, t_idx].float().cpu().numpy(),
             gt, pairs.weight[order].float().cpu().numpy(),
         ))
 
