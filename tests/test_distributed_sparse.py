@@ -24,3 +24,16 @@ def test_two_gloo_processes_distill_a_sparse_student_like_one(setup):
     detkd(*args, "--out", setup / "s1", env=REFERENCE)
     detkd(*args, "--out", setup / "s2", procs=2, env=REFERENCE)
     assert_same_run(setup / "s1", setup / "s2")
+
+
+def test_two_gloo_processes_train_dab_detr_and_distil_from_it_like_one(setup):
+    """DAB-DETR under DDP: as the student (Group DETR, a Hungarian loss per decoder layer, num_boxes
+    all-reduced), then as the teacher of ASAG-S (GT-bridged, teacher-set and shared-query terms)."""
+    train = ["train", "dab6-tiny", "--data", setup / "data", *SMALL, "--epochs", "2", *SPARSE]
+    detkd(*train, "--out", setup / "dab1", env=REFERENCE)
+    detkd(*train, "--out", setup / "dab2", procs=2, env=REFERENCE)
+    assert_same_run(setup / "dab1", setup / "dab2")
+    distil = ["distill", "asag-kd-tiny", "--teacher", setup / "dab1", "--data", setup / "data", "--force", *SMALL, "--epochs", "2", *SPARSE]
+    detkd(*distil, "--out", setup / "from-dab1", env=REFERENCE)
+    detkd(*distil, "--out", setup / "from-dab2", procs=2, env=REFERENCE)
+    assert_same_run(setup / "from-dab1", setup / "from-dab2")
