@@ -75,9 +75,14 @@ def test_the_extra_group_is_isolated_from_the_students_own_queries(pair):
     _, valid, index = create_pairer("shared_queries").teacher_queries(t_in)
     assert shared.logits.shape[:2] == valid.shape and torch.equal(shared.valid, valid)
     # the group is one query group: its queries attend to each other (as KD-DETR's distillation
-    # points do), so query k of a one-box group differs from query k of the full group
-    one = student.decode_queries(features, batch.image_sizes, t_in.predictions.boxes[:, :1], t_in.predictions.valid[:, :1])
-    assert one.logits.shape[1] == 1
+    # points do), so query 0 alone decodes otherwise than query 0 among the other shared boxes
+    boxes, valid, _ = create_pairer("shared_queries").teacher_queries(t_in)
+    with torch.no_grad():
+        one = student.decode_queries(features, batch.image_sizes, boxes[:, :1], valid[:, :1])
+        again = student.decode_queries(features, batch.image_sizes, boxes, valid)
+    torch.testing.assert_close(again.logits, shared.logits, rtol=0, atol=0)  # the pass itself is deterministic
+    assert valid[:, 1:].any()  # the others exist, so self-attention mixes them in
+    assert not torch.allclose(one.logits[:, 0], shared.logits[:, 0], atol=1e-4)
 
 
 def test_distilling_through_shared_queries_trains_the_students_decoder_only(pair):

@@ -287,14 +287,6 @@ def test_cuda_training_and_distillation(amp, run, data, tmp_path):
     assert invoke("eval", tmp_path / "d", "--data", data, "--device", "cuda", "--no-progress").exit_code == 0
 
 
-def test_cuda_placement_of_model_batch_and_teacher_when_available():
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    from distill.engine.device import make_runtime
-
-    assert make_runtime("auto").device.startswith("cuda")
-
-
 @pytest.mark.parametrize("target", ["mkdir", "mkstemp"])
 def test_a_read_only_file_system_is_one_line(target, data, tmp_path, monkeypatch):
     """Simulated (the tests may run as root, which ignores permissions): EROFS from the OS."""
@@ -311,13 +303,3 @@ def test_a_read_only_file_system_is_one_line(target, data, tmp_path, monkeypatch
         monkeypatch.setattr(tempfile, "mkstemp", refuse)
     line = one_error_line(train(data, tmp_path / "ro-run", "--epochs", 1))
     assert "Read-only file system" in line and "ro-run" in line
-
-
-def test_dataloader_workers_default_by_device_and_recipe_wins():
-    import torch
-
-    from distill.engine.device import auto_workers
-
-    assert auto_workers(None, torch.device("cpu")) == 0  # the training cores decode small images best
-    assert auto_workers(3, torch.device("cpu")) == 3 and auto_workers(0, torch.device("cuda")) == 0  # the recipe's value wins
-    assert 1 <= auto_workers(None, torch.device("cuda"), world=2) <= 4
