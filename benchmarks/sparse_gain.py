@@ -304,6 +304,42 @@ def measure_cost(out: Path, profile: dict, threads: int, rows: list[Row], repeat
     return cost
 
 
+@torch.inference_mode()
+def measure_inference(out: Path, profile: dict, threads: int, selected: dict[str, str], repeats: int) -> dict[str, dict]:
+    """Inference time (eval mode, batch 16 val images, features + head + postprocess, median of
+    interleaved repeats) of each query teacher, of the same architecture on the student's backbone
+    (untrained: a DETR-style decoder's cost does not depend on its weights, its query count is fixed),
+    and of the distilled student of the row chosen for it (seed 0's final checkpoint: a generator-fed
+    student's cost depends on its anchors per image, so it must be the trained one)."""
+    from distill.checkpoint import load_detector, resolve_checkpoint
+    from distill.data import DetectionTransform, collate, load_dataset
+    from students import create_student
+
+    torch.set_num_threads(threads)
+    timings = {}
+    for teacher_slug, slug in selected.items():
+        teacher, meta = load_detector(resolve_checkpoint(out / f"teacher-{teacher_slug}"))
+        if teacher.spec.family != "sparse":
+            continue
+        student, _ = load_detector(out / f"{slug}-s{profile['seeds'][0]}" / "checkpoints" / "last.safetensors")
+        config = teacher.config
+        params = {**config["params"], "backbone": student.config["params"]["backbone"], "pretrained": None}
+        torch.manual_seed(0)
+        same_backbone = create_student(config["name"], **params)
+        val = load_dataset(out / "data", "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
+        batch = collate([val[i] for i in range(min(16, len(val)))])
+        models = {"teacher": teacher.eval(), "teacher_arch_student_backbone": same_backbone.eval(), "student": student.eval()}
+        fns = {name: (lambda m=m: m.postprocess(m.head(m.features(batch.images), batch.image_sizes), batch.image_sizes)) for name, m in models.items()}
+        medians = interleaved_medians(fns, repeats=repeats)
+        timings[teacher_slug] = {
+            "row": slug, "batch_size": len(batch.images), "threads": threads, **{f"{name}_s": t for name, t in medians.items()},
+            "student_backbone": student.config["params"]["backbone"], "teacher_backbone": config["params"]["backbone"],
+            "speedup_vs_teacher": medians["teacher"] / medians["student"],
+            "speedup_vs_teacher_arch_same_backbone": medians["teacher_arch_student_backbone"] / medians["student"],
+        }
+    return timings
+
+
 def summarise(teachers: dict, results: dict, rows: list[Row], cost: dict | None) -> dict:
     """Per row: val AP over seeds, paired gains over its own student alone (val, tuning split, the
     larger report split), the gap closed to its teacher and its step cost; per teacher, the row with
@@ -384,6 +420,10 @@ def print_tables(summary: dict) -> None:
         )
     console.print(table)
     console.print(f"rows chosen on the tuning split (largest paired gain there, per teacher): {summary.get('selected_on_tune')}")
+    for teacher_slug, t in (summary.get("inference") or {}).items():
+        console.print(f"inference, batch {t['batch_size']}: teacher {teacher_slug} {1000 * t['teacher_s']:.0f} ms, its architecture on the student's backbone "
+                      f"{1000 * t['teacher_arch_student_backbone_s']:.0f} ms, distilled student ({t['row']}) {1000 * t['student_s']:.0f} ms: "
+                      f"{t['speedup_vs_teacher']:.2f}x / {t['speedup_vs_teacher_arch_same_backbone']:.2f}x faster")
     for slug, alone in (summary.get("cost") or {}).get("students", {}).items():
         console.print(f"student step alone ({slug}): {1000 * alone['step_s']:.0f} ms (batch {alone['batch_size']}, "
                       f"{summary['cost']['threads']} threads, median of interleaved repeats)")
@@ -434,6 +474,11 @@ def markdown_table(summary: dict) -> str:
                     f"{sum(d > 0 for d in row['large_paired_gains'])}/{len(row['large_paired_gains'])} |") if "large_paired_gains" in row else "– | – | – |"
             lines.append(f"| `{slug}` | {row['large_AP_mean']:.3f} ± {row['large_AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['large_APs'])} | {gain}")
     lines.append(f"\nChosen on the tuning split (largest paired gain there, per teacher): {chosen or 'none'}.")
+    for teacher_slug, t in (summary.get("inference") or {}).items():
+        lines.append(f"\nInference at batch {t['batch_size']} ({t['threads']} thread(s), eval mode, features + head + postprocess, median): teacher `{teacher_slug}` "
+                     f"({t['teacher_backbone']}) {1000 * t['teacher_s']:.0f} ms; its architecture on the student's {t['student_backbone']} "
+                     f"{1000 * t['teacher_arch_student_backbone_s']:.0f} ms; the distilled student (`{t['row']}`, seed 0) {1000 * t['student_s']:.0f} ms: "
+                     f"**{t['speedup_vs_teacher']:.2f}x** faster than the teacher, **{t['speedup_vs_teacher_arch_same_backbone']:.2f}x** than its architecture on the same backbone.")
     return "\n".join(lines) + "\n"
 
 
@@ -484,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         cost = measure_cost(out, profile, args.threads, rows, args.repeats)
     summary = summarise(teachers, results, rows, cost)
+    summary["inference"] = measure_inference(out, profile, args.threads, summary["selected_on_tune"], args.repeats)
     summary.update(profile=profile_name, settings=profile, cost=cost, cost_source=str(args.cost_from or "measured in this call"), command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
     atomic_write_text(out / f"{args.name}.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     atomic_write_text(out / f"{args.name}.md", markdown_table(summary))
