@@ -147,6 +147,11 @@ ROWS = [
     distilled("DAB-DETR -> ASAG: GT-bridged KD + box + LD + features", "dab-gt-ld-feat", "dab", KD_BOX("gt_bridged") + LD_GT + FEAT_DAB, IMAGENET, False),
     distilled("DAB-DETR -> ASAG: GT-bridged KD + box + LD + features x24", "dab-gt-ld-feat24", "dab", KD_BOX("gt_bridged") + LD_GT + FEAT(128, 24.0), IMAGENET, False),
     distilled("DAB-DETR -> ASAG: recipe as shipped", "dab-recipe", "dab", None, IMAGENET, False),
+    # The same teacher into the first table's random-init student: the GFL teacher's shipped terms
+    # (GT-bridged KD + box + LD + features x24) and feature mimicking x24 alone, against "alone".
+    distilled("DAB-DETR -> random-init ASAG: GT-bridged KD + box + LD + features x24", "dab-gt-feat24", "dab",
+              KD_BOX("gt_bridged") + LD_GT + FEAT(128, 24.0), default=False),
+    distilled("DAB-DETR -> random-init ASAG: feature mimicking x24 (all locations)", "dab-feat24", "dab", FEAT(128, 24.0), default=False),
 ]
 console = Console(width=160)
 
@@ -491,7 +496,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1,2 for full)")
     parser.add_argument("--only", default=None, help="comma-separated rows by slug: " + ",".join(r.slug for r in ROWS))
-    parser.add_argument("--no-cost", action="store_true", help="train only; skip the step-time measurements and the summary")
+    parser.add_argument("--no-cost", action="store_true", help="skip the step-time measurements (the summary reports no cost)")
     parser.add_argument("--cost-only", action="store_true", help="time the rows' steps on the trained teachers, train no student; writes <name>-cost.json")
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--name", default="sparse_gain", help="file name of the summary (<name>.json, <name>.md) in the output folder: several summaries of one folder (other rows or seeds) side by side")
@@ -523,13 +528,13 @@ def main(argv: list[str] | None = None) -> dict:
     large = large_data(out, profile, args.large_val) if args.large_val else None
     results = train_rows(out, profile, args.threads, rows, large)
     if args.no_cost:
-        return {}
-    if args.cost_from:
+        cost = None
+    elif args.cost_from:
         cost = json.loads(args.cost_from.read_text())["cost"]
     else:
         cost = measure_cost(out, profile, args.threads, rows, args.repeats)
     summary = summarise(teachers, results, rows, cost)
-    summary["inference"] = measure_inference(out, profile, args.threads, summary["selected_on_tune"], args.repeats)
+    summary["inference"] = {} if args.no_cost else measure_inference(out, profile, args.threads, summary["selected_on_tune"], args.repeats)
     summary.update(profile=profile_name, settings=profile, cost=cost, cost_source=str(args.cost_from or "measured in this call"), command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
     atomic_write_text(out / f"{args.name}.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     atomic_write_text(out / f"{args.name}.md", markdown_table(summary))
