@@ -364,7 +364,8 @@ def summarise(teachers: dict, results: dict, rows: list[Row], cost: dict | None)
         if teacher_slug and alone is not None:
             t_ap = teachers[teacher_slug]["final"]["AP"]
             row["gain"] = row["AP_mean"] - alone
-            row["gain_over_spread"] = row["gain"] / max(alone_std, row["AP_std"], 1e-9)
+            spread = max(alone_std, row["AP_std"])
+            row["gain_over_spread"] = row["gain"] / spread if spread > 0 else None  # one seed: no spread to compare with
             row["every_seed_above_alone"] = min(aps) > max(r["final"]["AP"] for r in base)  # the seed ranges do not overlap
             # Paired by seed: a seed fixes the student's initialisation and the data order in both
             # runs (build_detector seeds; the sampler is seeded per epoch), so per-seed differences
@@ -419,7 +420,7 @@ def print_tables(summary: dict) -> None:
         gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         table.add_row(
             row["name"], f"{row['AP_mean']:.4f}", f"{row['AP_std']:.4f}", " ".join(f"{a:.3f}" for a in row["APs"]), f"{row['AP50_mean']:.4f}",
-            f"{row['gain']:+.4f}" if "gain" in row else "-", f"{row['gain_over_spread']:+.1f}" if "gain" in row else "-", gap,
+            f"{row['gain']:+.4f}" if "gain" in row else "-", spread_text(row), gap,
             f"{row['tune_paired_gain_mean']:+.4f}" if row.get("tune_paired_gain_mean") is not None else "-",
             f"{c['distill_over_alone']:.2f}x" if c else "-", f"{c['without_teacher_over_alone']:.2f}x" if c else "-", f"{100 * c['terms_over_alone']:.1f}%" if c else "-",
         )
@@ -447,6 +448,10 @@ def print_costs(cost: dict) -> None:
     console.print(table)
 
 
+def spread_text(row: dict) -> str:
+    return "-" if row.get("gain_over_spread") is None else f"{row['gain_over_spread']:+.1f}"
+
+
 def interval(ci) -> str:
     return "–" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
@@ -462,7 +467,7 @@ def markdown_table(summary: dict) -> str:
         gap = "–" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
         lines.append(
             f"| {row['name']} (`{slug}`) | {row['AP_mean']:.3f} ± {row['AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['APs'])} | {row['AP50_mean']:.3f} | "
-            + (f"{row['gain']:+.3f} | {row['gain_over_spread']:+.1f} | {row['paired_gain_mean']:+.3f} ± {row['paired_gain_std']:.3f} | "
+            + (f"{row['gain']:+.3f} | {spread_text(row)} | {row['paired_gain_mean']:+.3f} ± {row['paired_gain_std']:.3f} | "
                f"{interval(row.get('paired_gain_ci95'))} | {row['seeds_above_alone']}/{len(row['paired_gains'])} | {gap} | "
                f"{row['tune_paired_gain_mean']:+.3f} ({row['tune_seeds_above_alone']}/{len(row['paired_gains'])}) | " if "gain" in row else "– | – | – | – | – | – | – | ")
             + (f"{c['distill_over_alone']:.2f}× | {c['without_teacher_over_alone']:.2f}× | {100 * c['terms_over_alone']:.1f}% |" if c else "– | – | – |")
