@@ -63,14 +63,16 @@ def test_every_row_shares_its_baselines_student_and_schedule(row):
     assert recipe.student == base.student and recipe.train == base.train and recipe.data == base.data
 
 
-def test_dab_rows_distil_into_the_imagenet_student_and_pair_with_it_alone():
-    # the setting: the usual ImageNet-pretrained student; the first table keeps its random-init one
-    dab = [row for row in DISTILLED if row.teacher == "dab" and row.recipe == bench.IMAGENET]
-    assert len(dab) >= 5 and {row.baseline for row in dab} == {"alone-in"}
-    # the random-init rows pair with the random-init student alone
-    assert {row.baseline for row in DISTILLED if row.teacher == "dab" and row.recipe == bench.RANDOM} == {"alone"}
-    assert bench.row_recipe(BY_SLUG["alone-in"], []).student.params["pretrained"] == "offline"
-    assert "pretrained" not in bench.row_recipe(BY_SLUG["alone"], []).student.params or not bench.row_recipe(BY_SLUG["alone"], []).student.params["pretrained"]
+def test_imagenet_rows_distil_into_the_imagenet_student_and_pair_with_it_alone():
+    imagenet = [row for row in DISTILLED if row.overrides == bench.IMAGENET]
+    assert len(imagenet) >= 5 and {row.baseline for row in imagenet} == {"alone-in"}
+    assert {row.baseline for row in DISTILLED if row.overrides == ()} == {"alone"}  # the random-init rows
+    pretrained = bench.row_recipe(BY_SLUG["alone-in"], []).student
+    assert pretrained.params["pretrained"] == "offline" and pretrained.params["backbone"] == "mobilenetv2_100"
+    # otherwise the very student and schedule of the random-init table
+    plain = bench.row_recipe(BY_SLUG["alone"], [])
+    assert {k: v for k, v in pretrained.params.items() if k not in ("pretrained", "backbone")} == {k: v for k, v in plain.student.params.items() if k != "backbone"}
+    assert bench.row_recipe(BY_SLUG["alone-in"], []).train == plain.train
 
 
 def test_paired_gains_are_taken_against_the_rows_own_student():

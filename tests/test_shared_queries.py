@@ -199,7 +199,7 @@ def test_no_cache_serves_random_points():
     from recipes import load_recipe
     from teachers.cache_select import CacheSpec, serves
 
-    # asag-distill-dab: shared queries (terms 0, 1), GT-bridged KD + box and LD, all served by a query cache
+    # asag-kd-tiny: GT-bridged, teacher-set and shared-query terms (term 3), all served by a query cache
     spec = CacheSpec(("none", "hflip"), (), (), 32, queries=True)
-    assert serves(spec, load_recipe("asag-distill-dab"))
-    assert not serves(spec, load_recipe("asag-distill-dab", ["losses.1.pairer_params.random=4"]))
+    assert serves(spec, load_recipe("asag-kd-tiny"))
+    assert not serves(spec, load_recipe("asag-kd-tiny", ["losses.3.pairer_params.random=4"]))
