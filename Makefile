@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -c constraints.txt -e ".[dev,export]"
+	$(PY) -m pip install -c constraints.txt -e ".[dev,export,hf]"
 	touch $@
 
 demo: bench-setup

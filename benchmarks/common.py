@@ -140,3 +140,16 @@ def gain_interval(diffs: list[float]) -> tuple[float, float] | None:
     half = t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     mean = statistics.mean(diffs)
     return (mean - half, mean + half)
+
+
+def row_recipe(row: Row, sets: list[str]):
+    """The row's recipe with ``sets`` applied and its ``losses`` in place of the recipe's own (None:
+    keep the recipe's): a student recipe plus terms is a distillation recipe."""
+    from distill.config import apply_overrides, read_yaml, recipe_from_dict
+    from recipes import recipe_path
+
+    path = recipe_path(row.recipe)
+    raw = apply_overrides(read_yaml(path), [*row.overrides, *sets])
+    if row.losses is not None:
+        raw["losses"] = [dict(term) for term in row.losses]
+    return recipe_from_dict(raw, str(path))

@@ -51,6 +51,7 @@ from common import (  # the benchmarks' shared helpers (this script's folder is 
     leaf_predictions,
     optimizer_step,
     paired_gains,
+    row_recipe,
     select_rows,
     tune_data,
 )
@@ -58,11 +59,10 @@ from rich.console import Console
 from rich.table import Table
 
 from distill.checkpoint import atomic_write_text
-from distill.config import apply_overrides, read_yaml, recipe_from_dict
 from distill.data import GENERATORS
 from distill.engine.demo import baseline_recipe, finished, gap_closed
 from distill.engine.run import distill_run, train_run
-from recipes import load_recipe, recipe_path
+from recipes import load_recipe
 
 PROFILES = {
     "full": {"train": 400, "val": 100, "size": 128, "teacher_epochs": 24, "student_epochs": 8, "seeds": [0, 1, 2]},
@@ -156,15 +156,6 @@ ROWS = [
     distilled("DAB-DETR -> ASAG: feature mimicking x24 (all locations)", "dab-feat24", "dab", FEAT(128, 24.0), default=False),
 ]
 console = Console(width=160)
-
-
-def row_recipe(row: Row, sets: list[str]):
-    """The row's recipe with its ``losses`` in place of the recipe's own (None: keep the recipe's)."""
-    path = recipe_path(row.recipe)
-    raw = apply_overrides(read_yaml(path), [*row.overrides, *sets])
-    if row.losses is not None:
-        raw["losses"] = [dict(term) for term in row.losses]
-    return recipe_from_dict(raw, str(path))
 
 
 def needs_online_teacher(recipe) -> bool:

@@ -11,6 +11,7 @@ between two files can never pair a new checkpoint with an old state).
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -30,6 +31,11 @@ from distill.errors import CheckpointError, OutputError
 
 FORMAT = "detkd-checkpoint"
 VERSION = 1
+# Checkpoints of a model built around another checkpoint, by the metadata key that marks them, and
+# the module whose ``load_checkpoint(path, state, meta)`` rebuilds it: "refine", a `detkd refine`
+# run (the refiner's weights; its detector referenced by path and sha256). Imported only when such a
+# checkpoint is read: the teachers package imports this module, never the other way at import time.
+COMPOSITE_LOADERS = {"refine": "teachers.refine.saved"}
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> None:
@@ -212,6 +218,9 @@ def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     path = resolve_checkpoint(path)
     state, meta = read_checkpoint(path)
+    for key, module in COMPOSITE_LOADERS.items():
+        if key in meta:
+            return importlib.import_module(module).load_checkpoint(path, state, meta)
     spec = meta["student"]
     if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("params", {}), dict):
         raise CheckpointError(f"{path}: metadata 'student' must map a name and params")

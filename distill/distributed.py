@@ -34,10 +34,6 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
-
-
 def is_main() -> bool:
     """True on rank 0 (or without a process group): the only rank that writes run files."""
     return rank() == 0
@@ -92,15 +88,6 @@ def mean_of_values(values: list[float], device: torch.device) -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return (tensor / dist.get_world_size()).tolist()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is True on any rank (all ranks must agree, e.g. to stop together)."""
-    if not is_distributed():
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item() > 0)
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:

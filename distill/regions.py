@@ -38,7 +38,7 @@ from torch import Tensor
 from torchvision.ops import box_iou, distance_box_iou
 
 from distill.errors import ConfigError
-from distill.ops.boxes import diou_iof_legacy, square_anchors
+from distill.ops.boxes import ANCHOR_SCALE, diou_iof_legacy, square_anchors
 from distill.ops.precision import compute_dtype
 from distill.structures import Matches, Target
 
@@ -99,7 +99,7 @@ def vlr_region(
             f"region 'vlr' needs one ATSS threshold tensor per image (Matches.extras['pos_thresholds']), got "
             f"{len(thresholds)} for {len(targets)} images; use a detector with an ATSS-style assigner"
         )
-    anchors = square_anchors(points.to(compute_dtype()), strides.to(compute_dtype()), 8.0)  # (N, 4), as ATSS ranks them
+    anchors = square_anchors(points.to(compute_dtype()), strides.to(compute_dtype()), ANCHOR_SCALE)  # (N, 4), as ATSS ranks them
     mask = _vlr_batch(anchors, targets, thresholds, gamma, VLR_METRICS[metric])
     mask = mask.reshape(valid.shape) * valid
     if exclude_pos:

@@ -190,6 +190,11 @@ class Predictions:
         """A copy whose tensors are plain constants (``clone`` also lifts inference-mode tensors)."""
         return _map_tensors(self, lambda t: t.detach().clone())
 
+    def generated_anchors(self) -> list[Tensor] | None:
+        """Per image (A_b, 4) xyxy the anchors a generator produced for these predictions (``detkd
+        show`` draws them); None when nothing generated them (a dense grid, learned queries)."""
+        return None
+
     def to(self, device) -> "Predictions":
         return _to(self, device)
 

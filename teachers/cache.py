@@ -1,8 +1,8 @@
 """A built teacher cache, read at train time in place of the online teacher.
 
     cache = TeacherCache.open("caches/ld-tiny")          # checks every shard's sha256
-    cache.check_run(teacher, train_set, losses, size_divisor=32, student=student)
     distiller = Distiller(student, teacher, losses, recipe, cache=cache)
+    distiller.fit(train_set, val_set, "runs/student")   # first refuses a cache that does not fit (check_run)
 
 - :class:`TeacherCache` maps (image id, flipped) to the teacher rows of one image; shards are
   memory-mapped safetensors, only the rows of the batch are read. Nothing is written at train time,
@@ -236,15 +236,9 @@ class TeacherCache:
 
         teacher: FrozenTeacher (its class_index set as the run sets it); dataset: the training split;
         student: the detector being distilled (its ``grid_matches`` must be the cache's assignment).
-        ``distill_run`` checks before evaluating the teacher and ``Distiller.fit`` checks again for API
-        users; the second call on the same objects returns at once (the fingerprint hashes the
-        teacher's weights and the annotation file, which on COCO takes seconds).
+        The fingerprint hashes the teacher's weights and the annotation file (seconds on COCO): a
+        distillation runs this once (:meth:`distill.Distiller.check_cache`).
         """
-        # The objects themselves (held, compared by identity): an id() of a freed object can be reused.
-        key = (size_divisor, teacher, dataset, student, *losses)
-        checked = getattr(self, "_checked", None)
-        if checked is not None and len(checked) == len(key) and checked[0] == size_divisor and all(a is b for a, b in zip(checked[1:], key[1:])):
-            return
         for loss in losses:
             if loss.cache_refusal:
                 raise CheckpointError(f"{self.folder}: loss {loss.name!r} {loss.cache_refusal}; distil without --cache")
@@ -280,7 +274,6 @@ class TeacherCache:
                 f"{self.folder}: training draws variant {', '.join(missing)} (data.hflip_prob {dataset.transform.hflip_prob}) but the cache "
                 f"holds {', '.join(self.variants)} only; rebuild it with --variants none,hflip or pass --set data.hflip_prob={keep}"
             )
-        self._checked = key
 
     def _check_region_losses(self, losses) -> None:
         for loss in losses:

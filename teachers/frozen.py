@@ -77,6 +77,12 @@ class FrozenTeacher:
     def classes(self) -> list[str]:
         return list(self.meta.get("classes", []))
 
+    @property
+    def detector(self) -> nn.Module:
+        """The detector with its class columns in the student's order (``class_index`` applied): what
+        evaluating the teacher on the student's data (the AP gate) must run."""
+        return self.model if self.class_index is None else ClassMapped(self.model, self.class_index)
+
     def to(self, device: torch.device | str) -> "FrozenTeacher":
         self.model.to(device)
         if self.class_index is not None:
@@ -136,6 +142,28 @@ class FrozenTeacher:
         return f"FrozenTeacher({type(self.model).__name__}, classes={self.num_classes}, strides={self.strides})"
 
 
+class ClassMapped(nn.Module):
+    """A detector whose predictions keep only the columns ``class_index`` (C_student,) selects, in
+    that order (its ``features`` / ``postprocess`` unchanged), so detection labels are student classes."""
+
+    def __init__(self, model: nn.Module, class_index: Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.class_index = class_index
+
+    def features(self, images: Tensor):
+        return self.model.features(images)
+
+    def head(self, features, image_sizes: Tensor | None = None, targets=None) -> Predictions:
+        predictions = self.model.head(features, image_sizes)
+        for p in [predictions, *predictions.aux]:
+            p.logits = p.logits.index_select(-1, self.class_index.to(p.logits.device))
+        return predictions
+
+    def postprocess(self, predictions: Predictions, image_sizes: Tensor):
+        return self.model.postprocess(predictions, image_sizes)
+
+
 def _clone_matches(matches: Matches | None) -> Matches | None:
     if matches is None:
         return None
@@ -143,10 +171,20 @@ def _clone_matches(matches: Matches | None) -> Matches | None:
     return Matches(clone(matches.pred_index), clone(matches.gt_index), clone(matches.weight), {k: clone(v) for k, v in matches.extras.items()})
 
 
-def load_teacher(path_or_run: str | Path) -> FrozenTeacher:
-    """A frozen teacher from a checkpoint file or a run folder (its best checkpoint)."""
+def load_teacher(path_or_run: str | Path | nn.Module, classes=None) -> FrozenTeacher:
+    """A frozen teacher from a checkpoint file or a run folder (its best checkpoint), or from a
+    torchvision / transformers detector: a reference such as ``tv:fcos_resnet50_fpn=fcos.pth`` or
+    ``hf:FOLDER``, or the model object (``classes``: its label names; see ``teachers.external``)."""
     from distill.checkpoint import load_detector, resolve_checkpoint
+    from teachers.external import load_external, parse_reference, wrap_model
 
+    if isinstance(path_or_run, nn.Module):
+        model = wrap_model(path_or_run, classes)
+        return FrozenTeacher(model, {"classes": model.classes, "path": type(path_or_run).__name__, "external": True})
+    reference = parse_reference(path_or_run)
+    if reference is not None:
+        model = load_external(reference)
+        return FrozenTeacher(model, {"classes": model.classes, "path": str(reference), "external": True})
     path = resolve_checkpoint(path_or_run)
     model, meta = load_detector(path)
     return FrozenTeacher(model, {**meta, "path": str(path)})

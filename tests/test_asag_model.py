@@ -7,9 +7,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from distill.detector import Detector
-from distill.structures import Target
+from distill.structures import Predictions, Target
 from students import create_student
-from students.sparse import LearnedAnchors, Queries, SparseDetector
+from students.sparse import LearnedAnchors, Queries, QuerySource, SparseDetector
 
 
 def _model(name="asag_s", seed=0, **kw):
@@ -125,7 +125,7 @@ def test_groups_inference_is_group0_at_the_same_cost():
     assert _flops(grouped, x, sizes) == _flops(single, x, sizes)
 
 
-class PaddedSource(nn.Module):
+class PaddedSource(QuerySource):
     """A stand-in for the ASAG generator: a variable number of anchors per image, padded, with a loss."""
 
     def __init__(self):
@@ -303,3 +303,31 @@ def test_asag_generator_feeds_the_student():
     assert pred.aux == [] and all(len(d.scores) <= model.max_detections for d in model.postprocess(pred, sizes))
     with pytest.raises(Exception, match="strides 8, 16 and 32"):
         _model("asag_s_gen", **{**kw, "strides": (16, 32)})
+
+
+def test_a_query_source_declares_its_loss_and_other_modules_are_refused():
+    model = _model().train()
+    assert isinstance(model.query_source, LearnedAnchors) and isinstance(model.query_source, QuerySource)
+    assert type(model.query_source).loss is QuerySource.loss  # learned anchors add no terms of their own
+    sizes = image_sizes()
+    pred = model.head(model.features(images()), sizes)
+    losses, _ = model.loss(pred, targets(), sizes)
+    own, _ = model.criterion(pred, targets(), sizes, pred.queries.groups, model.aux_names(len(pred.aux)))
+    assert sorted(losses) == sorted(own)
+    with pytest.raises(TypeError, match="query source Linear is a Linear, not a students.sparse.queries.QuerySource"):
+        model.set_query_source(nn.Linear(2, 2))
+
+
+def test_generated_anchors_are_the_generators_valid_queries_only():
+    kw = {k: v for k, v in TINY.items() if k != "num_queries"}
+    generated = _model("asag_s_gen", **kw).eval()  # seeds torch: the images below are the same every run
+    x, sizes = torch.randn(2, 3, 128, 128), torch.tensor([[128, 128], [96, 112]])
+    with torch.no_grad():
+        pred = generated(x, sizes)
+    anchors = pred.generated_anchors()
+    assert [len(a) for a in anchors] == pred.queries.valid.sum(1).tolist() and 0 < len(anchors[1]) < pred.queries.valid.shape[1]
+    for b, a in enumerate(anchors):
+        assert torch.equal(a, pred.queries.boxes[b, : len(a)])  # the generator packs its valid anchors first
+    with torch.no_grad():
+        assert _model().eval()(x, sizes).generated_anchors() is None  # learned anchors are not generated
+    assert Predictions(pred.logits, pred.boxes, pred.valid).generated_anchors() is None

@@ -180,8 +180,6 @@ def test_a_region_the_cache_does_not_hold_is_a_clear_error(caches, teacher, trai
         loss(s_in, cache.inputs(batch, s_in), pairs)
     with pytest.raises(CheckpointError, match=r"loss 'kd' reads teacher head in region all, but the cache holds head rows for gt_boxes, main, vlr"):
         cache.check_run(teacher, train_set, [loss], 32, MATCHER)
-    # Both losses stay alive: check_run remembers the last checked objects by id(), and a freed
-    # loss's id can be reused by the next one.
     spelled_out = distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.25})
     other_gamma = distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.5})
     cache.check_run(teacher, train_set, [spelled_out], 32, MATCHER)  # defaults spelled out
@@ -412,6 +410,58 @@ def test_cli_distill_names_a_corrupted_shard_and_a_missing_region(root, cli_cach
 
     line = one_error_line(invoke("cache", root / "tiny_teacher.safetensors", "--data", root / "data", "--out", main_only, "--recipe", "ld-tiny", *SMALL[:2], "--no-progress"))
     assert "another fingerprint" in line
+
+
+def count_checks(monkeypatch) -> dict[str, int]:
+    """Counts TeacherCache.check_run calls and pair checks (DistillLoss.check_pair, once per loss)."""
+    from distill.losses.registry import DistillLoss
+
+    calls = {"check_run": 0, "check_pair": 0}
+    for owner, name in ((TeacherCache, "check_run"), (DistillLoss, "check_pair")):
+        def counted(*args, _name=name, _original=getattr(owner, name), **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_a_cached_cli_distillation_checks_the_pair_and_the_cache_once(root, cli_cache, tmp_path, monkeypatch):
+    calls = count_checks(monkeypatch)
+    result = invoke(*distill_args(root, cli_cache), "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    assert calls == {"check_run": 1, "check_pair": 4}  # ld-tiny: four losses, each checked once
+
+
+def test_distiller_fit_checks_the_cache_once_and_trains_on_the_cached_split(caches, teacher, train_set, monkeypatch):
+    from distill.engine import distiller as engine
+    from recipes import load_recipe
+    from teachers.cache import CachedVariantDataset
+
+    trained_on = []
+
+    class NoTraining:  # stands in for the Trainer: records the split fit hands over
+        def __init__(self, student, recipe, train_set, *args, **kwargs):
+            trained_on.append(train_set)
+
+        def fit(self, resume):
+            return None
+
+    monkeypatch.setattr(engine, "Trainer", NoTraining)
+    calls = count_checks(monkeypatch)
+    student = create_student("gfl", backbone="resnet10t", num_classes=10, fpn_channels=8, head_convs=1)
+    losses = [distill.create_loss("ld", pairer="main")]
+    recipe = load_recipe("ld-tiny")
+    distiller = engine.Distiller(student, teacher, losses, recipe, cache=caches["selected"])
+    assert calls == {"check_run": 0, "check_pair": 1}
+    distiller.fit(train_set, train_set, "unused")
+    assert calls == {"check_run": 1, "check_pair": 1}
+    assert isinstance(trained_on[0], CachedVariantDataset) and trained_on[0].base is train_set
+    split = distiller.check_cache(train_set)  # what distill_run does before it evaluates the teacher
+    distiller.fit(split, train_set, "unused", cache_checked=True)
+    assert calls == {"check_run": 2, "check_pair": 1} and trained_on[1] is split
+    with pytest.raises(CheckpointError, match="region vlr"):  # the check is never skipped
+        engine.Distiller(student, teacher, [distill.create_loss("ld", pairer="vlr", pairer_params={"gamma": 0.5})], recipe, cache=caches["selected"]).fit(train_set, train_set, "unused")
 
 
 def test_a_cached_distiller_never_runs_the_teacher(caches, teacher, train_set, monkeypatch):

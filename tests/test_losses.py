@@ -15,7 +15,7 @@ from torch import Tensor
 from distill.engine.device import Runtime
 from distill.errors import ConfigError
 from distill.losses import DistillInputs, DistillLoss, create_loss, list_losses, loss_parameters, register_loss
-from distill.pairers import RegionPairer
+from distill.pairers import RegionPairer, create_pairer, list_pairers
 from distill.structures import DetectorSpec, Matches, Pairs, Predictions, Target
 from students.gfl.head import dense_outputs
 
@@ -436,6 +436,18 @@ def test_ld_resamples_teacher_bins(mode):
     value = run(create_loss("ld", resample_bins=mode), student, teacher)  # run checks the pair first
     value.backward()
     assert torch.isfinite(value) and value > 0 and teacher.reg.grad is None
+
+
+@pytest.mark.parametrize("name", list_pairers())
+def test_ld_defaults_are_the_pairers_own_attributes(name):
+    pairer = create_pairer(name)
+    expected = {"main": (True, 4.0), "vlr": (False, 16.0)}.get(name, (False, 4.0))  # the LD reference's constants
+    assert (pairer.on_student_positives, pairer.ld_reference_avg_factor) == expected
+    loss = create_loss("ld", pairer=name)
+    assert (loss.weight_by_quality, loss.legacy_avg_factor) == expected
+    if not expected[0]:
+        with pytest.raises(ConfigError, match="weight_by_quality needs pairer 'main'"):
+            create_loss("ld", pairer=name, weight_by_quality=True)
 
 
 def test_ld_quality_weighting_follows_the_region():

@@ -75,6 +75,7 @@ def _register_commands() -> None:
         export_cmd,  # noqa: F401  (ship the student: ONNX)
         info_cmds,
         plot_cmd,
+        refine_cmd,  # noqa: F401  (RefineBox: a box refiner on a frozen detector)
         show_cmd,
         train_cmds,
     )

@@ -161,6 +161,8 @@ def cache_command(
         spec, matcher = CacheSpec(chosen, (), (), resolved.data.size_divisor if resolved else 32, queries=True), None
     else:
         spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
+        if spec.head_regions and frozen.spec.bins is None:  # a torchvision FCOS / RetinaNet: boxes, no bins to store
+            raise ConfigError(f"{where}: the teacher predicts no box bins, so a cache can hold its feature rows only: build it with a --recipe whose terms read features only, or distil without --cache")
         matcher = cache_matcher(resolved, len(dataset.classes))
     source = {"teacher": where, "data": str(data), "split": split, "recipe": recipe}
     from distill import distributed as dist

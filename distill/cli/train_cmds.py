@@ -57,7 +57,7 @@ def train_command(
 @app.command("eval")
 @user_errors
 def eval_command(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (uses its best checkpoint), or a `detkd export` .onnx file."),
+    checkpoint: Path = typer.Argument(..., help="Checkpoint file or run folder (uses its best checkpoint), a `detkd export` .onnx file, or an external teacher (tv:ARCH=WEIGHTS, hf:FOLDER)."),
     data: Path = typer.Option(..., "--data", help="Dataset folder or dataset YAML."),
     split: str = typer.Option("val", "--split", help="Split to evaluate."),
     out: Path = typer.Option(None, "--out", help="JSON file for the metrics (default: next to the checkpoint)."),
@@ -68,6 +68,7 @@ def eval_command(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file that is not an eval record of detkd."),
+    image_size: int = typer.Option(None, "--image-size", help="Input size of an external teacher (tv: / hf:), which records none."),
 ) -> None:
     """COCO metrics of a checkpoint on a dataset split."""
     from distill.checkpoint import atomic_write_text, load_detector, require_meta, resolve_checkpoint
@@ -81,7 +82,12 @@ def eval_command(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
     torch_device = resolve_device(device)
-    path = resolve_checkpoint(checkpoint)
+    from teachers.external import detector_for_data, parse_reference
+
+    external = parse_reference(checkpoint)  # a torchvision / transformers teacher, classes matched to the data's by name
+    if external is not None and image_size is None:
+        raise ConfigError(f"{checkpoint}: an external teacher records no input size; pass --image-size")
+    path = external.path if external is not None else resolve_checkpoint(checkpoint)
     suffix = "-agnostic" if class_agnostic else ""
     out = out or path.with_name(f"{path.stem}.eval-{split}{suffix}.json")
     check_output_file(out, ours=is_eval_record, overwrite=overwrite, roots=data_roots(data))
@@ -90,12 +96,17 @@ def eval_command(
         from distill.export.evaluate import evaluate_onnx, read_onnx_meta
 
         meta = read_onnx_meta(path)
+    elif external is not None:
+        meta = {"image_size": image_size}
     else:
         model, meta = load_detector(path)
         require_meta(meta, path, "image_size")
         model.to(torch_device)
     dataset = load_dataset(data, split, DetectionTransform(meta["image_size"], hflip_prob=0.0))
-    check_same_classes(meta["classes"], dataset.classes, what=str(path), where=str(data))
+    if external is not None:
+        model = detector_for_data(external, dataset.classes).to(torch_device)
+    else:
+        check_same_classes(meta["classes"], dataset.classes, what=str(path), where=str(data))
     check_scorable(dataset, split)
     with make_progress(progress) as bar:
         task = bar.add_task("eval", total=len(dataset), info=split)

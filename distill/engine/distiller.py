@@ -134,7 +134,8 @@ class Distiller:
 
     The student keeps its own losses (``student.loss``); each distillation term is logged
     separately. The teacher is never registered anywhere the optimizer, DDP or the student
-    checkpoint could find it. Every loss's pair check runs here, before any batch.
+    checkpoint could find it. Every loss's pair check runs here, before any batch; a cache is
+    checked against the run in :meth:`check_cache` (by :meth:`fit`, or by its caller).
 
     ``cache``: a :class:`~teachers.cache.TeacherCache` of this teacher on the training split; the
     teacher is then not run in :meth:`step` (it is still used by :meth:`evaluate` and the checks).
@@ -155,7 +156,9 @@ class Distiller:
         self.needs_shared = any(loss.pairer.shared_student for loss in self.losses)
         self.cache = cache
         self.source: TeacherSource = cache if cache is not None else teacher
-        check_pair(student.spec, self.source.spec, self.losses)
+        # The pair is the student and the teacher; a cache is checked to hold this teacher's rows
+        # (check_cache), so its spec is the teacher's.
+        check_pair(student.spec, teacher.spec, self.losses)
 
     def to(self, device: torch.device | str) -> "Distiller":
         self.student.to(device)
@@ -197,15 +200,30 @@ class Distiller:
         shared = shared_sides(self.losses, detector, features, teacher, batch.image_sizes) if self.needs_shared else None
         return distillation_terms(self.losses, self.keys, student, teacher, batch.targets, shared)
 
+    def check_cache(self, train_set):
+        """The split training draws from: with a cache, ``train_set`` restricted to it (cached
+        variants only, collated on its canvas) once the cache is found to fit the run (teacher,
+        data, transform, regions, variants; :meth:`TeacherCache.check_run` raises CheckpointError
+        otherwise); without one, ``train_set`` itself."""
+        if self.cache is None:
+            return train_set
+        if self.recipe is None:
+            raise ValueError("Distiller.check_cache needs a recipe (its data.size_divisor)")
+        self.cache.check_run(self.teacher, train_set, self.losses, self.recipe.data.size_divisor, self.student)
+        return self.cache.training_set(train_set)
+
     def fit(
-        self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True, runtime=None
+        self, train_set, val_set, out: str | Path, meta: dict[str, Any] | None = None, resume: bool = False, show_progress: bool = True,
+        runtime=None, cache_checked: bool = False,
     ) -> FitResult:
+        """Train the student on ``train_set``. With a cache, :meth:`check_cache` runs first, unless
+        ``cache_checked``: ``train_set`` is then the split it returned (``distill_run`` checks the
+        cache before it evaluates the teacher, and the check hashes the teacher and the data)."""
         if self.recipe is None:
             raise ValueError("Distiller.fit needs a recipe (its train/eval settings)")
         meta = {"student": self.student.config, "classes": list(train_set.classes), "cat_ids": list(train_set.cat_ids), "image_size": self.recipe.data.image_size, **(meta or {})}
-        if self.cache is not None:  # refuse a cache that does not fit, then draw only cached variants
-            self.cache.check_run(self.teacher, train_set, self.losses, self.recipe.data.size_divisor, self.student)
-            train_set = self.cache.training_set(train_set)
+        if not cache_checked:
+            train_set = self.check_cache(train_set)
         if runtime is not None:
             self.to(runtime.torch_device)  # student, teacher (never DDP-wrapped) and loss modules
         trainer = Trainer(

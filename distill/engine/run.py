@@ -160,7 +160,7 @@ def check_teacher_quality(teacher, val_set, recipe: Recipe, force: bool, show_pr
 
     with make_progress(show_progress) as bar:
         task = bar.add_task("teacher eval", total=len(val_set), info="")
-        metrics = evaluate_detector(teacher.model, val_set, recipe.eval.batch_size, progress=lambda done, total: bar.update(task, completed=done))
+        metrics = evaluate_detector(teacher.detector, val_set, recipe.eval.batch_size, progress=lambda done, total: bar.update(task, completed=done))
     min_ap = recipe.teacher.min_ap if recipe.teacher else 0.05
     if metrics["AP"] < min_ap and not force:
         raise ConfigError(
@@ -199,7 +199,7 @@ def _distill(recipe, teacher_path, data, out, force, resume, show_progress, cach
 
     from distill.engine.distiller import Distiller
     from teachers import TeacherCache, load_teacher
-    from teachers.checks import check_pair, class_index_for
+    from teachers.checks import class_index_for
 
     out, train_set, val_set, student = prepare_run(recipe, data, out, resume)
     teacher = load_teacher(teacher_path).to(runtime.torch_device)
@@ -208,17 +208,17 @@ def _distill(recipe, teacher_path, data, out, force, resume, show_progress, cach
     if index is not None:
         teacher.class_index = torch.tensor(index, dtype=torch.long, device=runtime.torch_device)
     losses = build_losses(recipe, student, teacher)
-    check_pair(student.spec, teacher.spec, losses)
-    teacher_cache = None
-    if cache is not None:
-        teacher_cache = TeacherCache.open(cache)  # sizes and sha256 of every shard
-        teacher_cache.check_run(teacher, train_set, losses, recipe.data.size_divisor, student)
+    teacher_cache = TeacherCache.open(cache) if cache is not None else None  # sizes and sha256 of every shard
+    distiller = Distiller(student, teacher, losses, recipe, cache=teacher_cache)  # every loss's pair check
+    split = distiller.check_cache(train_set)  # before the teacher's evaluation: a cache that does not fit is refused first
     teacher_metrics = check_teacher_quality(teacher, val_set, recipe, force, show_progress)
     meta = run_meta(student, train_set, recipe, data)
     meta["kind"] = "distill"
-    meta["teacher"] = {"path": str(Path(teacher.meta.get("path")).resolve()), "val": teacher_metrics, "force": bool(force)}
+    reference = teacher.meta["path"] if teacher.meta.get("external") else str(Path(teacher.meta.get("path")).resolve())  # tv: / hf: references are absolute already
+    meta["teacher"] = {"path": reference, "val": teacher_metrics, "force": bool(force)}
     if teacher_cache is not None:
         meta["teacher"]["cache"] = {"path": str(Path(cache).resolve()), "key": teacher_cache.manifest["key"]}
+    if isinstance(teacher.meta.get("refine"), dict):  # a `detkd refine` run: what its box targets are
+        meta["teacher"]["refined"] = {k: teacher.meta["refine"].get(k) for k in ("detector", "sha256", "box_targets")}
     write_run_info(out, meta, "distill", resume, recipe.to_dict())
-    distiller = Distiller(student, teacher, losses, recipe, cache=teacher_cache)
-    return distiller.fit(train_set, val_set, out, meta=meta, resume=resume, show_progress=show_progress, runtime=runtime)
+    return distiller.fit(split, val_set, out, meta=meta, resume=resume, show_progress=show_progress, runtime=runtime, cache_checked=True)

@@ -142,6 +142,7 @@ class Trainer:
         self.scaler = grad_scaler(self.runtime)
         self.forward: nn.Module = StudentForward(self.model)
         self.bad_steps = 0
+        self.epoch_seconds: list[tuple[float, int]] = []  # (seconds, images) of each epoch fit ran, for the summary
 
     # ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -226,7 +227,7 @@ class Trainer:
 
         started = time.perf_counter()
         train_seconds, images = 0.0, 0
-        self.epoch_seconds: list[tuple[float, int]] = []  # (seconds, images) per epoch, for summary figures
+        self.epoch_seconds = []
         with make_progress(self.show_progress and main) as progress:
             task = progress.add_task("train", total=spec.epochs * steps_per_epoch, completed=step, info="")
             for epoch in range(start_epoch, spec.epochs):
@@ -280,7 +281,7 @@ class Trainer:
             "seconds": round(result.seconds, 2), "seed": spec.seed, "world_size": dist.world_size(), "device": self.runtime.device,
             "amp": self.runtime.amp, "dtype": self.runtime.dtype, "train_seconds": round(train_seconds, 3), "images_per_s": round(images / train_seconds, 2) if train_seconds else None,
         }
-        later = getattr(self, "epoch_seconds", [])[1:]  # without the first epoch's warm-up (allocator, caches)
+        later = self.epoch_seconds[1:]  # without the first epoch's warm-up (allocator, caches)
         if later and sum(t for t, _ in later) > 0:
             summary["steady_images_per_s"] = round(sum(n for _, n in later) / sum(t for t, _ in later), 2)
         if self.device.type == "cuda":

@@ -49,7 +49,6 @@ from distill.pairers import RegionPairer
 from distill.structures import DetectorSpec, Pairs
 
 RESAMPLE_MODES = ("off", "distance", "scale")
-LEGACY_AVG_FACTOR = {"main": 4.0, "vlr": 16.0}  # reference constants; other regions use 4
 
 
 def resample_bins(probs: Tensor, num_bins: int, mode: str = "distance") -> Tensor:
@@ -153,8 +152,8 @@ class LocalizationDistillation(DistillLoss):
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ConfigError(f"loss 'ld': temperature must be > 0, got {temperature!r}")
         if weight_by_quality is None:
-            weight_by_quality = self.pairer.name == "main"
-        elif weight_by_quality and self.pairer.name != "main":
+            weight_by_quality = self.pairer.on_student_positives
+        elif weight_by_quality and not self.pairer.on_student_positives:
             raise ConfigError(
                 f"loss 'ld': weight_by_quality needs pairer 'main' (the student's quality weight is 0 outside "
                 f"its positives), got pairer {self.pairer.name!r}"
@@ -168,7 +167,7 @@ class LocalizationDistillation(DistillLoss):
         self.temperature = float(temperature)
         self.weight_by_quality = bool(weight_by_quality)
         self.legacy = bool(legacy)
-        self.legacy_avg_factor = float(legacy_avg_factor or LEGACY_AVG_FACTOR.get(self.pairer.name, 4.0))
+        self.legacy_avg_factor = float(legacy_avg_factor or self.pairer.ld_reference_avg_factor)
         self.resample_bins = resample_bins
         if normalize not in ("weight", "count"):
             raise ConfigError(f"loss 'ld': normalize must be 'weight' or 'count', got {normalize!r}")

@@ -12,8 +12,12 @@ from torch import Tensor
 
 from distill.ops.precision import compute_dtype
 
+# ATSS's square anchors have side 8 x stride: GFL's assigner ranks locations with them and region
+# VLR measures its IoUs with the same anchors.
+ANCHOR_SCALE = 8.0
 
-def square_anchors(points: Tensor, strides: Tensor, scale: float = 8.0) -> Tensor:
+
+def square_anchors(points: Tensor, strides: Tensor, scale: float = ANCHOR_SCALE) -> Tensor:
     """Square boxes of side ``scale * stride`` centred on each location.
 
     points: (N, 2) xy centres; strides: (N,). Returns (N, 4) xyxy.

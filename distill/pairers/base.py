@@ -36,6 +36,12 @@ class Pairer(ABC):
     teacher_decodes: ClassVar[bool] = False
     # Why no teacher cache can serve this pairer (None: a cache can, given the rows it needs).
     cache_refusal: ClassVar[str | None] = None
+    # True when the pairs are exactly the student's positives (region main), where its quality
+    # weight is defined (> 0): LD weights its rows by that weight there by default.
+    on_student_positives: ClassVar[bool] = False
+    # The constant the LD reference divides this pairer's summed LD term by (``ld`` loss, ``legacy``
+    # mode): 4 for Main LD, 16 for VLR LD, 4 elsewhere.
+    ld_reference_avg_factor: ClassVar[float] = 4.0
 
     def check(self, student: DetectorSpec, teacher: DetectorSpec, space: str) -> None:
         if space not in self.spaces:

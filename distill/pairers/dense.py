@@ -18,6 +18,9 @@ from distill.pairers.base import Pairer
 from distill.regions import Region
 from distill.structures import DenseOutputs, DetectorSpec, Pairs, Target
 
+# The LD reference's avg_factor for its Main and VLR terms (HikariTJU/LD configs).
+LD_REFERENCE_AVG_FACTOR = {"main": 4.0, "vlr": 16.0}
+
 
 @dataclass(frozen=True)
 class RegionPairer(Pairer):
@@ -28,6 +31,14 @@ class RegionPairer(Pairer):
     @property
     def name(self) -> str:  # type: ignore[override]
         return self.region.name
+
+    @property
+    def on_student_positives(self) -> bool:  # type: ignore[override]
+        return self.region.name == "main"
+
+    @property
+    def ld_reference_avg_factor(self) -> float:  # type: ignore[override]
+        return LD_REFERENCE_AVG_FACTOR.get(self.region.name, Pairer.ld_reference_avg_factor)
 
     def check(self, student: DetectorSpec, teacher: DetectorSpec, space: str) -> None:
         super().check(student, teacher, space)

@@ -5,7 +5,7 @@ The student (and teacher) run on the image as in evaluation; the student's match
 (``distill.pairers``) called exactly as a distillation step calls them. Nothing here knows a family:
 a region pairer gives a heat map over the student's grid (its dense predictions, or its FPN maps
 for a sparse student), a matched pairer gives (student, teacher) prediction pairs, and initial
-queries that a generator produced (``Predictions.queries`` with ``extras["anchors"]``) are anchors.
+queries that a generator produced (``Predictions.generated_anchors``) are anchors.
 All boxes are in network-input pixels of the unpadded image.
 """
 from __future__ import annotations
@@ -150,9 +150,9 @@ def build_view(run: Path, data: Path, image_id: int, split: str = "val", teacher
         level_sizes = predictions.level_sizes if space == "predictions" else s_in.feature_sizes()
         view.regions.append(RegionMap(str(pairer), mask.float().cpu().numpy(), [tuple(s) for s in level_sizes], list(student.spec.strides)))
 
-    queries = getattr(predictions, "queries", None)
-    if queries is not None and "anchors" in queries.extras:
-        view.anchors = queries.boxes[0][queries.valid[0]].float().cpu().numpy()
+    anchors = predictions.generated_anchors()
+    if anchors is not None:
+        view.anchors = anchors[0].float().cpu().numpy()
 
     if teacher_path is None:
         teacher_path = _recorded_teacher(meta)

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from distill.distributed import mean_over_ranks
 from distill.ops.atss import atss_assign
-from distill.ops.boxes import aligned_iou, square_anchors
+from distill.ops.boxes import ANCHOR_SCALE, aligned_iou, square_anchors
 from distill.ops.precision import compute_dtype
 from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, Target
 from students.backbone import TimmBackbone, backbone_checks
@@ -25,7 +25,6 @@ __all__ = ["GFL"]
 # 1e-6; newer mmdet clamps at 1, which would shrink the box losses early in training (weights
 # ~0.01 at the prior) and make them depend on the batch size while the sum is below 1.
 WEIGHT_SUM_EPS = 1e-6
-ANCHOR_SCALE = 8.0  # ATSS square anchors: side 8 x stride
 
 
 class GFL(nn.Module):

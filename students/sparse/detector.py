@@ -5,9 +5,10 @@ detector contract (``distill.detector``) once, for any decoder that returns
 :class:`SparsePredictions` (main head + ``aux`` heads, the queries they started from). A model
 (``roi_detector.SparseDetector``, ``dab_detr.DABDETR``) provides ``features``, ``head``,
 ``decode_queries`` and ``aux_names``, and calls :meth:`QueryDetector.set_postprocess`; it sets
-``num_classes``, ``strides``, ``width``, ``box`` (:class:`~students.sparse.config.BoxHeadConfig`) and
-``criterion``. The post-processing settings stay plain attributes (``max_detections``,
-``score_thresh``, ``nms_iou``) that callers may change on a built model.
+``num_classes``, ``strides``, ``width``, ``box`` (:class:`~students.sparse.config.BoxHeadConfig`),
+``criterion`` and ``query_source`` (a :class:`~students.sparse.queries.QuerySource`). The
+post-processing settings stay plain attributes (``max_detections``, ``score_thresh``, ``nms_iou``)
+that callers may change on a built model.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from students.sparse.config import BoxHeadConfig, LossConfig, PostprocessConfig
 from students.sparse.criterion import SetCriterion
 from students.sparse.matcher import HungarianMatcher
 from students.sparse.postprocess import postprocess_sparse
-from students.sparse.queries import Queries
+from students.sparse.queries import Queries, QuerySource
 
 __all__ = ["QueryDetector", "SparsePredictions", "first_group", "build_criterion"]
 
@@ -39,6 +40,12 @@ class SparsePredictions(Predictions):
             lift = lambda t: t.detach().clone() if isinstance(t, Tensor) else t  # noqa: E731
             out.queries = Queries(lift(q.boxes), lift(q.valid), lift(q.content), lift(q.groups), {k: lift(v) for k, v in q.extras.items()})
         return out
+
+    def generated_anchors(self) -> list[Tensor] | None:
+        """The valid query boxes of each image when a generator made them (``extras["anchors"]``)."""
+        if self.queries is None or "anchors" not in self.queries.extras:
+            return None
+        return [boxes[valid] for boxes, valid in zip(self.queries.boxes, self.queries.valid)]
 
 
 def build_criterion(loss: LossConfig) -> SetCriterion:
@@ -59,6 +66,7 @@ class QueryDetector(nn.Module):
     width: int
     box: BoxHeadConfig
     criterion: SetCriterion
+    query_source: QuerySource  # its loss() terms join the detector's
     max_detections: int
     score_thresh: float
     nms_iou: float | None
@@ -80,23 +88,23 @@ class QueryDetector(nn.Module):
     def aux_names(self, count: int) -> list[str]:
         raise NotImplementedError
 
-    def loss(self, predictions: Predictions, targets: list[Target], image_sizes: Tensor | None) -> tuple[dict[str, Tensor], Matches]:
-        """Weighted terms of every head (each with its own Hungarian matching) and the main head's matches
-        (``Matches.aux``: each aux head's own, in ``predictions.aux`` order; group 0 only with groups)."""
+    def loss(self, predictions: SparsePredictions, targets: list[Target], image_sizes: Tensor | None) -> tuple[dict[str, Tensor], Matches]:
+        """Weighted terms of every head (each with its own Hungarian matching), the query source's own
+        terms, and the main head's matches (``Matches.aux``: each aux head's own, in ``predictions.aux``
+        order; group 0 only with groups)."""
         image_sizes = self._sizes_from(predictions, image_sizes)
-        queries = getattr(predictions, "queries", None)
+        queries = predictions.queries
         groups = queries.groups if queries is not None else None
         losses, matches = self.criterion(predictions, targets, image_sizes, groups, self.aux_names(len(predictions.aux)))
-        source_loss = getattr(getattr(self, "query_source", None), "loss", None)
-        if source_loss is not None and queries is not None:
-            losses.update(source_loss(queries, targets, image_sizes))
+        if queries is not None:
+            losses.update(self.query_source.loss(queries, targets, image_sizes))
         return losses, first_group(matches, groups)
 
     @torch.no_grad()
-    def match(self, predictions: Predictions, targets: list[Target], image_sizes: Tensor | None) -> Matches:
+    def match(self, predictions: SparsePredictions, targets: list[Target], image_sizes: Tensor | None) -> Matches:
         """The main head's Hungarian matching alone (group 0 when groups are present)."""
         image_sizes = self._sizes_from(predictions, image_sizes)
-        queries = getattr(predictions, "queries", None)
+        queries = predictions.queries
         groups = queries.groups if queries is not None else None
         targets = [t.to(predictions.logits.device) for t in targets]
         return first_group(self.criterion.matcher(predictions, targets, image_sizes, groups), groups)

@@ -6,7 +6,7 @@ A *query source* turns FPN maps into the initial boxes of a sparse detector. It 
   DAB-DETR style) plus learned content vectors (Sparse R-CNN's proposal features); with
   ``groups = K`` it holds K groups of them and returns all K in training, group 0 at inference.
 - the ASAG generator (``students/sparse/asag/anchor_generator.py``) plugs in through the
-  same :class:`QuerySource` protocol: per-image variable anchors padded to ``(B, Q_max, 4)`` with a
+  same :class:`QuerySource` base class: per-image variable anchors padded to ``(B, Q_max, 4)`` with a
   ``valid`` mask. Sources are registered by name (:func:`register_query_source`), so a detector's
   ``query_source="asag"`` (+ ``query_source_params``) is part of its config and checkpoints rebuild it.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +23,7 @@ from distill.ops.precision import compute_dtype
 from distill.structures import Target
 from students.sparse.box_ops import cxcywh_to_xyxy
 
-__all__ = ["Queries", "QuerySource", "LearnedAnchors", "register_query_source", "create_query_source"]
+__all__ = ["Queries", "QuerySource", "LearnedAnchors", "register_query_source", "create_query_source", "check_query_source"]
 
 
 @dataclass
@@ -51,21 +50,24 @@ class Queries:
                        groups=move(self.groups), extras={k: move(v) for k, v in self.extras.items()})
 
 
-@runtime_checkable
-class QuerySource(Protocol):
-    """What the detector calls to get its initial queries.
+class QuerySource(nn.Module):
+    """Base of the modules a detector gets its initial queries from.
 
     ``forward(features, image_sizes, targets=None) -> Queries``: ``features`` are the FPN maps,
     ``image_sizes`` (B, 2) (h, w); ``targets`` is passed in training when the caller has them (the
     generator's training patches need GT), None otherwise.
-    Optionally ``loss(queries, targets, image_sizes) -> dict[str, Tensor]`` of weighted terms, which
-    the detector adds to its own losses (the generator's anchor losses, spec §2.7).
+    ``loss(queries, targets, image_sizes) -> dict[str, Tensor]``: the source's own weighted terms,
+    which the detector adds to its losses (the generator's anchor losses, spec §2.7); none by default.
     """
 
-    def forward(self, features: list[Tensor], image_sizes: Tensor, targets: list[Target] | None = None) -> Queries: ...
+    def forward(self, features: list[Tensor], image_sizes: Tensor, targets: list[Target] | None = None) -> Queries:
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward")
+
+    def loss(self, queries: Queries, targets: list[Target], image_sizes: Tensor) -> dict[str, Tensor]:
+        return {}
 
 
-class LearnedAnchors(nn.Module):
+class LearnedAnchors(QuerySource):
     """``num_queries x groups`` learned boxes and content vectors.
 
     Boxes are stored as logits of image-normalised (cx, cy, w, h), initialised with random centres and
@@ -99,7 +101,7 @@ class LearnedAnchors(nn.Module):
 
 
 # ------------------------------------------------------------------------------ source registry
-QuerySourceFactory = Callable[..., nn.Module]
+QuerySourceFactory = Callable[..., QuerySource]
 _SOURCES: dict[str, QuerySourceFactory] = {}
 
 
@@ -107,7 +109,7 @@ def register_query_source(name: str) -> Callable[[QuerySourceFactory], QuerySour
     """Register a query-source factory under ``name`` (the detector's ``query_source`` parameter).
 
     The factory is called as ``factory(num_queries=..., dim=..., groups=..., strides=..., **query_source_params)``
-    and returns an ``nn.Module`` implementing :class:`QuerySource`; it may ignore what it does not use.
+    and returns a :class:`QuerySource`; it may ignore what it does not use.
     """
 
     def wrap(fn: QuerySourceFactory) -> QuerySourceFactory:
@@ -142,11 +144,18 @@ def query_source_checks(p: dict) -> list:
     return rows
 
 
-def create_query_source(name: str, num_queries: int, dim: int, groups: int, strides: tuple[int, ...], params: dict | None = None) -> nn.Module:
+def create_query_source(name: str, num_queries: int, dim: int, groups: int, strides: tuple[int, ...], params: dict | None = None) -> QuerySource:
     """Build the registered source ``name``; ``ConfigError`` naming the known sources otherwise."""
     if name not in _SOURCES:
         raise ConfigError(f"unknown query source {name!r}; known: {', '.join(sorted(_SOURCES))}")
-    return _SOURCES[name](num_queries=num_queries, dim=dim, groups=groups, strides=strides, **(params or {}))
+    return check_query_source(_SOURCES[name](num_queries=num_queries, dim=dim, groups=groups, strides=strides, **(params or {})), repr(name))
+
+
+def check_query_source(source: QuerySource, what: str) -> QuerySource:
+    """``source`` itself when it is a :class:`QuerySource` (its ``loss`` is then declared), else TypeError."""
+    if not isinstance(source, QuerySource):
+        raise TypeError(f"query source {what} is a {type(source).__name__}, not a students.sparse.queries.QuerySource subclass")
+    return source
 
 
 @register_query_source("learned")

@@ -47,7 +47,7 @@ from students.sparse.config import (
 from students.sparse.detector import QueryDetector, SparsePredictions, build_criterion
 from students.sparse.layers import PyramidFPN
 from students.sparse.proposal import ProposalBlock
-from students.sparse.queries import Queries, QuerySource, create_query_source
+from students.sparse.queries import Queries, QuerySource, check_query_source, create_query_source
 from students.sparse.stage import create_stage, list_stages
 
 __all__ = ["SparseDetector", "SparsePredictions", "QueryConfig", "DecoderConfig", "build_sparse_detector"]
@@ -117,7 +117,7 @@ class SparseDetector(QueryDetector):
         self.stages_count, self.parallel_heads, self.groups = decoder.stages, decoder.parallel_heads, queries.groups
         self.backbone = TimmBackbone(backbone, pretrained=pretrained, norm_eval=norm_eval, strides=self.strides)
         self.fpn = PyramidFPN(self.backbone.channels, fpn_channels)
-        self.query_source: nn.Module = create_query_source(
+        self.query_source: QuerySource = create_query_source(
             queries.query_source, queries.num_queries, fpn_channels, queries.groups, self.strides, queries.query_source_params
         )
         self.proposal = ProposalBlock(
@@ -149,7 +149,7 @@ class SparseDetector(QueryDetector):
     def set_query_source(self, source: QuerySource) -> None:
         """Replace the query source by a module (experiments; ``config`` does not record it, prefer
         the ``query_source`` parameter for anything that is checkpointed)."""
-        self.query_source = source
+        self.query_source = check_query_source(source, type(source).__name__)
 
     def features(self, images: Tensor) -> list[Tensor]:
         """images (B, 3, H, W) -> FPN maps at ``strides``, each (B, fpn_channels, ceil(H / s), ceil(W / s))."""

@@ -10,10 +10,12 @@ by name, so this package imports only the family's shared modules.
 
 Plugging in another anchor source::
 
+    class MySource(QuerySource):
+        def forward(self, features, image_sizes, targets=None) -> Queries: ...  # boxes (B, Q, 4) px xyxy, valid (B, Q)
+        def loss(self, queries, targets, image_sizes) -> dict: ...  # {"loss_...": weighted term}; default: none
+
     @register_query_source("mine")
-    def my_source(num_queries, dim, groups, strides, **params) -> nn.Module: ...
-        # forward(features, image_sizes, targets=None) -> Queries(boxes (B, Q, 4) px xyxy, valid (B, Q), ...)
-        # loss(queries, targets, image_sizes) -> {"loss_...": weighted term}   (optional)
+    def my_source(num_queries, dim, groups, strides, **params) -> QuerySource: ...
 
     create_student("asag_s", query_source="mine", query_source_params={...})
 """

@@ -1,7 +1,7 @@
 """The Adaptive Sparse Anchor Generator as the sparse detector's query source ``"asag"``.
 
 ``GeneratorSource`` adapts :class:`~students.sparse.asag.anchor_generator.AnchorGenerator` to the
-:class:`~students.sparse.queries.QuerySource` protocol: it hands the generator the P3-P5 maps of the
+:class:`~students.sparse.queries.QuerySource` base class: it hands the generator the P3-P5 maps of the
 detector's FPN, returns its padded anchors as :class:`Queries` (the raw :class:`AnchorOutput` rides in
 ``extras["anchors"]``) and adds the generator's own losses (``loss_anchor_*``) to the detector's.
 
@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import inspect
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from distill.errors import ConfigError
 from distill.structures import Target
+from students.sparse.asag.anchor_generator import STRIDES as GENERATOR_STRIDES
 from students.sparse.asag.anchor_generator import AnchorGenerator
-from students.sparse.queries import Queries, register_query_source
+from students.sparse.queries import Queries, QuerySource, register_query_source
 
 __all__ = ["GeneratorSource"]
 
-GENERATOR_STRIDES = (8, 16, 32)
 
-
-class GeneratorSource(nn.Module):
+class GeneratorSource(QuerySource):
     """``forward(features, image_sizes, targets=None) -> Queries``; ``loss(queries, targets, image_sizes)``.
 
     features: the detector's FPN maps at ``strides``; the generator reads those at strides 8, 16, 32.
