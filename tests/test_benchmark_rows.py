@@ -174,3 +174,17 @@ def test_rows_sharing_a_step_cost_differ_only_in_loss_weights(slug):
     mine, timed = BY_SLUG[slug].losses, BY_SLUG[bench.SAME_STEP[slug]].losses
     strip = lambda losses: [{k: v for k, v in loss.items() if k != "weight"} for loss in losses]  # noqa: E731
     assert strip(mine) == strip(timed) and [l["weight"] for l in mine] != [l["weight"] for l in timed]
+
+
+def test_asag_distill_dab_is_the_row_the_dab_record_chose_on_the_tuning_split():
+    import json
+
+    record = json.loads((BENCHMARKS / "records" / "sparse_gain-dab-long-5seeds.json").read_text())
+    assert record["profile"] == "long" and record["settings"]["student_epochs"] == load_recipe("asag-distill-dab").train.epochs
+    chosen = record["selected_on_tune"]["dab"]
+    row = BY_SLUG[chosen]
+    assert row.teacher == "dab" and row.overrides == ()  # the random-init student of the record
+    shipped = load_recipe("asag-distill-dab")
+    assert shipped.losses == bench.row_recipe(row, []).losses and shipped.student == bench.row_recipe(row, []).student
+    # the record's paired gain is the README's headline: beyond zero on every seed
+    assert record["rows"][chosen]["seeds_above_alone"] == 5 and record["rows"][chosen]["paired_gain_ci95"][0] > 0
