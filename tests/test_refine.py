@@ -288,4 +288,4 @@ def test_a_cache_of_the_refined_teacher_is_not_the_detectors(refined, detectors,
         "distill", "asag-kd-tiny", "--teacher", detectors["dab6-tiny"], "--cache", cache, "--data", data, "--out", tmp_path / "kd",
         "--epochs", 1, "--force", *SMALL,
     ))
-    assert "weights" in line or "teacher" in line
+    assert "teacher cache was built for another teacher (teacher.weights_sha256: cache " in line and "rebuild it with 'detkd cache'" in line
