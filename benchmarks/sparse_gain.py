@@ -161,9 +161,9 @@ console = Console(width=160)
 def needs_online_teacher(recipe) -> bool:
     """Whether a term of ``recipe`` reads what no query cache holds: the teacher's feature maps, or its
     decoder run on new boxes at every step (KD-DETR's random points)."""
-    from distill.losses import create_loss
+    from distill.losses import loss_from_spec
 
-    terms = [create_loss(s.name, weight=s.weight, pairer=s.pairer, pairer_params=s.pairer_params, **s.params) for s in recipe.losses]
+    terms = [loss_from_spec(s) for s in recipe.losses]
     return any("features" in t.needs or t.cache_refusal or t.pairer.cache_refusal for t in terms)
 
 

@@ -66,12 +66,12 @@ class CacheSpec:
 
 def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: bool = False) -> CacheSpec:
     """The cache a distillation recipe needs: its losses' regions per part and its flips."""
-    from distill.losses import create_loss
+    from distill.losses import loss_from_spec
 
     head, feats, matched = [], [], []
     for i, spec in enumerate(recipe.losses):
         try:
-            loss = create_loss(spec.name, weight=spec.weight, pairer=spec.pairer, pairer_params=spec.pairer_params, **spec.params)
+            loss = loss_from_spec(spec)
         except ConfigError as exc:
             raise ConfigError(f"recipe {recipe.name}: losses[{i}]: {exc}") from None
         if not isinstance(loss.pairer, RegionPairer):  # a matched pairer: served by a query cache
@@ -105,11 +105,11 @@ def serves(spec: CacheSpec, recipe) -> bool:
     """Whether a cache built with ``spec`` holds everything ``recipe``'s losses read: the same kind
     (dense regions or query rows), every region per part, every flip variant the recipe draws, and
     no loss or pairer that no cache can serve (``cache_refusal``)."""
-    from distill.losses import create_loss
+    from distill.losses import loss_from_spec
 
     try:
         need = spec_from_recipe(recipe)
-        losses = [create_loss(s.name, weight=s.weight, pairer=s.pairer, pairer_params=s.pairer_params, **s.params) for s in recipe.losses]
+        losses = [loss_from_spec(s) for s in recipe.losses]
     except ConfigError:
         return False
     if any(loss.cache_refusal or loss.pairer.cache_refusal for loss in losses) or need.queries != spec.queries or not set(need.variants) <= set(spec.variants):

@@ -16,6 +16,7 @@ from distill.losses.registry import (
     DistillLoss,
     create_loss,
     list_losses,
+    loss_from_spec,
     loss_parameters,
     register_loss,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "PearsonFeatureMimic",
     "binary_kl",
     "create_loss",
+    "loss_from_spec",
     "kd_rows",
     "ld_rows",
     "list_losses",

@@ -159,6 +159,11 @@ def create_loss(name: str, **kwargs: Any) -> DistillLoss:
     return _get(name)(**kwargs)
 
 
+def loss_from_spec(spec) -> DistillLoss:
+    """The loss a recipe's ``losses`` entry (``distill.config.LossSpec``) names, with its own parameters."""
+    return create_loss(spec.name, weight=spec.weight, pairer=spec.pairer, pairer_params=spec.pairer_params, **spec.params)
+
+
 def _get(name: str) -> type[DistillLoss]:
     if name not in _LOSSES:
         raise ConfigError(f"unknown distillation loss {name!r}; available: {', '.join(list_losses())}")
