@@ -51,12 +51,25 @@ console = Console(width=160)
 
 
 def train_detector(row: Row, out: Path, data: Path, profile: dict, threads: int) -> Path:
+    """The detector of ``row``: ``out/<slug>`` (a linked run from ``--detector`` is used as it is)."""
     run = out / row.slug
     sets = [*row.overrides, f"data.image_size={profile['size']}", f"train.epochs={profile['epochs']}", f"train.threads={threads}", "train.eval_every=1000"]
     if fresh(run):
         console.print(f"[bold]{row.name}[/] -> {run}")
         train_run(load_recipe(row.recipe, sets), data, run)
     return run
+
+
+def link_detectors(parser: argparse.ArgumentParser, out: Path, specs: list[str]) -> None:
+    """``--detector SLUG=RUN``: link a finished run as row SLUG's detector (nothing retrained)."""
+    for spec in specs:
+        slug, _, run = spec.partition("=")
+        if slug not in {row.slug for row in ROWS} or finished(Path(run)) is None:
+            parser.error(f"--detector {spec}: expected SLUG=RUN with SLUG one of {[r.slug for r in ROWS]} and RUN a finished run")
+        link = out / slug
+        if link.is_symlink() or not link.exists():
+            link.unlink(missing_ok=True)
+            link.symlink_to(Path(run).resolve(), target_is_directory=True)
 
 
 def refine_detector(detector: Path, out: Path, data: Path, profile: dict, threads: int, seed: int) -> Path:
@@ -69,8 +82,9 @@ def refine_detector(detector: Path, out: Path, data: Path, profile: dict, thread
 
 
 @torch.inference_mode()
-def time_ratio(detector: Path, refined: Path, data: Path, repeats: int) -> dict[str, float]:
-    """Median seconds per batch of 16 of the detector and of its refined run, interleaved."""
+def time_ratio(detector: Path, refined: Path, data: Path, repeats: int, top_ks: tuple[int, ...] = ()) -> dict[str, float]:
+    """Median seconds per batch of 16 of the detector and of its refined run (and of the refined run
+    refining only its top-K for each of ``top_ks``), interleaved."""
     from distill.checkpoint import load_detector
 
     plain, meta = load_detector(detector)
@@ -78,24 +92,53 @@ def time_ratio(detector: Path, refined: Path, data: Path, repeats: int) -> dict[
     val = load_dataset(data, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0))
     batch = collate([val.get(i, flip=False) for i in range(min(16, len(val)))])
 
-    def infer(m):
-        return lambda: m.postprocess(m.head(m.features(batch.images), batch.image_sizes), batch.image_sizes)
+    def infer(m, top_k=None):
+        def run():
+            if top_k is not None:
+                m.top_k = top_k
+            return m.postprocess(m.head(m.features(batch.images), batch.image_sizes), batch.image_sizes)
+        return run
 
-    medians = interleaved_medians({"detector": infer(plain.eval()), "refined": infer(model.eval())}, repeats=repeats)
-    return {"detector_s": medians["detector"], "refined_s": medians["refined"], "extra_time_ratio": medians["refined"] / medians["detector"] - 1.0}
+    trained_k = model.top_k
+    fns = {"detector": infer(plain.eval()), "refined": infer(model.eval(), trained_k)} | {f"top{k}": infer(model, k) for k in top_ks}
+    medians = interleaved_medians(fns, repeats=repeats)
+    model.top_k = trained_k
+    result = {"detector_s": medians["detector"], "refined_s": medians["refined"], "extra_time_ratio": medians["refined"] / medians["detector"] - 1.0}
+    if top_ks:
+        result["extra_time_ratio_top_k"] = {str(k): medians[f"top{k}"] / medians["detector"] - 1.0 for k in top_ks}
+    return result
 
 
-def summarize(row: Row, detector: Path, refined: list[Path], data: Path, repeats: int) -> dict:
+@torch.inference_mode()
+def top_k_metrics(refined: Path, data: Path, top_k: int) -> dict:
+    """Val metrics of a refined run that refines only its ``top_k`` best predictions (kept in the run)."""
+    from distill.checkpoint import load_detector
+    from distill.engine.evaluate import evaluate_detector
+
+    record = refined / f"val-top{top_k}.json"
+    if not record.is_file():
+        model, meta = load_detector(refined)
+        model.top_k = top_k
+        metrics = evaluate_detector(model, load_dataset(data, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0)))
+        atomic_write_text(record, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return json.loads(record.read_text())
+
+
+def summarize(row: Row, detector: Path, refined: list[Path], data: Path, repeats: int, top_ks: tuple[int, ...] = ()) -> dict:
     before = finished(detector)["final"]
     after = [finished(run)["final"] for run in refined]
     info = json.loads((refined[0] / "run.json").read_text())["refine"]
-    result = {"name": row.name, "before": {k: before[k] for k in METRICS}, "after_mean": {k: statistics.mean(a[k] for a in after) for k in METRICS},
+    result = {"name": row.name, "detector": str(detector.resolve()), "detector_recipe": finished(detector)["recipe"], "before": {k: before[k] for k in METRICS}, "after_mean": {k: statistics.mean(a[k] for a in after) for k in METRICS},
               "after_per_seed": [{k: a[k] for k in METRICS} for a in after], "refiner_parameters": info["parameters"]}
     for key in METRICS:
         gains = [a[key] - before[key] for a in after]
         result[f"{key}_gain_mean"] = statistics.mean(gains)
         result[f"{key}_gain_interval"] = gain_interval(gains)
-    result.update(time_ratio(detector, refined[0], data, repeats))
+    # Inference-only: the same refiners applied to fewer predictions (the reference refines 100).
+    for k in top_ks:
+        per_seed = [top_k_metrics(run, data, k) for run in refined]
+        result.setdefault("top_k", {})[str(k)] = {f"{m}_gain_mean": statistics.mean(a[m] - before[m] for a in per_seed) for m in METRICS}
+    result.update(time_ratio(detector, refined[0], data, repeats, top_ks))
     return result
 
 
@@ -106,19 +149,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--only", default=None, help="comma-separated rows by slug (default: all): " + ",".join(r.slug for r in ROWS))
+    parser.add_argument("--detector", action="append", default=[], metavar="SLUG=RUN",
+                        help="refine this finished run (trained on the same data) for row SLUG instead of training one")
+    parser.add_argument("--top-k", default="", help="comma-separated: also score and time the refined runs refining only their top-K predictions")
+    parser.add_argument("--data", type=Path, default=None, help="a dataset folder to use instead of generating the profile's scenes")
     args = parser.parse_args(argv)
     name = "quick" if args.quick else "full"
     profile = PROFILES[name]
     out = args.out or Path("benchmarks/results") / f"refine-{name}"
     torch.set_num_threads(args.threads)
-    data = out / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    data = args.data or out / "data"
     if not (data / "val.json").is_file():
         generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    link_detectors(parser, out, args.detector)
+    top_ks = tuple(int(k) for k in args.top_k.split(",") if k)
     rows = {}
     for row in select_rows(parser, args.only, ROWS):
         detector = train_detector(row, out, data, profile, args.threads)
         refined = [refine_detector(detector, out, data, profile, args.threads, seed) for seed in range(profile["seeds"])]
-        rows[row.slug] = summarize(row, detector, refined, data, args.repeats)
+        rows[row.slug] = summarize(row, detector, refined, data, args.repeats, top_ks)
     summary = {"profile": {"name": name, **profile}, "threads": args.threads, "refiner_lr": REFINER_LR, "rows": rows,
                "command": " ".join(["python", *sys.argv])}
     atomic_write_text(out / "refine.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
@@ -137,8 +187,12 @@ def print_table(summary: dict) -> None:
         cell = lambda k: f"{row['before'][k]:.4f} -> {row['after_mean'][k]:.4f}"  # noqa: E731
         interval = row["AP75_gain_interval"]
         ci = f"{row['AP75_gain_mean']:+.4f}" + (f" [{interval[0]:+.4f}, {interval[1]:+.4f}]" if interval else "")
-        table.add_row(row["name"], cell("AP"), cell("AP75"), cell("AR100"), ci, f"{row['refiner_parameters']:,}", f"{row['extra_time_ratio']:+.0%}")
+        table.add_row(f"{row['name']} [{row['detector_recipe']}]", cell("AP"), cell("AP75"), cell("AR100"), ci, f"{row['refiner_parameters']:,}", f"{row['extra_time_ratio']:+.0%}")
     console.print(table)
+    for row in summary["rows"].values():
+        for k, gains in (row.get("top_k") or {}).items():
+            console.print(f"{row['name']}: refining the top {k} only: AP {gains['AP_gain_mean']:+.4f}, AP75 {gains['AP75_gain_mean']:+.4f}, "
+                          f"AR100 {gains['AR100_gain_mean']:+.4f}, extra inference time {row['extra_time_ratio_top_k'][k]:+.0%}")
 
 
 if __name__ == "__main__":

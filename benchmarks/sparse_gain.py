@@ -61,6 +61,7 @@ from rich.table import Table
 from distill.checkpoint import atomic_write_text
 from distill.data import GENERATORS
 from distill.engine.demo import baseline_recipe, finished, gap_closed
+from distill.engine.refine import refine_run
 from distill.engine.run import distill_run, train_run
 from recipes import load_recipe
 
@@ -77,6 +78,9 @@ TEACHERS = {
     # DAB-DETR: six layers, Group DETR, bins head, ImageNet EfficientNet-Lite0 (the GFL teacher's backbone)
     "dab": ("dab-teacher", []),
 }
+# Refined teachers: slug -> (the teacher refined, the refiner's settings): ``detkd refine`` on that
+# teacher's run with benchmarks/refine.py's schedule (12 epochs, lr 1e-3, refiner seed 0).
+REFINED = {"dab-refined": ("dab", ["train.epochs=12", "train.lr=1e-3", "train.seed=0"])}
 # The query teachers' rows distil from their query cache (``detkd cache``: every query row and its
 # matches for both flips, exact up to fp16 rows; tests/test_cache_queries.py), so their six layers do
 # not run in every step, except rows whose terms read the teacher's feature maps (no cache serves
@@ -154,7 +158,13 @@ ROWS = [
     distilled("DAB-DETR -> ASAG: GT-bridged KD + box + LD + features x24", "dab-gt-feat24", "dab",
               KD_BOX("gt_bridged") + LD_GT + FEAT(128, 24.0), default=False),
     distilled("DAB-DETR -> ASAG: feature mimicking x24 (all locations)", "dab-feat24", "dab", FEAT(128, 24.0), default=False),
+    # RefineBox: the same row from the refined DAB-DETR (its refined boxes are the box-KD and LD targets;
+    # features and class scores are the frozen detector's), compared with the unrefined row (VERSUS).
+    distilled("RefineBox DAB-DETR -> ASAG: GT-bridged KD + box + LD + features x24", "dab-gt-feat24-refined", "dab-refined",
+              KD_BOX("gt_bridged") + LD_GT + FEAT(128, 24.0), default=False),
 ]
+# rows also compared, paired by seed, with another distilled row
+VERSUS = {"dab-gt-feat24-refined": "dab-gt-feat24"}
 console = Console(width=160)
 
 
@@ -186,7 +196,19 @@ def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> 
             console.print(f"[bold]teacher {slug}[/] ({recipe_name}) -> {run}")
             train_run(load_recipe(recipe_name, sets), data, run)
         teachers[slug] = finished(run)
+    for slug in (t for t in REFINED if t in wanted):
+        base, sets = REFINED[slug]
+        run = out / f"teacher-{slug}"
+        if fresh(run):
+            console.print(f"[bold]teacher {slug}[/] (teacher-{base} + RefineBox) -> {run}")
+            refine_run(out / f"teacher-{base}", data, run, [*sets, f"train.threads={threads}", "train.eval_every=1000"])
+        teachers[slug] = finished(run)
     return teachers
+
+
+def teacher_recipe(slug: str) -> str:
+    """What teacher ``slug`` is, for the tables: its recipe, or the teacher it refines."""
+    return TEACHERS[slug][0] if slug in TEACHERS else f"{TEACHERS[REFINED[slug][0]][0]} + RefineBox"
 
 
 def link_shared(out: Path, reuse: Path) -> None:
@@ -339,6 +361,18 @@ def measure_inference(out: Path, profile: dict, threads: int, selected: dict[str
     return timings
 
 
+def versus(runs: list[dict], other: list[dict], other_slug: str) -> dict:
+    """Paired-by-seed AP differences of a row against another distilled row (val, tuning split and
+    the larger report split where scored), with their 95% intervals."""
+    result = {"row": other_slug}
+    for split, pick in (("val", lambda r: r["final"]), ("tune", lambda r: r["tune"]), ("large", lambda r: r["large"])):
+        if all(split == "val" or split in r for r in runs + other):
+            diffs = paired_gains(runs, other, pick)
+            result[split] = {"paired_gains": diffs, "mean": statistics.mean(diffs) if diffs else None, "ci95": gain_interval(diffs),
+                             "seeds_above": sum(d > 0 for d in diffs)}
+    return result
+
+
 def summarise(teachers: dict, results: dict, rows: list[Row], cost: dict | None) -> dict:
     """Per row: val AP over seeds, paired gains over its own student alone (val, tuning split, the
     larger report split), the gap closed to its teacher and its step cost; per teacher, the row with
@@ -388,10 +422,12 @@ def summarise(teachers: dict, results: dict, rows: list[Row], cost: dict | None)
                 row["large_paired_gain_mean"] = statistics.mean(large_diffs) if large_diffs else None
                 row["large_paired_gain_std"] = statistics.stdev(large_diffs) if len(large_diffs) > 1 else 0.0
                 row["large_paired_gain_ci95"] = gain_interval(large_diffs)
+        if slug in VERSUS and VERSUS[slug] in results:
+            row["versus"] = versus(results[slug], results[VERSUS[slug]], VERSUS[slug])
         out_rows[slug] = row
     # The row to recommend, per teacher, is chosen on the tuning split (paired gain there), never on val.
     selected = {}
-    for teacher_slug in TEACHERS:
+    for teacher_slug in [*TEACHERS, *REFINED]:
         scored = {slug: row["tune_paired_gain_mean"] for slug, row in out_rows.items()
                   if row["teacher"] == teacher_slug and row.get("tune_paired_gain_mean") is not None}
         if scored:
@@ -401,6 +437,17 @@ def summarise(teachers: dict, results: dict, rows: list[Row], cost: dict | None)
             "rows": out_rows}
 
 
+def versus_lines(summary: dict) -> list[str]:
+    """One line per row compared with another distilled row (``VERSUS``): paired gains per split."""
+    lines = []
+    for slug, row in summary["rows"].items():
+        if "versus" in row:
+            parts = [f"{split} {v['mean']:+.3f} {interval(v['ci95'])} ({v['seeds_above']}/{len(v['paired_gains'])} seeds up)"
+                     for split, v in row["versus"].items() if split != "row" and v["mean"] is not None]
+            lines.append(f"`{slug}` against `{row['versus']['row']}`, paired by seed: " + "; ".join(parts))
+    return lines
+
+
 def print_tables(summary: dict) -> None:
     p = summary["settings"]
     table = Table(title=f"sparse_gain ({summary['profile']}): COCO AP on {p.get('dataset', 'scenes')} val ({p['train']}/{p['val']} at {p['size']} px), final epoch, "
@@ -408,7 +455,7 @@ def print_tables(summary: dict) -> None:
     for column in ("row", "AP (mean)", "± std", "APs", "AP50", "gain", "gain / spread", "gap closed", "tune gain", "distill step", "  w/o teacher", "terms / student step"):
         table.add_column(column, justify="left" if column == "row" else "right")
     for slug, t in summary["teachers"].items():
-        table.add_row(f"teacher {slug} ({TEACHERS[slug][0]})", f"{t['AP']:.4f}", "", "", f"{t['AP50']:.4f}", "", "", "", "", "", "", "")
+        table.add_row(f"teacher {slug} ({teacher_recipe(slug)})", f"{t['AP']:.4f}", "", "", f"{t['AP50']:.4f}", "", "", "", "", "", "", "")
     for row in summary["rows"].values():
         c = row.get("cost")
         gap = "-" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
@@ -419,6 +466,8 @@ def print_tables(summary: dict) -> None:
             f"{c['distill_over_alone']:.2f}x" if c else "-", f"{c['without_teacher_over_alone']:.2f}x" if c else "-", f"{100 * c['terms_over_alone']:.1f}%" if c else "-",
         )
     console.print(table)
+    for line in versus_lines(summary):
+        console.print(line)
     console.print(f"rows chosen on the tuning split (largest paired gain there, per teacher): {summary.get('selected_on_tune')}")
     for teacher_slug, t in (summary.get("inference") or {}).items():
         console.print(f"inference, batch {t['batch_size']}: teacher {teacher_slug} {1000 * t['teacher_s']:.0f} ms, its architecture on the student's backbone "
@@ -455,7 +504,7 @@ def markdown_table(summary: dict) -> str:
     lines = ["| row | AP (mean ± std) | APs per seed | AP50 | gain | gain / spread | paired gain (± std) | 95% interval | seeds up | gap closed | tune gain (seeds up) | distill step | w/o teacher | terms / student step |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for slug, t in summary["teachers"].items():
-        lines.append(f"| teacher: {slug} (`{TEACHERS[slug][0]}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | | | | | |")
+        lines.append(f"| teacher: {slug} (`{teacher_recipe(slug)}`) | {t['AP']:.3f} | – | {t['AP50']:.3f} | | | | | | | | | | |")
     for slug, row in summary["rows"].items():
         c = row.get("cost")
         gap = "–" if row.get("gap_closed") is None else f"{100 * row['gap_closed']:.0f}%"
@@ -477,6 +526,7 @@ def markdown_table(summary: dict) -> str:
             gain = (f"{row['large_paired_gain_mean']:+.3f} ± {row['large_paired_gain_std']:.3f} | {interval(ci)} | "
                     f"{sum(d > 0 for d in row['large_paired_gains'])}/{len(row['large_paired_gains'])} |") if "large_paired_gains" in row else "– | – | – |"
             lines.append(f"| `{slug}` | {row['large_AP_mean']:.3f} ± {row['large_AP_std']:.3f} | {' / '.join(f'{a:.3f}' for a in row['large_APs'])} | {gain}")
+    lines += [f"\n{line}" for line in versus_lines(summary)]
     lines.append(f"\nChosen on the tuning split (largest paired gain there, per teacher): {chosen or 'none'}.")
     for teacher_slug, t in (summary.get("inference") or {}).items():
         lines.append(f"\nInference at batch {t['batch_size']} ({t['threads']} thread(s), eval mode, features + head + postprocess, median): teacher `{teacher_slug}` "
@@ -516,7 +566,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.reuse:
         link_shared(out, args.reuse)
     torch.set_num_threads(args.threads)
-    teachers = train_teachers(out, profile, args.threads, {r.teacher for r in rows if r.teacher})
+    wanted = {r.teacher for r in rows if r.teacher}
+    teachers = train_teachers(out, profile, args.threads, wanted | {REFINED[t][0] for t in wanted if t in REFINED})
     if args.cost_only:
         cost = measure_cost(out, profile, args.threads, rows, args.repeats)
         atomic_write_text(out / f"{args.name}-cost.json", json.dumps(cost, indent=2, sort_keys=True) + "\n")

@@ -25,6 +25,11 @@ Sparse detectors whose decoder can start from given boxes (``spec.query_boxes``)
 ``shared_queries`` pairer; training only, nothing changes at inference; ``aux=False`` when no term
 reads the auxiliary heads, so a detector may skip them).
 
+A dense detector that refines its detections after postprocess (RefineBox, ``teachers.refine``) also
+exposes the same step for the export graph, on padded detections::
+
+    boxes = model.refine_exported(predictions, boxes (B, D, 4), scores (B, D), valid (B, D), image_sizes)
+
 Dense detectors whose label assignment does not depend on the predictions (ATSS ranks fixed anchors)
 also expose it, so the teacher cache selects exactly the locations the student will use::
 

@@ -50,7 +50,7 @@ def test_every_row_uses_its_own_correspondence_and_fits_its_teacher(row):
         assert len({spec.pairer for spec in predicted}) <= 1  # one correspondence per row
         assert not predicted or {spec.name for spec in predicted} >= {"kd", "box"}
         assert all(spec.pairer == "all" for spec in recipe.losses if spec.name == "feature")  # features: every location
-    teacher_name, teacher_sets = bench.TEACHERS[row.teacher]
+    teacher_name, teacher_sets = bench.TEACHERS[bench.REFINED[row.teacher][0] if row.teacher in bench.REFINED else row.teacher]
     student, teacher = build(recipe.student), FrozenTeacher(build(load_recipe(teacher_name, teacher_sets).student))
     check_pair(student.spec, teacher.spec, build_losses(recipe, student, teacher))
 
@@ -61,6 +61,28 @@ def test_every_row_shares_its_baselines_student_and_schedule(row):
     assert baseline.teacher is None  # paired with a student alone
     base, recipe = bench.baseline_recipe(bench.row_recipe(baseline, [])), bench.row_recipe(row, [])
     assert recipe.student == base.student and recipe.train == base.train and recipe.data == base.data
+
+
+def test_refined_teacher_row_differs_from_its_comparison_only_in_the_teacher():
+    for slug, other in bench.VERSUS.items():
+        row, against = BY_SLUG[slug], BY_SLUG[other]
+        assert bench.REFINED[row.teacher][0] == against.teacher
+        assert bench.row_recipe(row, []).losses == bench.row_recipe(against, []).losses
+        assert (row.recipe, row.overrides, row.baseline) == (against.recipe, against.overrides, against.baseline)
+
+
+def test_versus_pairs_by_seed_on_every_scored_split():
+    run = lambda seed, val, tune: {"seed": seed, "final": {"AP": val}, "tune": {"AP": tune}}  # noqa: E731
+    refined = [run(0, 0.30, 0.20), run(1, 0.25, 0.22), run(2, 0.40, 0.10)]
+    plain = [run(1, 0.20, 0.22), run(0, 0.31, 0.25)]  # seed 2 has no partner: left out
+    result = bench.versus(refined, plain, "plain")
+    assert result["row"] == "plain" and "large" not in result
+    assert result["val"]["paired_gains"] == pytest.approx([-0.01, 0.05]) and result["val"]["seeds_above"] == 1
+    assert result["val"]["mean"] == pytest.approx(0.02)
+    assert result["tune"]["paired_gains"] == pytest.approx([-0.05, 0.0]) and result["tune"]["seeds_above"] == 0
+    # t(0.975, 1 dof) = 12.7062; std of (-0.01, 0.05) = 0.0424264; interval = mean +- t * std / sqrt(2)
+    low, high = result["val"]["ci95"]
+    assert low == pytest.approx(0.02 - 12.7062 * 0.0424264 / 2**0.5, rel=1e-4) and high == pytest.approx(0.02 + 12.7062 * 0.0424264 / 2**0.5, rel=1e-4)
 
 
 def test_imagenet_rows_distil_into_the_imagenet_student_and_pair_with_it_alone():

@@ -164,6 +164,27 @@ def test_query_groups_never_see_each_other():
         assert model(x, sizes).logits.shape == (2, 4, 3)  # inference: group 0 only
 
 
+def test_head_and_decode_queries_of_one_step_run_the_encoder_once():
+    """The encoded tokens ride on the maps ``features`` returned: ``decode_queries`` after ``head``
+    (shared queries, KD-DETR's points) reuses them, bit for bit what a fresh encoder pass gives."""
+    torch.manual_seed(0)
+    model = create_student("dab_detr", **TINY_DAB, decoder_layers=2).eval()
+    calls = []
+    model.encoder[0].register_forward_hook(lambda *args: calls.append(1))
+    x, sizes = torch.randn(2, 3, 64, 64), torch.tensor([[64, 64], [64, 48]])
+    boxes, valid = torch.tensor([[[4.0, 4.0, 30.0, 40.0]], [[10.0, 8.0, 50.0, 44.0]]]), torch.ones(2, 1, dtype=torch.bool)
+    with torch.no_grad():
+        features = model.features(x)
+        model.head(features, sizes)
+        reused = model.decode_queries(features, sizes, boxes, valid)
+        assert len(calls) == 1
+        fresh = model.decode_queries(list(features), sizes, boxes, valid)  # plain maps: encoded anew
+        assert len(calls) == 2
+        model.decode_queries(features, torch.tensor([[64, 64], [48, 64]]), boxes, valid)  # other sizes: encoded anew
+        assert len(calls) == 3
+    assert torch.equal(reused.logits, fresh.logits) and torch.equal(reused.boxes, fresh.boxes)
+
+
 @pytest.mark.parametrize("layers", [1, 6])
 def test_dab_detr_overfits_scene_images(tmp_path, layers):
     generate_scenes(tmp_path / "scenes", num_train=4, num_val=1, size=96, seed=5, negative_fraction=0.0)

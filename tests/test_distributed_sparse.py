@@ -37,3 +37,12 @@ def test_two_gloo_processes_train_dab_detr_and_distil_from_it_like_one(setup):
     detkd(*distil, "--out", setup / "from-dab1", env=REFERENCE)
     detkd(*distil, "--out", setup / "from-dab2", procs=2, env=REFERENCE)
     assert_same_run(setup / "from-dab1", setup / "from-dab2")
+
+
+def test_two_gloo_processes_train_a_refiner_like_one(setup):
+    """``detkd refine`` under DDP: the refiner on the frozen 6-stage detector (Hungarian matches per
+    image, the refined-row count averaged over ranks), fp64 reference runs."""
+    args = ["refine", setup / "sparse6", "--data", setup / "data", "--epochs", "2", *SMALL, "--set", "train.threads=1", "--set", "train.lr=1e-3", "--no-progress"]
+    detkd(*args, "--out", setup / "r1", env=REFERENCE)
+    detkd(*args, "--out", setup / "r2", procs=2, env=REFERENCE)
+    assert_same_run(setup / "r1", setup / "r2")

@@ -12,6 +12,7 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 from cli_helpers import invoke, one_error_line  # noqa: E402
+from export_helpers import assert_same_detections  # noqa: E402
 from tolerances import fp32_chain  # noqa: E402
 
 from distill.checkpoint import load_detector, save_checkpoint  # noqa: E402
@@ -92,25 +93,7 @@ def test_onnxruntime_gives_pytorch_detections(exported, scenes, batch):
     got = run_session(load_session(path), x)
     assert set(got) == {"boxes", "scores", "labels", "valid"}
     assert got["labels"].dtype.name == "int64" and got["valid"].dtype.name == "bool"
-    assert_same_detections(expected, got, tolerance(recipe))
-
-
-def assert_same_detections(expected, got, tol: float) -> None:
-    worst_box = worst_score = 0.0
-    for b, det in enumerate(expected):
-        valid = torch.from_numpy(got["valid"][b])
-        assert int(valid.sum()) == len(det.scores) > 0, f"image {b}"
-        assert not got["scores"][b][~valid.numpy()].any()  # padding rows are zero
-        boxes, scores = torch.from_numpy(got["boxes"][b])[valid], torch.from_numpy(got["scores"][b])[valid]
-        labels = torch.from_numpy(got["labels"][b])[valid]
-        assert (scores[:-1] >= scores[1:]).all()  # descending, as PyTorch's
-        # Paired one to one, not row by row: two candidates whose scores differ by less than the
-        # rounding error (random heads give many) may come out in either order.
-        pair = pair_detections(boxes, scores, labels, det)
-        worst_box = max(worst_box, (boxes[pair] - det.boxes).abs().max().item())
-        worst_score = max(worst_score, (scores[pair] - det.scores).abs().max().item())
-    assert worst_box <= tol * SIZE, (worst_box, tol * SIZE)  # pixels: relative to the canvas side
-    assert worst_score <= tol, (worst_score, tol)  # scores are in [0, 1]
+    assert_same_detections(expected, got, tolerance(recipe), SIZE)
 
 
 def test_topk_larger_than_the_candidates(scenes):
@@ -127,25 +110,13 @@ def test_topk_larger_than_the_candidates(scenes):
             expected = model.postprocess(model.head(model.features(x), sizes), sizes)
         got = run_session(session, x)
         assert got["valid"].shape[1] == sum(min(5000, h * w * len(scenes.classes)) for h, w in ((8, 8), (4, 4), (2, 2), (1, 1), (1, 1)))
-        assert_same_detections(expected, got, tolerance("gfl-tiny"))
+        assert_same_detections(expected, got, tolerance("gfl-tiny"), SIZE)
 
 
 def load_session_bytes(data: bytes):
     import onnxruntime as ort
 
     return ort.InferenceSession(data, providers=["CPUExecutionProvider"])
-
-
-def pair_detections(boxes, scores, labels, det) -> torch.Tensor:
-    """Index into the onnxruntime rows of each PyTorch detection: same label, nearest box and score
-    (a minimum-cost one-to-one assignment)."""
-    from scipy.optimize import linear_sum_assignment
-
-    cost = (det.boxes[:, None] - boxes[None]).abs().amax(-1) + (det.scores[:, None] - scores[None]).abs()
-    cost = torch.where(det.labels[:, None] == labels[None], cost, torch.full_like(cost, 1e9))
-    rows, cols = linear_sum_assignment(cost.double().numpy())
-    assert cost[rows, cols].max() < 1e9, "a detection has no counterpart of its class"
-    return torch.as_tensor(cols)[torch.as_tensor(rows).argsort()]
 
 
 def test_file_is_checked_and_holds_only_the_inference_path(exported):

@@ -103,6 +103,15 @@ def hf_models() -> dict:
             use_pretrained_backbone=False, d_model=32, encoder_hidden_dim=32, encoder_in_channels=[16, 16, 32], decoder_in_channels=[32, 32, 32],
             encoder_ffn_dim=32, decoder_layers=2, decoder_ffn_dim=32, num_queries=10, num_denoising=0, encoder_attention_heads=2,
             decoder_attention_heads=2, **labels),
+        # D-FINE: RT-DETR's encoder with fine-grained distribution refinement of the boxes; a tiny HGNetV2
+        "d_fine": lambda: transformers.DFineConfig(
+            backbone_config=transformers.HGNetV2Config(
+                embedding_size=8, stem_channels=[3, 8, 8], stage_in_channels=[8, 16, 16, 32], stage_mid_channels=[8, 8, 8, 8],
+                stage_out_channels=[16, 16, 32, 32], stage_num_blocks=[1, 1, 1, 1], stage_numb_of_layers=[1, 1, 1, 1],
+                hidden_sizes=[16, 16, 32, 32], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]),
+            use_pretrained_backbone=False, d_model=32, encoder_hidden_dim=32, encoder_in_channels=[16, 32, 32], decoder_in_channels=[32, 32, 32],
+            encoder_ffn_dim=32, decoder_ffn_dim=32, decoder_layers=2, num_queries=10, num_denoising=0, encoder_attention_heads=2,
+            decoder_attention_heads=2, decoder_n_points=2, head_dim=16, **labels),
     }
     torch.manual_seed(0)
     return {kind: transformers.AutoModelForObjectDetection.from_config(make()) for kind, make in configs.items()}
@@ -131,6 +140,22 @@ def test_softmax_probabilities_become_logits_whose_sigmoid_is_that_probability()
     torch.testing.assert_close(per_class.sigmoid()[1], logits[1].softmax(-1)[:3])
     # background first (Faster R-CNN): column 0 dropped
     torch.testing.assert_close(softmax_to_logits(logits, background=0).sigmoid()[1], logits[1].softmax(-1)[1:])
+
+
+@pytest.mark.parametrize("kind", ["rt_detr", "d_fine"])
+def test_sigmoid_detrs_pass_their_logits_and_boxes_through(saved, kind):
+    """RT-DETR / D-FINE score classes with sigmoids (no "no object" column): the teacher's logits are
+    the model's own, its boxes the model's normalised (cx, cy, w, h) times the canvas, as xyxy pixels."""
+    teacher = load_teacher(saved[kind])
+    images = batch().images  # (2, 3, 64, 64); a folder without preprocessor_config.json: ImageNet normalisation, as detkd's
+    with torch.no_grad():
+        predictions = teacher.model.head(teacher.model.features(images), batch().image_sizes)
+        out = teacher.model.model(pixel_values=images)
+    assert teacher.model.softmax is False and predictions.logits.shape == (2, 10, len(CLASSES))
+    assert torch.equal(predictions.logits, out.logits)  # same forward, same process: same bits
+    cx, cy, w, h = out.pred_boxes.unbind(-1)
+    torch.testing.assert_close(predictions.boxes, torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1) * 64, rtol=0, atol=1e-5)
+    assert teacher.spec.family == "sparse" and teacher.spec.strides == (8, 16, 32)  # the encoder's three levels as feature maps
 
 
 def test_fcos_scores_are_torchvisions_sqrt_of_class_times_centerness(saved):
@@ -202,7 +227,7 @@ def test_asag_student_distills_from_faster_rcnn_with_decoded_shared_queries(save
     assert {"loss_kd_gt_bridged", "loss_box_gt_bridged", "loss_kd_teacher_set", "loss_kd_shared_queries", "loss_feature_gt_boxes"} <= keys
 
 
-@pytest.mark.parametrize("kind", ["detr", "conditional_detr", "dab-detr", "deformable_detr", "rt_detr"])
+@pytest.mark.parametrize("kind", ["detr", "conditional_detr", "dab-detr", "deformable_detr", "rt_detr", "d_fine"])
 def test_asag_student_distills_from_a_transformers_detr(saved, data, tmp_path, kind):
     keys, run = distill(tmp_path, data, saved[kind], ASAG, [*MATCHED_TERMS, SHARED], f"asag-{kind}")
     assert {"loss_kd_gt_bridged", "loss_box_gt_bridged", "loss_kd_teacher_set", "loss_kd_shared_queries"} <= keys

@@ -291,3 +291,38 @@ def test_a_cache_of_the_refined_teacher_is_not_the_detectors(refined, detectors,
         "--epochs", 1, "--force", *SMALL,
     ))
     assert "teacher cache was built for another teacher (teacher.weights_sha256: cache " in line and "rebuild it with 'detkd cache'" in line
+
+
+@pytest.mark.parametrize("recipe", ["gfl-tiny", "dab6-tiny"])
+def test_export_of_a_refined_run_holds_the_refiner(recipe, refined, data, tmp_path):
+    """``detkd export`` of a refined run: onnxruntime gives the refined detections (the refiner after
+    the NMS for GFL, in the head for DAB-DETR), not the plain detector's."""
+    pytest.importorskip("onnxruntime")
+    from export_helpers import assert_same_detections
+    from tolerances import fp32_chain
+
+    from distill.checkpoint import load_detector
+    from distill.data import DetectionTransform, load_dataset
+    from distill.data.loader import collate
+    from distill.export import load_session, run_session
+    from distill.export.onnx_file import export_onnx
+
+    run = refined[recipe]
+    result = invoke("export", run, "--format", "onnx", "--dynamic-batch")
+    assert result.exit_code == 0, result.output
+    model, meta = load_detector(run)
+    model.detector.score_thresh = 0.0  # a one-epoch detector scores below the default threshold
+    path = tmp_path / "refined.onnx"
+    path.write_bytes(export_onnx(model, meta, dynamic_batch=True))  # what the command runs, on the model with that threshold
+    dataset = load_dataset(data, "val", DetectionTransform(64, hflip_prob=0.0))
+    images = collate([dataset.get(i, flip=False) for i in range(2)], size_divisor=32).images
+    sizes = torch.tensor([[64, 64]] * 2)
+    with torch.no_grad():
+        expected = model.postprocess(model.head(model.features(images), sizes), sizes)
+        plain = model.detector.postprocess(model.detector.head(model.detector.features(images), sizes), sizes)
+    # the refiner moved boxes (by more than 0.05 px; DAB-DETR's NMS then keeps other rows), so the
+    # plain detections would fail the comparison below
+    assert any(len(e.scores) != len(p.scores) or (e.boxes - p.boxes).abs().max().item() > 0.05 for e, p in zip(expected, plain))
+    got = run_session(load_session(path), images)
+    # decoder layers (DAB-DETR 6) or the dense head (1), then 3 refiner steps, each ~200 fp32 roundings
+    assert_same_detections(expected, got, fp32_chain(200 * ((6 if recipe == "dab6-tiny" else 1) + 3)), 64)

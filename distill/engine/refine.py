@@ -53,7 +53,7 @@ def refine_run(
 ) -> FitResult:
     """Train a refiner for the detector checkpoint (or run folder) ``detector_run`` on ``data``."""
     from distill.checkpoint import load_detector, resolve_checkpoint
-    from distill.engine.build import apply_threads, build_datasets, run_meta
+    from distill.engine.build import apply_threads, build_datasets, run_meta, seed_everything
     from distill.engine.run import check_fresh_run_dir, read_run_info, removed_if_refused, session, write_run_info
     from distill.engine.trainer import Trainer, check_batches, check_splits
     from distill.outputs import check_writable
@@ -80,6 +80,7 @@ def refine_run(
         check_same_classes(detector_meta["classes"], train_set.classes, what=str(detector_path), where=str(data))
         check_splits(train_set, val_set)
         check_batches(train_set, recipe)
+        seed_everything(recipe.train.seed)  # the refiner's initialisation follows train.seed, on every rank alike
         model = build_refined(detector, recipe.student.params)
         refiner_params = parameter_count(model.refiner)
         meta = run_meta(detector, train_set, recipe, data)

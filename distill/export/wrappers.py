@@ -33,7 +33,8 @@ def _clip(boxes: Tensor, height: int, width: int) -> Tensor:
 
 class DenseExport(nn.Module):
     """GFL-style dense student: per level the ``pre_nms_topk`` best (location, class) pairs, decoded
-    and clipped, then class-aware NMS to ``max_detections`` (``students.gfl.postprocess`` in the graph)."""
+    and clipped, then class-aware NMS to ``max_detections`` (``students.gfl.postprocess`` in the graph);
+    a detector with ``refine_exported`` (RefineBox over a dense detector) refines the kept boxes."""
 
     def __init__(self, model: nn.Module, raw: bool = False) -> None:
         super().__init__()
@@ -57,8 +58,11 @@ class DenseExport(nn.Module):
             labels.append(index - loc * num_classes)
             boxes.append(distance2bbox(points[loc], distances))
         boxes = _clip(torch.cat(boxes, 1), height, width)
-        result = padded_nms(boxes, torch.cat(scores, 1), torch.cat(labels, 1), num_classes, m.nms_iou, m.score_thresh, m.max_detections)
-        return result + ((out.logits, out.bin_logits) if self.raw else ())
+        boxes, scores, labels, valid = padded_nms(boxes, torch.cat(scores, 1), torch.cat(labels, 1), num_classes, m.nms_iou, m.score_thresh, m.max_detections)
+        if hasattr(m, "refine_exported"):  # a refined dense detector: its refiner acts after the NMS, as in postprocess
+            sizes = torch.ones_like(images[:, 0, 0, :2], dtype=torch.int64) * torch.tensor([height, width])
+            boxes = m.refine_exported(out, boxes, scores, valid, sizes) * valid[..., None]
+        return (boxes, scores, labels, valid) + ((out.logits, out.bin_logits) if self.raw else ())
 
 
 class SparseExport(nn.Module):

@@ -32,13 +32,13 @@ from torch import Tensor, nn
 
 from distill.structures import Detections, DetectorSpec, Matches, Predictions, Target
 from teachers.frozen import freeze
-from teachers.refine.criterion import RefineCriterion, zero_losses
+from teachers.refine.criterion import RefineCriterion, refined_rows, zero_losses
 from teachers.refine.refiner import BoxRefiner
 
 __all__ = ["RefinedDetector", "RefinedRows", "top_k_rows", "scatter_rows", "box_targets"]
 
-# Attributes of the detector the engine and the teacher checks read, passed through unchanged.
-_PASSED = ("num_classes", "strides", "head_from_stage", "grid_matches", "matching_config", "max_detections", "score_thresh", "nms_iou")
+# Attributes of the detector the engine, the teacher checks and the export graph read, passed through unchanged.
+_PASSED = ("num_classes", "strides", "head_from_stage", "grid_matches", "matching_config", "max_detections", "score_thresh", "nms_iou", "pre_nms_topk")
 
 
 @dataclass
@@ -158,9 +158,10 @@ class RefinedDetector(nn.Module):
         rows = getattr(predictions, "refined", None)
         if rows is None:
             raise ValueError("RefinedDetector.loss needs the predictions of a training head call (targets given)")
+        normaliser = refined_rows(len(rows.index), rows.gt.device)  # every rank, every step (a collective)
         if len(rows.index) == 0:
             return zero_losses(sum(p.sum() for p in self.refiner.parameters())), predictions.matches
-        return self.criterion(rows.steps, rows.gt, rows.image_sizes), predictions.matches
+        return self.criterion(rows.steps, rows.gt, rows.image_sizes, normaliser), predictions.matches
 
     def match(self, predictions: Predictions, targets: list[Target], image_sizes: Tensor) -> Matches:
         return self.detector.match(predictions, targets, image_sizes)
@@ -173,6 +174,12 @@ class RefinedDetector(nn.Module):
         if maps is None:
             raise ValueError("RefinedDetector.postprocess needs the predictions of this model's head (the refiner's maps)")
         return self._refine_detections(maps, detections, image_sizes)
+
+    def refine_exported(self, predictions: Predictions, boxes: Tensor, scores: Tensor, valid: Tensor, image_sizes: Tensor) -> Tensor:
+        """Dense: the export graph's detections after its NMS, padded (``boxes`` (B, D, 4), ``scores``
+        and ``valid`` (B, D)), with their top-K refined as ``postprocess`` refines them -> (B, D, 4).
+        (A sparse detector's refinement is in ``head``, so its export graph needs no call.)"""
+        return self._refine_top_k(predictions.refiner_maps, boxes, scores, valid, image_sizes)
 
     def decode_queries(self, features: list[Tensor], image_sizes: Tensor | None, boxes: Tensor, valid: Tensor, aux: bool = True) -> Predictions:
         """The detector's decoder on given boxes (shared queries), its top-K outputs refined."""

@@ -36,6 +36,16 @@ from students.sparse.queries import LearnedAnchors, Queries
 __all__ = ["DABDETR", "build_dab_detr", "check_dab_params"]
 
 
+class ProjectedMaps(list):
+    """``features``' projected maps (a list of (B, D, H_l, W_l) tensors) that keep their encoded tokens
+    once ``memory`` has computed them: the head and ``decode_queries`` of one step (shared queries,
+    KD-DETR's random points on a teacher) then run the encoder once. The tokens live as long as the
+    maps, i.e. one step; other image sizes are encoded anew."""
+
+    encoded: tuple[Tensor, Tensor, Tensor] | None = None
+    encoded_sizes: Tensor | None = None
+
+
 class DABDETR(QueryDetector):
     """DAB-DETR (see the module docstring). ``hidden_dim`` is the token / query width D."""
 
@@ -82,9 +92,9 @@ class DABDETR(QueryDetector):
         }}
 
     # -------------------------------------------------------------------------------- contract
-    def features(self, images: Tensor) -> list[Tensor]:
+    def features(self, images: Tensor) -> ProjectedMaps:
         """images (B, 3, H, W) -> projected maps at ``strides``, each (B, hidden_dim, ceil(H / s), ceil(W / s))."""
-        return self.input_proj(self.backbone(images))
+        return ProjectedMaps(self.input_proj(self.backbone(images)))
 
     def head(self, features: list[Tensor], image_sizes: Tensor | None = None, targets: list[Target] | None = None) -> SparsePredictions:
         """Encoder + decoder from the learned anchors. Training: every layer (aux) and group; eval: last layer, group 0."""
@@ -99,10 +109,15 @@ class DABDETR(QueryDetector):
         return self._decode(features, Queries(boxes, valid), self._sizes(features, image_sizes), aux)
 
     def memory(self, features: list[Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Encoded tokens (B, N, D), their positions (B, N, D) and padding (B, N)."""
+        """Encoded tokens (B, N, D), their positions (B, N, D) and padding (B, N); computed once per
+        :class:`ProjectedMaps` and image sizes."""
+        if getattr(features, "encoded", None) is not None and torch.equal(features.encoded_sizes, image_sizes):
+            return features.encoded
         memory, position, padding = flatten_memory(features, self.strides, image_sizes, self.level_embed)
         for layer in self.encoder:
             memory = layer(memory, position, padding)
+        if isinstance(features, ProjectedMaps):
+            features.encoded, features.encoded_sizes = (memory, position, padding), image_sizes
         return memory, position, padding
 
     def _decode(self, features: list[Tensor], queries: Queries, image_sizes: Tensor, aux_heads: bool = True) -> SparsePredictions:
