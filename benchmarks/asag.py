@@ -27,16 +27,14 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
-from common import Row, fresh, select_rows  # the benchmarks' shared helpers (this script's folder is on sys.path)
+from common import Row, fresh, interleaved_medians, profile_data, select_rows  # the benchmarks' shared helpers (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
 from distill.checkpoint import atomic_write_text
-from distill.data import generate_scenes
 from distill.data.loader import collate
 from distill.engine.build import build_datasets
 from distill.engine.demo import finished
@@ -64,9 +62,7 @@ console = Console(width=150)
 
 
 def train_rows(out: Path, profile: dict, threads: int, rows: list[Row]) -> dict[str, dict]:
-    data = out / "data"
-    if not (data / "val.json").is_file():
-        generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    data = profile_data(out, profile)
     runs = {}
     for row in rows:
         run = out / row.slug
@@ -89,20 +85,15 @@ def inference_times(runs: dict[str, dict], data: Path, repeats: int, batch_size:
     _, val = build_datasets(first["recipe"], data)
     batch = collate([val[i] for i in range(min(batch_size, len(val)))])
     models = {slug: load_detector(r["run"] / "checkpoints" / "last.safetensors")[0].eval() for slug, r in runs.items()}
-    times: dict[str, list[float]] = {slug: [] for slug in models}
-    source: list[float] = []
-    for i in range(repeats + 2):
-        for slug, model in models.items():
-            started = time.perf_counter()
-            features = model.features(batch.images)
-            model.postprocess(model.head(features, batch.image_sizes), batch.image_sizes)
-            if i >= 2:  # two warm-up rounds
-                times[slug].append(time.perf_counter() - started)
-            if slug == "asag-gen" and i >= 2:
-                started = time.perf_counter()
-                model.query_source(features, batch.image_sizes)
-                source.append(time.perf_counter() - started)
-    out = {slug: {"inference_s": statistics.median(t)} for slug, t in times.items()}
+    def infer(model):
+        return lambda: model.postprocess(model.head(model.features(batch.images), batch.image_sizes), batch.image_sizes)
+
+    fns = {slug: infer(model) for slug, model in models.items()}
+    if "asag-gen" in models:  # the anchor generator alone, on the generator model's features
+        features = models["asag-gen"].features(batch.images)
+        fns["generator"] = lambda: models["asag-gen"].query_source(features, batch.image_sizes)
+    medians = interleaved_medians(fns, repeats=repeats, warmup=2)
+    out = {slug: {"inference_s": medians[slug]} for slug in models}
     if "asag-gen" in models:
         model = models["asag-gen"]
         anchors = []
@@ -110,7 +101,7 @@ def inference_times(runs: dict[str, dict], data: Path, repeats: int, batch_size:
             b = collate([val[i] for i in range(start, min(start + batch_size, len(val)))])
             anchors += model.query_source(model.features(b.images), b.image_sizes).valid.sum(dim=1).tolist()
         out["asag-gen"].update(
-            generator_s=statistics.median(source), generator_share=statistics.median(source) / out["asag-gen"]["inference_s"],
+            generator_s=medians["generator"], generator_share=medians["generator"] / out["asag-gen"]["inference_s"],
             anchors_per_image_mean=statistics.mean(anchors), anchors_per_image_min=min(anchors), anchors_per_image_max=max(anchors),
         )
     return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import platform
 import shutil
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import interleaved_medians, optimizer_step  # the benchmarks' shared helpers (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
@@ -84,26 +86,6 @@ def inference_seconds(teacher: FrozenTeacher, dataset, variants: tuple[str, ...]
     return time.perf_counter() - started
 
 
-def train_step(model, step_fn, optimizer, batch) -> None:
-    losses = step_fn(model, batch)
-    optimizer.zero_grad(set_to_none=True)
-    sum(losses.values()).backward()
-    optimizer.step()
-
-
-def time_modes(modes: dict, batches: list, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Interleaved step times (seconds) per mode, warm-up steps dropped."""
-    times: dict[str, list[float]] = {name: [] for name in modes}
-    for i in range(warmup + steps):
-        batch = batches[i % len(batches)]
-        for name, (model, step_fn, optimizer) in modes.items():
-            started = time.perf_counter()
-            train_step(model, step_fn, optimizer, batch)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - started)
-    return times
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -148,8 +130,12 @@ def main(argv: list[str] | None = None) -> dict:
         modes[name] = (students[name], distiller.step, build_optimizer(params, recipe))
     loader = build_loader(cache.training_set(train), args.batch, shuffle=True, seed=0, drop_last=True)
     batches = list(loader)
-    times = time_modes(modes, batches, args.steps, args.warmup)
-    median = {name: statistics.median(ts) for name, ts in times.items()}
+
+    def cycled(model, step_fn, optimizer):  # every mode steps through the same batches in lockstep
+        order = itertools.cycle(batches)
+        return lambda: optimizer_step(step_fn, model, next(order), optimizer)()
+
+    median = interleaved_medians({name: cycled(*mode) for name, mode in modes.items()}, repeats=args.steps, warmup=args.warmup)
 
     results = {
         "recipe": recipe.name,

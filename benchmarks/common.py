@@ -89,23 +89,30 @@ def leaf_predictions(preds):
     return dataclasses.replace(preds, logits=leaf(preds.logits), boxes=leaf(preds.boxes), bins=bins, aux=[leaf_predictions(a) for a in preds.aux])
 
 
+def generated(folder: Path, dataset: str, train: int, val: int, size: int, seed: int) -> Path:
+    """``folder`` holding built-in data (``GENERATORS[dataset]``: scenes or clutter), generated unless
+    a previous call (or an interrupted one that got as far as val.json, written last) made it."""
+    if not (folder / "val.json").is_file():
+        GENERATORS[dataset](folder, num_train=train, num_val=val, size=size, seed=seed)
+    return folder
+
+
+def profile_data(out: Path, profile: dict) -> Path:
+    """The train / val data of a benchmark profile (generator seed 0)."""
+    return generated(out / "data", profile.get("dataset", "scenes"), profile["train"], profile["val"], profile["size"], seed=0)
+
+
 def tune_data(out: Path, profile: dict) -> Path:
     """The tuning split: scenes from another generator seed (1; train and val use 0), as many images
     as val. Rows are compared and the one to recommend is chosen on it; val only reports them."""
-    tune = out / "data-tune"
-    if not (tune / "val.json").is_file():
-        GENERATORS[profile["dataset"]](tune, num_train=0, num_val=profile["val"], size=profile["size"], seed=1)
-    return tune
+    return generated(out / "data-tune", profile.get("dataset", "scenes"), 0, profile["val"], profile["size"], seed=1)
 
 
 def large_data(out: Path, profile: dict, count: int) -> Path:
     """A larger report split (``--large-val``): ``count`` scenes of generator seed 2, same objects and
     textures as val. Evaluation only: a 100-image val moves one run's AP by ~0.02 with the scenes it
     is scored on, so the same checkpoints are also scored on more images."""
-    large = out / f"data-large{count}"
-    if not (large / "val.json").is_file():
-        GENERATORS[profile["dataset"]](large, num_train=0, num_val=count, size=profile["size"], seed=2)
-    return large
+    return generated(out / f"data-large{count}", profile.get("dataset", "scenes"), 0, count, profile["size"], seed=2)
 
 
 def heldout_metrics(run: Path, split: Path, name: str = "tune") -> dict:

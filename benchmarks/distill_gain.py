@@ -27,7 +27,19 @@ import sys
 from pathlib import Path
 
 import torch
-from common import Row, fresh, gain_interval, heldout_metrics, interleaved_medians, leaf_predictions, optimizer_step, paired_gains, select_rows, tune_data
+from common import (
+    Row,
+    fresh,
+    gain_interval,
+    heldout_metrics,
+    interleaved_medians,
+    leaf_predictions,
+    optimizer_step,
+    paired_gains,
+    profile_data,
+    select_rows,
+    tune_data,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -63,9 +75,7 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
     """Train (or reuse) data, teacher and every variant x seed; ``reuse``: a benchmark folder whose
     data and teacher are taken as they are (same scenes, same teacher, another student)."""
     torch.set_num_threads(threads)
-    data = (reuse or out) / "data"
-    if not (data / "val.json").is_file():
-        GENERATORS[profile["dataset"]](data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    data = profile_data(reuse or out, profile)
     size = [f"data.image_size={profile['size']}", f"train.threads={threads}"]
     teacher = (reuse or out) / "teacher"
     if finished(teacher) is None:

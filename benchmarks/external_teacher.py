@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import Row, fresh, gain_interval, heldout_metrics, paired_gains, row_recipe, select_rows, tune_data
+from common import Row, fresh, gain_interval, heldout_metrics, paired_gains, profile_data, row_recipe, select_rows, tune_data
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from distill.checkpoint import atomic_write_text
-from distill.data import GENERATORS, DetectionTransform, load_dataset
+from distill.data import DetectionTransform, load_dataset
 from distill.engine.demo import finished
 from distill.engine.run import distill_run, train_run
 
@@ -108,9 +108,7 @@ def teacher_metrics(reference: str, data: Path, size: int) -> dict:
 
 def run_all(out: Path, profile: dict, rows: list[Row], threads: int, force: bool = False) -> dict:
     """Data, teacher and every row x seed (``force``: distil past the teacher.min_ap gate)."""
-    data = out / "data"
-    if not (data / "val.json").is_file():
-        GENERATORS["scenes"](data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    data = profile_data(out, profile)
     weights = train_fcos(data, out, profile, threads)
     reference = f"tv:{ARCH}={weights.resolve()},classes={(out / 'fcos.names.json').resolve()}"
     teacher_val = teacher_metrics(reference, data, profile["size"])

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
 import torchvision
+from common import interleaved_medians  # the benchmarks' shared helpers (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -165,18 +164,6 @@ def fcos_steps(model: nn.Module, images: Tensor, targets: list[Target]) -> dict[
     return {"train": train, "forward": forward, "inference": inference}
 
 
-def time_interleaved(runs: dict[str, Callable[[], None]], steps: int, warmup: int) -> dict[str, list[float]]:
-    """Milliseconds of each callable, alternating between them every step."""
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for i in range(warmup + steps):
-        for name, fn in runs.items():
-            start = time.perf_counter()
-            fn()
-            if i >= warmup:
-                times[name].append((time.perf_counter() - start) * 1000)
-    return times
-
-
 def profile_gfl_train(step: Callable[[], None]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -199,9 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     results: dict[str, dict[str, float]] = {name: {} for name in models}
     for mode in ("train", "forward", "inference"):
-        times = time_interleaved({name: s[mode] for name, s in steps.items()}, args.steps, args.warmup)
-        for name, values in times.items():
-            results[name][f"{mode}_ms"] = statistics.median(values)
+        medians = interleaved_medians({name: s[mode] for name, s in steps.items()}, repeats=args.steps, warmup=args.warmup)
+        for name, seconds in medians.items():
+            results[name][f"{mode}_ms"] = 1000 * seconds
     ours, theirs = results["gfl (ours)"], results["fcos (torchvision)"]
     ratios = {mode: ours[f"{mode}_ms"] / theirs[f"{mode}_ms"] for mode in ("train", "forward", "inference")}
 

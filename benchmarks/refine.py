@@ -24,12 +24,12 @@ import sys
 from pathlib import Path
 
 import torch
-from common import Row, fresh, gain_interval, interleaved_medians, select_rows  # the benchmarks' shared helpers
+from common import Row, fresh, gain_interval, interleaved_medians, profile_data, select_rows  # the benchmarks' shared helpers
 from rich.console import Console
 from rich.table import Table
 
 from distill.checkpoint import atomic_write_text
-from distill.data import DetectionTransform, generate_scenes, load_dataset
+from distill.data import DetectionTransform, load_dataset
 from distill.data.loader import collate
 from distill.engine.demo import finished
 from distill.engine.refine import refine_run
@@ -159,9 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or Path("benchmarks/results") / f"refine-{name}"
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
-    data = args.data or out / "data"
-    if not (data / "val.json").is_file():
-        generate_scenes(data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    data = args.data or profile_data(out, profile)
     link_detectors(parser, out, args.detector)
     top_ks = tuple(int(k) for k in args.top_k.split(",") if k)
     rows = {}

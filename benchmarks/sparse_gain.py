@@ -51,6 +51,7 @@ from common import (  # the benchmarks' shared helpers (this script's folder is 
     leaf_predictions,
     optimizer_step,
     paired_gains,
+    profile_data,
     row_recipe,
     select_rows,
     tune_data,
@@ -183,9 +184,7 @@ def student_sets(profile: dict, threads: int, seed: int) -> list[str]:
 
 
 def train_teachers(out: Path, profile: dict, threads: int, wanted: set[str]) -> dict[str, dict]:
-    data = out / "data"
-    if not (data / "val.json").is_file():
-        GENERATORS[profile["dataset"]](data, num_train=profile["train"], num_val=profile["val"], size=profile["size"], seed=0)
+    data = profile_data(out, profile)
     teachers = {}
     for slug in (t for t in TEACHERS if t in wanted):  # a fixed order: the tables list teachers alike every call
         recipe_name, overrides = TEACHERS[slug]
