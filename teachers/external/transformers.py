@@ -82,7 +82,10 @@ def load_transformers(folder: str | Path) -> nn.Module:
         if getattr(config, key, False):
             setattr(config, key, False)  # the backbone's weights are in the folder
     try:
-        return AutoModelForObjectDetection.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True)
+        # dtype: the run's default float type, as every model a run builds (fp64 in a reference run);
+        # transformers would otherwise keep the dtype the folder was saved in
+        return AutoModelForObjectDetection.from_pretrained(folder, config=config, local_files_only=True, use_safetensors=True,
+                                                           dtype=torch.get_default_dtype())
     except (OSError, ValueError, RuntimeError) as exc:
         line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{folder}: cannot load the model ({line})") from None
