@@ -80,7 +80,8 @@ def test_versus_pairs_by_seed_on_every_scored_split():
     assert result["val"]["paired_gains"] == pytest.approx([-0.01, 0.05]) and result["val"]["seeds_above"] == 1
     assert result["val"]["mean"] == pytest.approx(0.02)
     assert result["tune"]["paired_gains"] == pytest.approx([-0.05, 0.0]) and result["tune"]["seeds_above"] == 0
-    # t(0.975, 1 dof) = 12.7062; std of (-0.01, 0.05) = 0.0424264; interval = mean +- t * std / sqrt(2)
+    # t(0.975, 1 dof) = 12.7062; std of (-0.01, 0.05) = 0.0424264; interval = mean +- t * std / sqrt(2);
+    # rel 1e-4: the literals carry 6 significant digits (rounding <= 5e-6 relative), x20 margin
     low, high = result["val"]["ci95"]
     assert low == pytest.approx(0.02 - 12.7062 * 0.0424264 / 2**0.5, rel=1e-4) and high == pytest.approx(0.02 + 12.7062 * 0.0424264 / 2**0.5, rel=1e-4)
 

@@ -111,13 +111,14 @@ class DABDETR(QueryDetector):
     def memory(self, features: list[Tensor], image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Encoded tokens (B, N, D), their positions (B, N, D) and padding (B, N); computed once per
         :class:`ProjectedMaps` and image sizes."""
-        if getattr(features, "encoded", None) is not None and torch.equal(features.encoded_sizes, image_sizes):
-            return features.encoded
+        maps = features if isinstance(features, ProjectedMaps) else None  # plain lists (cached maps, callers' own) keep nothing
+        if maps is not None and maps.encoded is not None and torch.equal(maps.encoded_sizes, image_sizes):
+            return maps.encoded
         memory, position, padding = flatten_memory(features, self.strides, image_sizes, self.level_embed)
         for layer in self.encoder:
             memory = layer(memory, position, padding)
-        if isinstance(features, ProjectedMaps):
-            features.encoded, features.encoded_sizes = (memory, position, padding), image_sizes
+        if maps is not None:
+            maps.encoded, maps.encoded_sizes = (memory, position, padding), image_sizes
         return memory, position, padding
 
     def _decode(self, features: list[Tensor], queries: Queries, image_sizes: Tensor, aux_heads: bool = True) -> SparsePredictions:
