@@ -79,7 +79,7 @@ def train_rows(out: Path, profile: dict, threads: int, rows: list[Row]) -> dict[
 @torch.inference_mode()
 def inference_times(runs: dict[str, dict], data: Path, repeats: int, batch_size: int) -> dict[str, dict]:
     """Median seconds per batch of each trained model, repeats interleaved across models."""
-    from distill.checkpoint import load_detector
+    from students.saved import load_detector
 
     first = next(iter(runs.values()))
     _, val = build_datasets(first["recipe"], data)

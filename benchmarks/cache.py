@@ -38,12 +38,13 @@ from rich.table import Table
 
 from distill.data import DetectionTransform, build_loader, generate_scenes, load_dataset
 from distill.engine.build import build_detector
+from distill.engine.cache import cache_plan
 from distill.engine.distiller import Distiller
 from distill.engine.run import build_losses
 from distill.engine.trainer import build_optimizer, detector_step
 from recipes import load_recipe
 from students import create_student
-from teachers import FrozenTeacher, TeacherCache, build_cache, load_teacher, spec_from_recipe
+from teachers import FrozenTeacher, TeacherCache, build_cache, load_teacher
 from teachers.cache_build import entry_loader, shard_pairs
 
 RESULTS = Path(__file__).parent / "results" / "cache.json"
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         generate_scenes(data, num_train=args.images, num_val=4, size=size, seed=0)
     train = load_dataset(data, "train", DetectionTransform(size, hflip_prob=recipe.data.hflip_prob), seed=recipe.train.seed)
     teacher = make_teacher(args, train.classes)
-    spec = spec_from_recipe(recipe)
+    spec, matcher = cache_plan(teacher, list(train.classes), recipe)  # as detkd cache --recipe plans it
 
     # Build throughput against plain inference (inference timed before and after, averaged).
     from teachers.cache_format import canvas_for
@@ -108,9 +109,6 @@ def main(argv: list[str] | None = None) -> dict:
     canvas = canvas_for(size, recipe.data.size_divisor)
     infer = [inference_seconds(teacher, train, spec.variants, args.build_batch, canvas)]
     started = time.perf_counter()
-    from distill.cli.cache_cmd import cache_matcher
-
-    matcher = cache_matcher(recipe, len(train.classes))  # the recipe's student: its assignment selects the rows
     summary = build_cache(teacher, train, work / "cache", spec, matcher=matcher, batch_size=args.build_batch, show_progress=False)
     build_s = time.perf_counter() - started
     infer.append(inference_seconds(teacher, train, spec.variants, args.build_batch, canvas))

@@ -23,18 +23,28 @@ from rich.console import Console
 from rich.table import Table
 
 from distill import create_loss
-from distill.checkpoint import load_detector, resolve_checkpoint
+from distill.checkpoint import resolve_checkpoint
+from distill.config import REFERENCE_VLR_METRIC
 from distill.data import DetectionTransform, collate, load_dataset
 from distill.losses import DistillInputs
+from students.saved import load_detector
 from teachers import load_teacher
 
-# (row, reference setting as (loss, weight, region, params), ours with weight 1 as (loss, region, params))
+# (row, reference setting as (loss, weight, region, params), ours with weight 1 as (loss, region, params)).
+# The reference's VLR is its own band: "DIoU" as intersection over the anchor's area (REFERENCE_VLR_METRIC,
+# what ``reference: ld`` selects), so its VLR LD sums over the locations the reference would distil.
+REFERENCE_VLR = {"metric": REFERENCE_VLR_METRIC}
 PAIRS = [
     ("Main KD, ours bce", ("kd", 10.0, "main", {"mode": "softmax"}), ("kd", "main", {"mode": "bce"})),
     ("Main KD, ours softmax", ("kd", 10.0, "main", {"mode": "softmax"}), ("kd", "main", {"mode": "softmax"})),
     ("Main LD (tau 10)", ("ld", 0.25, "main", {}), ("ld", "main", {})),
     ("VLR LD (tau 10)", ("ld", 0.25, "vlr", {}), ("ld", "vlr", {})),
 ]
+
+
+def reference_loss(name: str, weight: float, region: str, params: dict):
+    """The reference's term: legacy normaliser, and on the VLR its own band."""
+    return create_loss(name, weight=weight, pairer=region, pairer_params=REFERENCE_VLR if region == "vlr" else None, legacy=True, **params)
 
 
 @torch.no_grad()
@@ -44,7 +54,7 @@ def calibrate(student_ckpt: Path, teacher_run: Path, data: Path, image_size: int
     teacher = load_teacher(teacher_run)
     dataset = load_dataset(data, "train", DetectionTransform(image_size))
     pairs = [
-        (row, create_loss(ref[0], weight=ref[1], pairer=ref[2], legacy=True, **ref[3]), create_loss(ours[0], pairer=ours[1], **ours[2]))
+        (row, reference_loss(*ref), create_loss(ours[0], pairer=ours[1], **ours[2]))
         for row, ref, ours in PAIRS
     ]
     sums = {row: [0.0, 0.0] for row, _, _ in pairs}
@@ -60,9 +70,8 @@ def calibrate(student_ckpt: Path, teacher_run: Path, data: Path, image_size: int
         s_in = DistillInputs(student.spec, outputs, features, matches, batch.image_sizes)
         t_in = teacher.inputs(batch, s_in, frozenset({"head", "features"}))
         for row, reference, ours in pairs:
-            rows_ = ours.pairer(s_in, t_in, batch.targets, ours.space)
-            sums[row][0] += float(reference(s_in, t_in, rows_)) / count
-            sums[row][1] += float(ours(s_in, t_in, rows_)) / count
+            for column, loss in enumerate((reference, ours)):  # each on its own pairs (the VLR bands differ)
+                sums[row][column] += float(loss(s_in, t_in, loss.pairer(s_in, t_in, batch.targets, loss.space))) / count
     rows = {row: {"reference": ref, "ours_weight_1": ours, "equivalent_weight": ref / ours if ours > 0 else None} for row, (ref, ours) in sums.items()}
     return {"batches": count, "images_per_batch": images_per_batch, "student_terms": student_terms, "rows": rows}
 

@@ -118,9 +118,10 @@ def large_data(out: Path, profile: dict, count: int) -> Path:
 def heldout_metrics(run: Path, split: Path, name: str = "tune") -> dict:
     """COCO metrics of a finished run's final checkpoint on the val split of dataset ``split`` (the
     tuning split or the larger report split; computed once, kept in the run as ``<name>.json``)."""
-    from distill.checkpoint import load_detector, resolve_checkpoint
+    from distill.checkpoint import resolve_checkpoint
     from distill.data import DetectionTransform, load_dataset
     from distill.engine.evaluate import evaluate_detector
+    from students.saved import load_detector
 
     record = run / f"{name}.json"
     if not record.is_file():

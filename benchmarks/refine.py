@@ -85,7 +85,7 @@ def refine_detector(detector: Path, out: Path, data: Path, profile: dict, thread
 def time_ratio(detector: Path, refined: Path, data: Path, repeats: int, top_ks: tuple[int, ...] = ()) -> dict[str, float]:
     """Median seconds per batch of 16 of the detector and of its refined run (and of the refined run
     refining only its top-K for each of ``top_ks``), interleaved."""
-    from distill.checkpoint import load_detector
+    from students.saved import load_detector
 
     plain, meta = load_detector(detector)
     model, _ = load_detector(refined)
@@ -112,8 +112,8 @@ def time_ratio(detector: Path, refined: Path, data: Path, repeats: int, top_ks: 
 @torch.inference_mode()
 def top_k_metrics(refined: Path, data: Path, top_k: int) -> dict:
     """Val metrics of a refined run that refines only its ``top_k`` best predictions (kept in the run)."""
-    from distill.checkpoint import load_detector
     from distill.engine.evaluate import evaluate_detector
+    from students.saved import load_detector
 
     record = refined / f"val-top{top_k}.json"
     if not record.is_file():

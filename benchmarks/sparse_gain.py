@@ -331,9 +331,10 @@ def measure_inference(out: Path, profile: dict, threads: int, selected: dict[str
     (untrained: a DETR-style decoder's cost does not depend on its weights, its query count is fixed),
     and of the distilled student of the row chosen for it (seed 0's final checkpoint: a generator-fed
     student's cost depends on its anchors per image, so it must be the trained one)."""
-    from distill.checkpoint import load_detector, resolve_checkpoint
+    from distill.checkpoint import resolve_checkpoint
     from distill.data import DetectionTransform, collate, load_dataset
     from students import create_student
+    from students.saved import load_detector
 
     torch.set_num_threads(threads)
     timings = {}

@@ -11,7 +11,6 @@ between two files can never pair a new checkpoint with an old state).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -31,11 +30,6 @@ from distill.errors import CheckpointError, OutputError
 
 FORMAT = "detkd-checkpoint"
 VERSION = 1
-# Checkpoints of a model built around another checkpoint, by the metadata key that marks them, and
-# the module whose ``load_checkpoint(path, state, meta)`` rebuilds it: "refine", a `detkd refine`
-# run (the refiner's weights; its detector referenced by path and sha256). Imported only when such a
-# checkpoint is read: the teachers package imports this module, never the other way at import time.
-COMPOSITE_LOADERS = {"refine": "teachers.refine.saved"}
 
 
 def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> None:
@@ -209,41 +203,6 @@ def require_meta(meta: dict[str, Any], path: str | Path, *keys: str) -> None:
     for key in keys:
         if key not in meta:
             raise CheckpointError(f"{path}: metadata lacks '{key}' (not written by detkd train / distill?)")
-
-
-def load_detector(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a detector from a checkpoint. Returns (model in eval mode, metadata)."""
-    from distill.errors import DetkdError
-    from students import create_student
-
-    path = resolve_checkpoint(path)
-    state, meta = read_checkpoint(path)
-    for key, module in COMPOSITE_LOADERS.items():
-        if key in meta:
-            return importlib.import_module(module).load_checkpoint(path, state, meta)
-    spec = meta["student"]
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("params", {}), dict):
-        raise CheckpointError(f"{path}: metadata 'student' must map a name and params")
-    # Self-contained: every weight comes from this file, so the backbone's pretrained source (a
-    # path, 'timm' = the network) is never read again; resolved modes (norm_eval) stay in params.
-    params = {**spec.get("params", {}), "pretrained": None} if "pretrained" in spec.get("params", {}) else dict(spec.get("params", {}))
-    try:
-        model = create_student(spec["name"], **params)
-    except DetkdError as exc:
-        raise CheckpointError(f"{path}: metadata does not describe a buildable detector ({exc})") from None
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: metadata does not describe a buildable detector ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # same keys, other shapes (another FPN width or backbone)
-        first = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc).splitlines()[0])
-        raise CheckpointError(f"{path}: weights do not fit the metadata's {spec['name']} ({first})") from None
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit {spec['name']} "
-            f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})"
-        )
-    return model.eval(), meta
 
 
 # --------------------------------------------------------------------------------------------

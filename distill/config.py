@@ -97,6 +97,8 @@ class Recipe:
     eval: EvalSpec = field(default_factory=EvalSpec)
     teacher: TeacherSpec | None = None
     losses: list[LossSpec] = field(default_factory=list)
+    # "ld": reproduce the official LD code (see ``expand_reference``); None: detkd's own conventions.
+    reference: Literal["ld"] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -237,7 +239,41 @@ def apply_overrides(raw: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str) -> Recipe:
-    return check_ranges(build_dataclass(Recipe, raw, source), source)
+    return expand_reference(check_ranges(build_dataclass(Recipe, raw, source), source), source)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference mode: one switch for everything a paper's code does differently from detkd.
+
+# The official LD code (HikariTJU/LD, mmdetection 2.x), ld-gfl-spec: its KD, LD and feature
+# imitation normalisers (``legacy``), its VLR "DIoU" (intersection over the anchor's area), and
+# mmdetection's location grid (cell corners, valid flags of the 32-padded image).
+REFERENCE_LEGACY_LOSSES = ("kd", "ld", "feature")
+REFERENCE_VLR_METRIC = "diou_iof_legacy"
+REFERENCE_GRID = "mmdet"
+
+
+def expand_reference(recipe: Recipe, source: str) -> Recipe:
+    """Apply ``reference: ld`` to the recipe's parts, in place; idempotent (a saved run's recipe,
+    already expanded, loads to the same). Sets ``student.params.grid: mmdet``, ``legacy: true`` on
+    every ``kd`` / ``ld`` / ``feature`` loss and ``metric: diou_iof_legacy`` on every ``vlr`` pairer.
+    A value the recipe sets otherwise is a contradiction, refused with the key; losses the reference
+    has no counterpart for (CrossKD, PKD, ...) are left as they are. The teacher must predict on the
+    same grid (train it with ``reference: ld`` too): dense pairs refuse two grids.
+    """
+    if recipe.reference != "ld":
+        return recipe
+    wanted = [("student.params.grid", recipe.student.params, "grid", REFERENCE_GRID)]
+    for i, spec in enumerate(recipe.losses):
+        if spec.name in REFERENCE_LEGACY_LOSSES:
+            wanted.append((f"losses[{i}].params.legacy", spec.params, "legacy", True))
+        if spec.pairer == "vlr":
+            wanted.append((f"losses[{i}].pairer_params.metric", spec.pairer_params, "metric", REFERENCE_VLR_METRIC))
+    for key, where, name, value in wanted:
+        if name in where and where[name] != value:
+            raise ConfigError(f"{source}: '{key}' is {where[name]!r}, but 'reference: ld' sets it to {value!r} (remove one of the two)")
+        where[name] = value
+    return recipe
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

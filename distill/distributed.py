@@ -53,6 +53,11 @@ def init_from_env(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
+    # Every rank's connections complete before any rank goes on: otherwise a rank that refuses at
+    # once (an output folder holding a run) tears the group down while a slower rank is still
+    # connecting, and that rank dies in gloo's connectFullMesh with torch's own error instead of
+    # reaching the same refusal (seen on a loaded 2-core machine).
+    dist.barrier()
     return True
 
 

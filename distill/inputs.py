@@ -102,8 +102,8 @@ class DistillInputs:
             raise ValueError("the FPN grid needs DistillInputs.spec (strides)")
         sizes = tuple(tuple(s) for s in self.feature_sizes())
         device = self.require_features()[0].device
-        points, strides = dense_points(sizes, tuple(self.spec.strides[: len(sizes)]), device)
-        return points, strides, valid_locations(points, self.image_sizes, self.require_features()[0].shape[0])
+        points, strides = dense_points(sizes, tuple(self.spec.strides[: len(sizes)]), device, self.spec.grid)
+        return points, strides, valid_locations(points, self.image_sizes, self.require_features()[0].shape[0], self.spec.grid)
 
     # ----------------------------------------------------------------------------------- helpers
     def _bins(self, what: str):

@@ -231,12 +231,14 @@ class DenseOutputs(Predictions):
     level_sizes: per level (H_l, W_l).
     stages:      the head's intermediate tower maps (:class:`HeadStages`) of a training forward, or
                  None; a detached copy never carries them.
+    grid:        the grid convention of ``points`` and ``valid`` (``distill.ops.grid.GRIDS``).
     """
 
     points: Tensor = None  # type: ignore[assignment]  (always given; dataclass field order)
     strides: Tensor = None  # type: ignore[assignment]
     level_sizes: list[tuple[int, int]] = field(default_factory=list)
     stages: HeadStages | None = None
+    grid: str = "centre"
 
     @property
     def reg_max(self) -> int:
@@ -386,6 +388,8 @@ class DetectorSpec:
                   teacher's boxes can be fed to it as shared distillation queries (KD-DETR).
     head_stages:  S, the blocks of each conv tower of a head that can be crossed (``HeadStages`` in
                   its outputs, ``head_from_stage`` to continue from a stage; CrossKD), or None.
+    grid:         the convention of the dense location grid on its FPN maps (``distill.ops.grid.GRIDS``):
+                  where a cell's point sits and which cells are valid; dense pairs need the same one.
     """
 
     family: Literal["dense", "sparse"]
@@ -395,6 +399,7 @@ class DetectorSpec:
     bins: int | None = None
     query_boxes: bool = False
     head_stages: int | None = None
+    grid: str = "centre"
 
 
 @dataclass

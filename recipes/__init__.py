@@ -7,6 +7,7 @@ ranges and relations, one line naming ``student.params.<key>``).
 """
 from __future__ import annotations
 
+import inspect
 from importlib import resources
 from pathlib import Path
 
@@ -49,10 +50,15 @@ def load_recipe(name_or_path: str | Path, overrides: list[str] | None = None) ->
 
 
 def _validate_student(recipe: Recipe, source: str) -> None:
-    from students import is_student, list_students, validate_student  # the detectors (torch, timm) load only here
+    from students import is_student, list_students, student_entrypoint, validate_student  # the detectors (torch, timm) load only here
 
     if not is_student(recipe.student.name):
         raise ConfigError(f"{source}: 'student.name' {recipe.student.name!r} is not a registered detector (known: {', '.join(list_students())})")
+    if recipe.reference is not None and "grid" not in inspect.signature(student_entrypoint(recipe.student.name)).parameters:
+        raise ConfigError(
+            f"{source}: 'reference: {recipe.reference}' reproduces a dense GFL pair's reference code, but student "
+            f"{recipe.student.name!r} has no location grid (no 'grid' parameter)"
+        )
     validate_student(recipe.student.name, recipe.student.params, source)
 
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -28,8 +27,8 @@ from distill import distributed as dist
 from distill.checkpoint import make_dir
 from distill.data.loader import collate
 from distill.errors import CheckpointError, ConfigError, OutputError
-from distill.ops.grid import dense_points
 from distill.report import console, make_progress
+from teachers.cache_dense import DenseLayout  # noqa: F401  (registers the dense layout)
 from teachers.cache_format import (
     FORMAT,
     MANIFEST,
@@ -43,8 +42,9 @@ from teachers.cache_format import (
     write_manifest,
     write_shard,
 )
-from teachers.cache_queries import query_rows, query_shard_tensors
-from teachers.cache_select import CacheSpec, fingerprint, flat_features, require_grid_assigner, teacher_rows
+from teachers.cache_layout import LAYOUTS, layout_from_manifest
+from teachers.cache_queries import QueryLayout  # noqa: F401  (registers the query layout)
+from teachers.cache_select import CacheSpec, fingerprint, require_grid_assigner
 
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_BATCH_SIZE = 16
@@ -83,56 +83,6 @@ def entry_loader(dataset, shards: list[list[tuple[int, str]]], batch_size: int, 
     )
 
 
-@torch.inference_mode()
-def probe_layout(teacher, canvas: tuple[int, int], spec: CacheSpec) -> tuple[dict[str, Any], Tensor, Tensor]:
-    """Level sizes, classes, bins and channels on the canvas, from one blank image.
-
-    Returns (layout for the manifest, points (N, 2), strides (N,)) of the canvas grid.
-    """
-    model = teacher.model
-    device = next(model.parameters()).device
-    if spec.queries:  # no grid: classes and bins are the teacher's spec
-        layout = {"canvas": list(canvas), "kind": "queries", "num_classes": int(teacher.spec.num_classes), "bins": teacher.spec.bins}
-        return layout, torch.zeros(0, 2, device=device), torch.zeros(0, device=device)
-    features = model.features(torch.zeros(1, 3, *canvas, device=device))
-    level_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
-    layout: dict[str, Any] = {"canvas": list(canvas), "level_sizes": [list(s) for s in level_sizes], "num_locations": sum(h * w for h, w in level_sizes)}
-    if spec.head_regions:
-        outputs = model.head(features, None)
-        points, strides = outputs.points.clone(), outputs.strides.clone()
-        classes = outputs.num_classes if teacher.class_index is None else len(teacher.class_index)
-        layout.update(num_classes=int(classes), bins=int(outputs.bins.num_bins))
-    else:
-        points, strides = dense_points(tuple(level_sizes), tuple(teacher.strides), device)
-    if spec.feature_regions:
-        layout["feature_channels"] = int(flat_features(features).shape[-1])
-    return layout, points, strides
-
-
-def shard_tensors(keys: list[tuple[int, int]], rows: list[dict[str, Tensor]], layout: dict[str, Any]) -> dict[str, Tensor]:
-    """Concatenate the rows of a shard's entries (``keys``: image id, variant code) into its tensors."""
-    table, starts = [], {"head": 0, "feat": 0}
-    for (image_id, code), entry in zip(keys, rows):
-        counts = {part: len(entry[f"{part}.loc"]) if f"{part}.loc" in entry else 0 for part in starts}
-        table.append([image_id, code, starts["head"], counts["head"], starts["feat"], counts["feat"]])
-        for part in starts:
-            starts[part] += counts[part]
-    tensors = {"entries": torch.tensor(table, dtype=torch.int64).reshape(-1, 6)}
-    for name in ("head.loc", "head.cls", "head.reg", "feat.loc", "feat.rows"):
-        if name in rows[0]:
-            tensors[name] = torch.cat([entry[name] for entry in rows]).contiguous()
-    return tensors
-
-
-def dense_bytes_per_entry(layout: dict[str, Any]) -> int:
-    """fp16 bytes of the dense teacher maps of one image on the canvas, for the stored parts."""
-    if layout.get("kind") == "queries":
-        return 0  # no dense maps to compare with
-    n = layout["num_locations"]
-    head = n * (layout["num_classes"] + 4 * layout["bins"]) * 2 if "num_classes" in layout else 0
-    return head + n * layout.get("feature_channels", 0) * 2
-
-
 def build_cache(
     teacher,
     dataset,
@@ -167,9 +117,9 @@ def build_cache(
         matcher = require_grid_assigner(matcher)
     fp = fingerprint(teacher, dataset, spec, matcher)
     canvas = tuple(fp["input"]["canvas"])
-    layout, points, strides = probe_layout(teacher, canvas, spec)
+    layout = LAYOUTS["queries" if spec.queries else "dense"].probe(teacher, canvas, spec)
     main, rank, world = dist.is_main(), dist.rank(), dist.world_size()
-    manifest = _start_or_resume(out, fp, layout, dataset, shard_size, batch_size, source) if main else None
+    manifest = _start_or_resume(out, fp, layout.record, dataset, shard_size, batch_size, source) if main else None
     dist.barrier()
     manifest = manifest or read_manifest(out)
     shard_size, batch_size = manifest["build"]["shard_size"], manifest["build"]["batch_size"]
@@ -179,7 +129,7 @@ def build_cache(
     todo = [shard_pairs(len(dataset), spec.variants, shard_size, k) for k in range(first, manifest["num_shards"])]
     mine = list(range(rank, len(todo), world))  # positions in todo of this rank's shards
     rounds = math.ceil(len(todo) / world)
-    device = points.device
+    device = next(teacher.model.parameters()).device
     started = time.perf_counter()
     with make_progress(show_progress and main) as bar:
         task = bar.add_task("teacher cache", total=sum(len(todo[i]) for i in mine), info=f"shard {first}/{manifest['num_shards']}")
@@ -187,23 +137,20 @@ def build_cache(
         rows: list[dict[str, Tensor]] = []
         done = 0
         for batch in entry_loader(dataset, [todo[i] for i in mine], batch_size, canvas, num_workers):
-            if spec.queries:
-                rows += query_rows(teacher, batch.to(device))
-            else:
-                rows += teacher_rows(teacher, matcher, batch.to(device), spec, points, strides, [tuple(s) for s in layout["level_sizes"]])
+            rows += layout.batch_rows(teacher, matcher, batch.to(device), spec)
             keys += [(int(i), variant_code(bool(f))) for i, f in zip(batch.image_ids, batch.flipped.tolist())]
             bar.update(task, advance=len(batch))
             if len(keys) == len(todo[mine[done]]):  # the shard is complete: write it, then the manifest
                 k = first + mine[done]
-                tensors = query_shard_tensors(keys, rows) if spec.queries else shard_tensors(keys, rows, layout)
+                tensors = layout.shard_tensors(keys, rows)
                 try:
                     record = write_shard(out, k, tensors, manifest["key"])
                 except OutputError as exc:
                     raise OutputError(
                         f"{exc}; the cache keeps its {len(manifest['shards'])} complete shards: free space and rerun the same command to resume"
                     ) from None
-                head_rows = sum(len(r.get("q.valid" if spec.queries else "head.loc", ())) for r in rows)
-                record.update(entries=len(keys), head_rows=head_rows, feature_rows=sum(len(r.get("feat.loc", ())) for r in rows))
+                head_rows, feature_rows = layout.stored_rows(rows)
+                record.update(entries=len(keys), head_rows=head_rows, feature_rows=feature_rows)
                 _record_round(out, manifest, record, on_shard)
                 keys, rows, done = [], [], done + 1
                 bar.update(task, info=f"shard {len(manifest['shards'])}/{manifest['num_shards']}")
@@ -239,7 +186,7 @@ def summarize(out: Path, manifest: dict[str, Any], seconds: float = 0.0, built_e
     shards = manifest["shards"]
     entries = sum(s["entries"] for s in shards)
     total = sum(s["bytes"] for s in shards)
-    dense = dense_bytes_per_entry(manifest["layout"])
+    dense = layout_from_manifest(manifest["layout"]).dense_bytes_per_entry()
     per_entry = total / max(entries, 1)
     return {
         "cache": str(out),

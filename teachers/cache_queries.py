@@ -24,10 +24,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.errors import ConfigError
-from distill.structures import Batch, BoxBins, Matches, Predictions
+from distill.errors import CheckpointError, ConfigError
+from distill.inputs import DistillInputs
+from distill.pairers import RegionPairer
+from distill.structures import Batch, BoxBins, DetectorSpec, Matches, Predictions
+from teachers.cache_layout import CacheLayout, register_layout
+from teachers.cache_select import CacheSpec
 
-QUERY_PARTS = {"query": ("q.logits", "q.boxes", "q.valid", "q.bins", "q.centers", "q.spacing"), "match": ("m.pred", "m.gt")}
+QUERY_PARTS = (("query", ("q.logits", "q.boxes", "q.valid", "q.bins", "q.centers", "q.spacing")), ("match", ("m.pred", "m.gt")))
 
 
 @torch.inference_mode()
@@ -55,20 +59,6 @@ def _half(t: Tensor) -> Tensor:
     return out
 
 
-def query_shard_tensors(keys: list[tuple[int, int]], rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """Concatenate the query and match rows of a shard's entries (``keys``: image id, variant code)."""
-    table, q_start, m_start = [], 0, 0
-    for (image_id, code), entry in zip(keys, rows):
-        q, m = len(entry["q.valid"]), len(entry["m.pred"])
-        table.append([image_id, code, q_start, q, m_start, m])
-        q_start, m_start = q_start + q, m_start + m
-    tensors = {"entries": torch.tensor(table, dtype=torch.int64).reshape(-1, 6)}
-    for name in (*QUERY_PARTS["query"], *QUERY_PARTS["match"]):
-        if name in rows[0]:
-            tensors[name] = torch.cat([entry[name] for entry in rows]).contiguous()
-    return tensors
-
-
 def stack_queries(entries: list[dict[str, Tensor]], device: torch.device) -> tuple[Predictions, Matches]:
     """Per-image cached rows -> batch Predictions (B, Q_max, ...) padded with invalid queries, and Matches."""
     q_max = max(len(e["q.valid"]) for e in entries)
@@ -87,3 +77,51 @@ def stack_queries(entries: list[dict[str, Tensor]], device: torch.device) -> tup
     predictions = Predictions(pad("q.logits"), pad("q.boxes"), valid, bins)
     matches = Matches([e["m.pred"].long().to(device) for e in entries], [e["m.gt"].long().to(device) for e in entries])
     return predictions, matches
+
+
+@register_layout
+class QueryLayout(CacheLayout):
+    """Every query row of a sparse teacher and its matches (see the module docstring).
+
+    Record: canvas, num_classes (after the class mapping), bins (None without a distribution head).
+    """
+
+    kind = "queries"
+    family = "sparse"
+    parts = QUERY_PARTS
+
+    # ------------------------------------------------------------------------------- build
+    @classmethod
+    def probe(cls, teacher, canvas: tuple[int, int], spec: CacheSpec) -> "QueryLayout":
+        """No grid to probe: classes and bins are the teacher's spec."""
+        return cls({"canvas": list(canvas), "kind": cls.kind, "num_classes": int(teacher.spec.num_classes), "bins": teacher.spec.bins})
+
+    def batch_rows(self, teacher, matcher, batch: Batch, spec: CacheSpec) -> list[dict[str, Tensor]]:
+        return query_rows(teacher, batch)
+
+    def stored_rows(self, rows: list[dict[str, Tensor]]) -> tuple[int, int]:
+        return sum(len(r["q.valid"]) for r in rows), 0
+
+    # -------------------------------------------------------------------------------- read
+    def detector_spec(self, fingerprint: dict) -> DetectorSpec:
+        teacher = fingerprint["teacher"]
+        return DetectorSpec(
+            "sparse", int(self.record.get("num_classes") or teacher["num_classes"]), tuple(teacher["strides"]), teacher["fpn_channels"],
+            self.record.get("bins"),
+        )
+
+    def request(self, fingerprint: dict, size_divisor: int) -> CacheSpec:
+        return CacheSpec(tuple(fingerprint["variants"]), (), (), size_divisor, queries=True)
+
+    def check_losses(self, cache, losses) -> None:
+        for loss in losses:
+            if "features" in loss.needs or isinstance(loss.pairer, RegionPairer):
+                raise CheckpointError(
+                    f"{cache.folder}: loss '{loss.name}' ({loss.pairer}) needs a dense teacher's rows or features; this cache holds a "
+                    "sparse teacher's query rows and matches (for prediction losses with gt_bridged / teacher_set pairs)"
+                )
+
+    def inputs(self, cache, batch: Batch, student: DistillInputs, needs: frozenset[str], entries: list[dict[str, Tensor]]) -> DistillInputs:
+        """Its predictions and matches as the online teacher gives them."""
+        predictions, matches = stack_queries(entries, batch.images.device)
+        return DistillInputs(cache.spec, predictions, None, matches, batch.image_sizes)

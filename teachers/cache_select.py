@@ -17,15 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
 from distill.detector import GridAssigner
 from distill.errors import ConfigError
-from distill.ops.grid import valid_locations
 from distill.pairers import RegionPairer
 from distill.regions import Region, create_region
-from distill.structures import Batch, Matches, Target
 from teachers.cache_format import FORMAT, VARIANTS, VERSION, canvas_for, covers, file_sha256, region_to_json, regions_json, state_sha256
 
 _WEIGHT_HASHES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
@@ -177,6 +174,8 @@ def fingerprint(teacher, dataset, spec: CacheSpec, matcher) -> dict[str, Any]:
             "strides": [int(s) for s in teacher.strides],
             "fpn_channels": teacher.spec.fpn_channels,
             "class_index": None if index is None else [int(i) for i in index.tolist()],
+            # named only off the default grid, so caches built before grids had names keep their fingerprint
+            **({"grid": teacher.spec.grid} if teacher.spec.grid != "centre" else {}),
         },
         "data": {
             "annotations_sha256": annotations_sha256(dataset.ann_file),
@@ -202,60 +201,3 @@ def fingerprint(teacher, dataset, spec: CacheSpec, matcher) -> dict[str, Any]:
         },
         "variants": list(spec.variants),
     }
-
-
-def selection(regions: tuple[Region, ...], points: Tensor, strides: Tensor, targets: list[Target], matches: Matches, valid: Tensor) -> Tensor:
-    """(B, N) bool: the union of the regions' non-zero locations."""
-    mask = torch.zeros_like(valid)
-    for region in dict.fromkeys(regions):  # equal regions once
-        mask |= region(points, strides, targets, matches, valid) > 0
-    return mask
-
-
-def flat_features(features: list[Tensor]) -> Tensor:
-    """Per level (B, C_f, H_l, W_l) -> (B, N, C_f) in DenseOutputs flatten order."""
-    channels = {f.shape[1] for f in features}
-    if len(channels) != 1:
-        raise ConfigError(f"caching teacher features needs the same channel count on every FPN level, got {sorted(channels)}")
-    return torch.cat([f.flatten(2).transpose(1, 2) for f in features], dim=1)
-
-
-def split_rows(select: Tensor, *tensors: Tensor) -> list[tuple[Tensor, ...]]:
-    """select (B, N) bool, tensors (B, N, ...) -> per image (loc (n_b,) int32, rows (n_b, ...) fp16, ...)."""
-    b_idx, n_idx = select.nonzero(as_tuple=True)  # row-major: image by image, locations ascending
-    gathered = [t[b_idx, n_idx].half() for t in tensors]
-    for t in gathered:
-        if not torch.isfinite(t).all():
-            raise ConfigError("teacher outputs overflow float16 (|value| > 65504); the cache cannot store them")
-    sizes = select.sum(dim=1).tolist()
-    parts = [n_idx.to(torch.int32).split(sizes)] + [t.split(sizes) for t in gathered]
-    return [tuple(p[b] for p in parts) for b in range(select.shape[0])]
-
-
-@torch.inference_mode()
-def teacher_rows(
-    teacher, matcher: GridAssigner, batch: Batch, spec: CacheSpec, points: Tensor, strides: Tensor, level_sizes: list[tuple[int, int]]
-) -> list[dict[str, Tensor]]:
-    """Run the teacher on a canvas-padded batch; per image the selected rows (CPU, fp16).
-
-    Each dict may hold ``head.loc`` (n,) int32, ``head.cls`` (n, C), ``head.reg`` (n, 4, K),
-    ``feat.loc`` (m,) int32 and ``feat.rows`` (m, C_f).
-    """
-    model = teacher.model
-    features = model.features(batch.images)
-    matches = matcher.grid_matches(points, strides, level_sizes, batch.targets, batch.image_sizes)  # the student's own
-    valid = valid_locations(points, batch.image_sizes, len(batch))
-    rows: list[dict[str, Tensor]] = [{} for _ in range(len(batch))]
-    if spec.head_regions:
-        outputs = model.head(features, batch.image_sizes)
-        cls = outputs.logits  # (B, N, C_t)
-        if teacher.class_index is not None:  # columns in the student's class order, as FrozenTeacher.inputs
-            cls = cls.index_select(2, teacher.class_index.to(cls.device))
-        select = selection(spec.head_regions, points, strides, batch.targets, matches, valid)
-        for entry, (loc, c, r) in zip(rows, split_rows(select, cls, outputs.bin_logits)):
-            entry.update({"head.loc": loc.cpu(), "head.cls": c.cpu(), "head.reg": r.cpu()})
-    if spec.feature_regions:
-        select = selection(spec.feature_regions, points, strides, batch.targets, matches, valid)
-        for entry, (loc, f) in zip(rows, split_rows(select, flat_features(features))):
-            entry.update({"feat.loc": loc.cpu(), "feat.rows": f.cpu()})
-    return rows

@@ -175,7 +175,8 @@ def load_teacher(path_or_run: str | Path | nn.Module, classes=None) -> FrozenTea
     """A frozen teacher from a checkpoint file or a run folder (its best checkpoint), or from a
     torchvision / transformers detector: a reference such as ``tv:fcos_resnet50_fpn=fcos.pth`` or
     ``hf:FOLDER``, or the model object (``classes``: its label names; see ``teachers.external``)."""
-    from distill.checkpoint import load_detector, resolve_checkpoint
+    from distill.checkpoint import resolve_checkpoint
+    from students.saved import load_detector
     from teachers.external import load_external, parse_reference, wrap_model
 
     if isinstance(path_or_run, nn.Module):

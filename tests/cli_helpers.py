@@ -41,9 +41,10 @@ def train_one_epoch(recipe: str, data, run):
 def api_metrics(run, data) -> dict:
     """COCO metrics of ``run``'s checkpoint (the one ``detkd eval RUN`` resolves) on ``data``'s val split,
     through the Python API in this process: what ``detkd eval`` must report, to the bit."""
-    from distill.checkpoint import load_detector, resolve_checkpoint
+    from distill.checkpoint import resolve_checkpoint
     from distill.data import DetectionTransform, load_dataset
     from distill.engine.evaluate import evaluate_detector
+    from students.saved import load_detector
 
     model, meta = load_detector(resolve_checkpoint(run))
     return evaluate_detector(model, load_dataset(data, "val", DetectionTransform(meta["image_size"], hflip_prob=0.0)))

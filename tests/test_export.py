@@ -15,11 +15,12 @@ from cli_helpers import invoke, one_error_line  # noqa: E402
 from export_helpers import assert_same_detections  # noqa: E402
 from tolerances import fp32_chain  # noqa: E402
 
-from distill.checkpoint import load_detector, save_checkpoint  # noqa: E402
+from distill.checkpoint import save_checkpoint  # noqa: E402
 from distill.data import DetectionTransform, collate, generate_scenes, load_dataset  # noqa: E402
 from distill.export import load_session, run_session  # noqa: E402
 from recipes import __file__ as recipes_init  # noqa: E402
 from students import create_student  # noqa: E402
+from students.saved import load_detector  # noqa: E402
 
 SIZE = 64
 RECIPES = ["gfl-tiny", "asag-s-tiny", "sparse6-tiny", "dab6-tiny"]

@@ -102,7 +102,13 @@ def test_pkd_adapter_maps_channels_and_only_student_and_adapter_get_gradients():
     out = value(loss, side([s_map], (8,)), side([t_map], (8,)))
     out.backward()
     assert s_map.grad is not None and s_map.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.parameters())
+    adapter = dict(loss.named_parameters())
+    assert adapter["adapter.weight"].grad.abs().sum() > 0
+    # The per-channel standardisation removes any constant shift, so the adapter's bias cannot move
+    # the loss: its gradient is 0 up to the rounding of the mean subtraction (it was once exactly 0,
+    # so "every parameter gets a non-zero gradient" depended on the random init). Absolute bound: 8
+    # O(1) gradient terms that cancel exactly, each a few roundings from exact (FP32_FEW_OPS).
+    torch.testing.assert_close(adapter["adapter.bias"].grad, torch.zeros(3), rtol=0, atol=FP32_FEW_OPS)
     assert t_map.grad is None  # the teacher is read detached
 
 

@@ -154,10 +154,10 @@ def refined(detectors, data):
 
 @pytest.mark.parametrize("recipe", FAMILIES)
 def test_frozen_detector_untouched_and_only_the_refiner_trained(recipe, detectors, data, tmp_path):
-    from distill.checkpoint import load_detector
     from distill.engine.build import build_datasets
     from distill.engine.refine import refine_recipe
     from distill.engine.trainer import Trainer
+    from students.saved import load_detector
     from teachers.refine.saved import build_refined
 
     detector, meta = load_detector(detectors[recipe])
@@ -181,9 +181,9 @@ def test_frozen_detector_untouched_and_only_the_refiner_trained(recipe, detector
 
 @pytest.mark.parametrize("recipe", FAMILIES)
 def test_refined_run_reports_parameters_and_moves_only_top_k_boxes(recipe, refined, data):
-    from distill.checkpoint import load_detector
     from distill.data import DetectionTransform, load_dataset
     from distill.data.loader import collate
+    from students.saved import load_detector
     from teachers.refine.model import RefinedDetector
 
     info = json.loads((refined[recipe] / "run.json").read_text())
@@ -301,11 +301,11 @@ def test_export_of_a_refined_run_holds_the_refiner(recipe, refined, data, tmp_pa
     from export_helpers import assert_same_detections
     from tolerances import fp32_chain
 
-    from distill.checkpoint import load_detector
     from distill.data import DetectionTransform, load_dataset
     from distill.data.loader import collate
     from distill.export import load_session, run_session
     from distill.export.onnx_file import export_onnx
+    from students.saved import load_detector
 
     run = refined[recipe]
     result = invoke("export", run, "--format", "onnx", "--dynamic-batch")

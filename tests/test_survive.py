@@ -10,9 +10,10 @@ import torch
 from cli_helpers import invoke, one_error_line
 from safetensors.torch import load_file
 
-from distill.checkpoint import load_detector, load_train_state, read_checkpoint
+from distill.checkpoint import load_train_state, read_checkpoint
 from distill.engine import trainer as trainer_module
 from distill.errors import CheckpointError
+from students.saved import load_detector
 
 SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8", "--no-progress"]
 

@@ -250,8 +250,8 @@ def test_compare_gap_closed_by_hand(tmp_path):
 
 
 def test_compare_counts_parameters_of_a_real_run(trained):
-    from distill.checkpoint import load_detector
     from distill.viz.compare import count_parameters
+    from students.saved import load_detector
 
     model, _ = load_detector(trained)
     assert count_parameters(trained) == sum(p.numel() for p in model.parameters())

@@ -62,40 +62,6 @@ def parse_variants(text: str | None) -> tuple[str, ...] | None:
     return variants
 
 
-def resolve_spec(recipe, variants: str | None, regions: str | None, features: bool | None, feature_regions: str | None, dense: bool):
-    """The CacheSpec from the recipe (if any) and the explicit options, which win."""
-    from distill.regions import create_region
-    from recipes import RECOMMENDED, load_recipe
-    from teachers.cache_format import VARIANTS
-    from teachers.cache_select import CacheSpec, spec_from_recipe
-
-    chosen = parse_variants(variants)
-    # without --recipe: what the recommended recipe's losses read (regions, features), both flips
-    base = spec_from_recipe(recipe or load_recipe(RECOMMENDED), variants=chosen or (None if recipe else VARIANTS))
-    head = parse_regions(regions) if regions else base.head_regions
-    if features is None:
-        features = bool(base.feature_regions) or feature_regions is not None
-    feats = (parse_regions(feature_regions, "--feature-regions") if feature_regions else base.feature_regions or head) if features else ()
-    if dense:
-        head = (create_region("all"),) if head else ()
-        feats = (create_region("all"),) if feats else ()
-    return CacheSpec(chosen or base.variants, tuple(head), tuple(feats), base.size_divisor)
-
-
-def cache_matcher(recipe, num_classes: int):
-    """The student whose own assignment selects the cached locations: the recipe's student (built
-    without loading backbone weights: only its assigner runs), else the default ``gfl`` student."""
-    import inspect
-
-    from students import create_student, student_entrypoint
-
-    name, params = ("gfl", {}) if recipe is None else (recipe.student.name, dict(recipe.student.params))
-    params["num_classes"] = num_classes
-    if "pretrained" in inspect.signature(student_entrypoint(name)).parameters:
-        params["pretrained"] = None
-    return create_student(name, **params)
-
-
 @app.command("cache")
 @user_errors
 def cache_command(
@@ -118,63 +84,26 @@ def cache_command(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
 ) -> None:
     """Run the frozen teacher once over a split; store its logits (and features) at the distilled locations, fp16."""
-    import torch
-
-    from distill.config import DataSpec
-    from distill.data import DetectionTransform, load_dataset
+    from distill.engine.cache import CacheRequest, build_teacher_cache
     from distill.report import console, key_value_table
     from recipes import load_recipe
-    from teachers import build_cache, class_index_for, load_teacher
-    from teachers.cache_format import VARIANTS
-    from teachers.cache_select import CacheSpec, spec_from_recipe
+    from teachers.cache_select import recipes_served
 
     if set_ and recipe is None:
         raise ConfigError("--set changes a recipe: pass --recipe too")
     resolved = load_recipe(recipe, set_) if recipe else None
-    from distill.engine.device import resolve_device
-
-    for option, value in (("--shard-size", shard_size), ("--batch-size", batch_size)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{option} must be >= 1, got {value}")
-    if workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {workers}")
-    from distill.outputs import check_output_folder, data_roots, is_cache_folder
-
-    # a new folder, or the cache being resumed (same fingerprint: checked by build_cache)
-    check_output_folder(out, data_roots(data), owned=is_cache_folder, self_too=False)
-    torch_device = resolve_device(device)
-    frozen = load_teacher(teacher).to(torch_device)
-    where = str(frozen.meta.get("path", teacher))
-    size = image_size or (resolved.data.image_size if resolved else frozen.meta.get("image_size"))
-    if size is None:
-        raise ConfigError(f"{where}: checkpoint metadata has no image_size; pass --image-size or --recipe")
-    data_spec = resolved.data if resolved else DataSpec()
-    dataset = load_dataset(data, split, DetectionTransform(size, hflip_prob=0.0), invalid_boxes=data_spec.invalid_boxes)
-    class_map = resolved.teacher.class_map if resolved and resolved.teacher else {}
-    index = class_index_for(dataset.classes, frozen.classes, class_map, where=where)
-    if index is not None:
-        frozen.class_index = torch.tensor(index, dtype=torch.long, device=torch_device)
-    if frozen.spec.family == "sparse":  # every query row and the teacher's matches; nothing to select
-        if regions or feature_regions or features or dense:
-            raise ConfigError(f"{where}: a sparse teacher's cache stores every query row; --regions, --features and --dense select dense locations")
-        chosen = parse_variants(variants) or (spec_from_recipe(resolved).variants if resolved else VARIANTS)
-        spec, matcher = CacheSpec(chosen, (), (), resolved.data.size_divisor if resolved else 32, queries=True), None
-    else:
-        spec = resolve_spec(resolved, variants, regions, features, feature_regions, dense)
-        if spec.head_regions and frozen.spec.bins is None:  # a torchvision FCOS / RetinaNet: boxes, no bins to store
-            raise ConfigError(f"{where}: the teacher predicts no box bins, so a cache can hold its feature rows only: build it with a --recipe whose terms read features only, or distil without --cache")
-        matcher = cache_matcher(resolved, len(dataset.classes))
-    source = {"teacher": where, "data": str(data), "split": split, "recipe": recipe}
-    from distill import distributed as dist
-    from distill.engine.run import session
-
-    with session(str(torch_device), "off"):  # under torchrun: shards dealt to the ranks
-        summary = build_cache(
-            frozen, dataset, out, spec, matcher=matcher, shard_size=shard_size, batch_size=batch_size, num_workers=workers,
-            show_progress=progress, source=source,
-        )
-        main = dist.is_main()
-    if not main:  # rank 0 reports
+    request = CacheRequest(
+        variants=parse_variants(variants),
+        head_regions=parse_regions(regions) if regions else None,
+        features=features,
+        feature_regions=parse_regions(feature_regions, "--feature-regions") if feature_regions else None,
+        dense=dense,
+    )
+    summary, spec, reports = build_teacher_cache(
+        teacher, data, out, split=split, recipe=resolved, request=request, image_size=image_size, shard_size=shard_size,
+        batch_size=batch_size, workers=workers, show_progress=progress, device=device,
+    )
+    if not reports:  # rank 0 reports
         return
     if summary.get("already_complete"):
         console.print(f"{out}: cache already complete (nothing to do)", markup=False)
@@ -193,8 +122,6 @@ def cache_command(
         "fraction of dense": summary["fraction_of_dense"],
     }
     console.print(key_value_table(f"teacher cache {out}", rows))
-    from teachers.cache_select import recipes_served
-
     served = recipes_served(spec)
     console.print(
         f"manifest and summary.json in {out}; serves {', '.join(served) if served else 'no shipped recipe'}: "

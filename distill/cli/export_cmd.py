@@ -40,10 +40,11 @@ def export_command(
         import onnxruntime  # noqa: F401
     except ImportError:
         raise ConfigError('ONNX export needs onnx and onnxruntime: pip install -e ".[export]"') from None
-    from distill.checkpoint import atomic_write_bytes, load_detector, require_meta, resolve_checkpoint
+    from distill.checkpoint import atomic_write_bytes, require_meta, resolve_checkpoint
     from distill.export.onnx_file import export_onnx, is_detkd_onnx
     from distill.outputs import check_output_file
     from distill.report import console
+    from students.saved import load_detector
 
     path = resolve_checkpoint(run)
     if out is None:

@@ -71,12 +71,13 @@ def eval_command(
     image_size: int = typer.Option(None, "--image-size", help="Input size of an external teacher (tv: / hf:), which records none."),
 ) -> None:
     """COCO metrics of a checkpoint on a dataset split."""
-    from distill.checkpoint import atomic_write_text, load_detector, require_meta, resolve_checkpoint
+    from distill.checkpoint import atomic_write_text, require_meta, resolve_checkpoint
     from distill.data import DetectionTransform, load_dataset
     from distill.engine.device import resolve_device
     from distill.engine.evaluate import check_scorable, evaluate_detector
     from distill.outputs import check_output_file, data_roots
     from distill.report import console, key_value_table, make_progress
+    from students.saved import load_detector
     from teachers.checks import check_same_classes
 
     if batch_size < 1:

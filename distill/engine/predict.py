@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from distill.checkpoint import atomic_write, atomic_write_text, load_detector, make_dir
+from distill.checkpoint import atomic_write, atomic_write_text, make_dir
 from distill.errors import DataError
 from distill.structures import Detections, Target
+from students.saved import load_detector
 
 # Distinct, colour-blind-friendly hues (Okabe-Ito), cycled over classes.
 MIN_DRAW_SIDE = 384

@@ -52,11 +52,12 @@ def refine_run(
     show_progress: bool = True, device: str | None = "cpu", amp: str | None = "off",
 ) -> FitResult:
     """Train a refiner for the detector checkpoint (or run folder) ``detector_run`` on ``data``."""
-    from distill.checkpoint import load_detector, resolve_checkpoint
+    from distill.checkpoint import resolve_checkpoint
     from distill.engine.build import apply_threads, build_datasets, run_meta, seed_everything
     from distill.engine.run import check_fresh_run_dir, read_run_info, removed_if_refused, session, write_run_info
     from distill.engine.trainer import Trainer, check_batches, check_splits
     from distill.outputs import check_writable
+    from students.saved import load_detector
     from teachers.checks import check_same_classes
     from teachers.refine.model import RefinedDetector, box_targets
 

@@ -59,6 +59,11 @@ class RegionPairer(Pairer):
                 f"pairer {str(self.region)!r}: teacher strides {tuple(teacher.strides)} != student strides {tuple(student.strides)}; "
                 "dense pairs compare the same locations, so both detectors must predict at the same FPN levels"
             )
+        if space == "predictions" and student.grid != teacher.grid:
+            raise ConfigError(
+                f"pairer {str(self.region)!r}: the teacher predicts on the {teacher.grid!r} grid, the student on the {student.grid!r} grid; "
+                "dense pairs compare box bins measured from the same location point, so both need the same grid (student.params.grid)"
+            )
         missing = sorted(set(student.strides) - set(teacher.strides))
         if space == "features" and missing:
             # Feature losses pair each student level with the teacher level of the same stride, so a

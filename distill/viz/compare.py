@@ -63,7 +63,7 @@ def gap_closed(ap: float | None, baseline: float | None, teacher: float | None) 
 
 def count_parameters(run: Path) -> int | None:
     """Parameters of the run's shipped student (its best checkpoint, else last); None without one."""
-    from distill.checkpoint import load_detector
+    from students.saved import load_detector
 
     try:
         model, _ = load_detector(run)

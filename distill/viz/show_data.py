@@ -109,10 +109,11 @@ def recipe_pairers(recipe_dict: dict | None, source: str) -> list:
 
 @torch.no_grad()
 def build_view(run: Path, data: Path, image_id: int, split: str = "val", teacher_path: Path | None = None) -> ShowView:
-    from distill.checkpoint import load_detector, require_meta, resolve_checkpoint
+    from distill.checkpoint import require_meta, resolve_checkpoint
     from distill.data import DetectionTransform, collate, load_dataset
     from distill.inputs import DistillInputs
     from distill.pairers import RegionPairer, create_pairer
+    from students.saved import load_detector
     from teachers.checks import check_same_classes
 
     path = resolve_checkpoint(run)

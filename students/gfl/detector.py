@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from distill.distributed import mean_over_ranks
 from distill.ops.atss import atss_assign
 from distill.ops.boxes import ANCHOR_SCALE, aligned_iou, square_anchors
+from distill.ops.grid import GRIDS
 from distill.ops.precision import compute_dtype
 from distill.structures import DenseOutputs, Detections, DetectorSpec, Matches, Target
 from students.backbone import TimmBackbone, backbone_checks
@@ -44,6 +45,9 @@ class GFL(nn.Module):
         atss_topk:      ATSS candidates per level and GT.
         qfl_weight, giou_weight, dfl_weight: loss weights (0 allowed).
         score_thresh, pre_nms_topk, nms_iou, max_detections: ``postprocess`` settings.
+        grid:           location grid convention (``distill.ops.grid.GRIDS``): ``"centre"`` (cell
+                        centres, valid inside the image) or ``"mmdet"`` (cell corners, mmdetection's
+                        valid flags), the grid of the official GFL / LD code (``reference: ld``).
     """
 
     strides: tuple[int, ...] = (8, 16, 32, 64, 128)
@@ -67,6 +71,7 @@ class GFL(nn.Module):
         pre_nms_topk: int = 1000,
         nms_iou: float = 0.6,
         max_detections: int = 100,
+        grid: str = "centre",
     ) -> None:
         # Every argument, for ``config`` (taken before any other local exists).
         params = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
@@ -80,6 +85,7 @@ class GFL(nn.Module):
         self.qfl_weight, self.giou_weight, self.dfl_weight = qfl_weight, giou_weight, dfl_weight
         self.score_thresh, self.pre_nms_topk = score_thresh, pre_nms_topk
         self.nms_iou, self.max_detections = nms_iou, max_detections
+        self.grid = grid
         self.backbone = TimmBackbone(backbone, pretrained=pretrained, norm_eval=norm_eval)
         self.fpn = FPN(self.backbone.channels, fpn_channels, relu_before_p7=relu_before_p7)
         self.dense_head = GFLHead(
@@ -97,13 +103,17 @@ class GFL(nn.Module):
     @property
     def spec(self) -> DetectorSpec:
         return DetectorSpec(
-            "dense", self.num_classes, tuple(self.strides), self.fpn_channels, self.reg_max + 1, head_stages=self.dense_head.num_blocks
+            "dense", self.num_classes, tuple(self.strides), self.fpn_channels, self.reg_max + 1, head_stages=self.dense_head.num_blocks,
+            grid=self.grid,
         )
 
     @property
     def matching_config(self) -> dict:
         """The assigner, as a cache fingerprint records it: ATSS on square anchors of 8 strides."""
-        return {"name": "atss", "anchor_scale": ANCHOR_SCALE, "topk": self.atss_topk}
+        config = {"name": "atss", "anchor_scale": ANCHOR_SCALE, "topk": self.atss_topk}
+        if self.grid != "centre":  # the grid moves the anchors; named only when it is not the default, so older caches keep their fingerprint
+            config["grid"] = self.grid
+        return config
 
     # ----------------------------------------------------------------------------------- forward
     def features(self, images: Tensor) -> list[Tensor]:
@@ -118,8 +128,8 @@ class GFL(nn.Module):
         """
         cls_logits, reg_logits, stages = self.dense_head.forward_stages(features)
         sizes = tuple((int(f.shape[-2]), int(f.shape[-1])) for f in features)
-        points, strides = dense_points(sizes, self.strides, features[0].device)
-        outputs = dense_outputs(cls_logits, reg_logits, points, strides, list(sizes), image_sizes)
+        points, strides = dense_points(sizes, self.strides, features[0].device, self.grid)
+        outputs = dense_outputs(cls_logits, reg_logits, points, strides, list(sizes), image_sizes, self.grid)
         outputs.stages = stages
         return outputs
 
@@ -153,7 +163,7 @@ class GFL(nn.Module):
 
         Extras: ``pos_thresholds`` (G_b,) ATSS alpha_pos of each GT (the VLR region reads them).
         """
-        valid = valid_locations(points, image_sizes, len(targets))  # (B, N)
+        valid = valid_locations(points, image_sizes, len(targets), self.grid)  # (B, N)
         anchors = square_anchors(points, strides, ANCHOR_SCALE)
         per_level = [h * w for h, w in level_sizes]
         pred_index, gt_index, thresholds = [], [], []
@@ -203,7 +213,7 @@ class GFL(nn.Module):
         iou = cls.new_zeros(cls.shape[:2], dtype=compute_dtype())
         iou[b_idx, n_idx] = aligned_iou(pred_boxes.detach(), gt_boxes)
         # The sizes given here win over those the head saw (a head run without sizes marks all valid).
-        valid = outputs.valid if image_sizes is None else valid_locations(outputs.points, image_sizes, cls.shape[0])
+        valid = outputs.valid if image_sizes is None else valid_locations(outputs.points, image_sizes, cls.shape[0], outputs.grid)
         qfl = quality_focal_loss(cls[valid], labels[valid], iou[valid]).sum()
         num_pos = sum(max(len(index), 1) for index in matches.pred_index)  # sum_i max(#pos_i, 1)
         num_pos = mean_over_ranks(torch.tensor(float(num_pos), device=cls.device)).clamp(min=1)  # DDP: global count
@@ -248,6 +258,7 @@ def check_gfl_params(p: dict) -> list[ParamCheck]:
         ParamCheck("pre_nms_topk", p["pre_nms_topk"], p["pre_nms_topk"] >= 1, "an integer >= 1"),
         ParamCheck("nms_iou", p["nms_iou"], finite(p["nms_iou"]) and 0 < p["nms_iou"] <= 1, "in (0, 1]"),
         ParamCheck("max_detections", p["max_detections"], p["max_detections"] >= 1, "an integer >= 1"),
+        ParamCheck("grid", p["grid"], p["grid"] in GRIDS, "one of " + ", ".join(map(repr, GRIDS))),
     ]
     rows += [ParamCheck(k, p[k], finite(p[k]) and p[k] >= 0, "a finite number >= 0") for k in ("qfl_weight", "giou_weight", "dfl_weight")]
     return rows + backbone_checks(p)

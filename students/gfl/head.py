@@ -145,6 +145,7 @@ def dense_outputs(
     strides: Tensor,
     level_sizes: list[tuple[int, int]],
     image_sizes: Tensor | None,
+    grid: str = "centre",
 ) -> DenseOutputs:
     """Per-level GFL maps -> :class:`DenseOutputs` on the flattened grid.
 
@@ -157,7 +158,7 @@ def dense_outputs(
     reg = torch.cat([x.flatten(2).transpose(1, 2) for x in reg_logits], dim=1)  # (B, N, 4K)
     batch, num = reg.shape[:2]
     bins = BoxBins(reg.reshape(batch, num, 4, -1), points.unsqueeze(0), strides.reshape(1, -1, 1))
-    valid = valid_locations(points, image_sizes, batch)
+    valid = valid_locations(points, image_sizes, batch, grid)
     return DenseOutputs(
-        logits=logits, boxes=bins.decode(), valid=valid, bins=bins, points=points, strides=strides, level_sizes=list(level_sizes)
+        logits=logits, boxes=bins.decode(), valid=valid, bins=bins, points=points, strides=strides, level_sizes=list(level_sizes), grid=grid
     )

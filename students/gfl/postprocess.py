@@ -33,7 +33,7 @@ def postprocess_dense(
     """
     batch = image_sizes.shape[0]
     num_classes = outputs.num_classes
-    valid = valid_locations(outputs.points, image_sizes, batch)  # (B, N)
+    valid = valid_locations(outputs.points, image_sizes, batch, outputs.grid)  # (B, N)
     rows = torch.arange(batch, device=outputs.points.device)[:, None]
     scores, labels, boxes = [], [], []
     start = 0

@@ -70,7 +70,7 @@ def _feature_channels(detector: nn.Module) -> list[int]:
 
 def load_checkpoint(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> tuple[RefinedDetector, dict[str, Any]]:
     """The refined detector a checkpoint describes (its detector loaded from the referenced path)."""
-    from distill.checkpoint import load_detector
+    from students.saved import load_detector
 
     info = meta["refine"]
     if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("detector", "sha256")):
