@@ -136,6 +136,7 @@ class Trainer:
         for name, module in self.extra.items():
             extra_params += [(f"{name}.{n}", p) for n, p in module.named_parameters() if p.requires_grad]
         self.params = [p for _, p in params + extra_params]
+        self.param_names = [n for n, _ in params + extra_params]
         self.extra_params = [p for _, p in extra_params]
         self.optimizer = build_optimizer(params + extra_params, recipe)
         self.base_lrs = [recipe.train.lr for _ in self.optimizer.param_groups]
@@ -370,6 +371,10 @@ class Trainer:
     def _skip(self, record: dict[str, Any], values: dict[str, float], step: int, epoch: int) -> dict[str, Any]:
         """A non-finite loss or gradient: no update; a warning naming the term; stop after a few."""
         bad = [k for k, v in values.items() if k != "loss" and not math.isfinite(v)] or ["gradients"]
+        if bad == ["gradients"]:  # a finite loss: which tensors' gradients were not, to find the op that made them
+            record["nonfinite_grads"] = [
+                n for n, p in zip(self.param_names, self.params) if p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            ][:SHOWN_TERMS]
         if self.scaler is not None:
             self.scaler.update()  # lowers the scale; also required before the next unscale_()
             if bad == ["gradients"]:  # fp16 overflow with a finite loss: an expected skip
@@ -380,6 +385,8 @@ class Trainer:
         where = f"step {step} (epoch {epoch + 1})"
         # a diverged sparse detector makes 20+ terms NaN at once: the line names the first few
         terms = ", ".join(bad[:SHOWN_TERMS]) + (f" and {len(bad) - SHOWN_TERMS} more terms" if len(bad) > SHOWN_TERMS else "")
+        if record.get("nonfinite_grads"):
+            terms += f" (first: {', '.join(record['nonfinite_grads'])})"
         if self.bad_steps >= MAX_BAD_STEPS:
             raise DetkdError(
                 f"{self.out}: {self.bad_steps} steps in a row were not finite (last: {where}, {terms}); stopped, "
