@@ -64,6 +64,7 @@ VARIANTS = [
     Row("CrossKD", "crosskd", "crosskd"),
     Row("PKD", "pkd", "pkd"),
     Row("CrossKD + PKD", "crosskd-pkd", "crosskd-pkd"),
+    Row("Main KD + Main LD + VLR LD + PKD", "ld-pkd", "ld-pkd"),
 ]
 BASELINE = VARIANTS[0]
 QUICK_VARIANTS = [BASELINE, VARIANTS[5]]

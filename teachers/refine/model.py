@@ -53,6 +53,15 @@ class RefinedRows:
     steps: list[Tensor]
 
 
+class CarriesRefinement:
+    """Marker of the Predictions a RefinedDetector's head returns (``_carrying``): declared fields
+    ``refiner_maps``, ``refined`` and ``matches``, read by type, never probed with getattr."""
+
+    refiner_maps: list | None
+    refined: RefinedRows | None
+    matches: Matches | None
+
+
 @cache
 def _carrying(cls: type) -> type:
     """``cls`` (a Predictions type) with two more fields: the refiner's maps (dense inference reads
@@ -61,7 +70,7 @@ def _carrying(cls: type) -> type:
         f"Refined{cls.__name__}",
         [("refiner_maps", "list | None", field(default=None)), ("refined", "RefinedRows | None", field(default=None)),
          ("matches", "Matches | None", field(default=None))],
-        bases=(cls,),
+        bases=(cls, CarriesRefinement),
     )
 
 
@@ -155,7 +164,7 @@ class RefinedDetector(nn.Module):
         return _carry(base, refiner_maps=maps)
 
     def loss(self, predictions: Predictions, targets: list[Target], image_sizes: Tensor) -> tuple[dict[str, Tensor], Matches]:
-        rows = getattr(predictions, "refined", None)
+        rows = predictions.refined if isinstance(predictions, CarriesRefinement) else None
         if rows is None:
             raise ValueError("RefinedDetector.loss needs the predictions of a training head call (targets given)")
         normaliser = refined_rows(len(rows.index), rows.gt.device)  # every rank, every step (a collective)
@@ -170,7 +179,7 @@ class RefinedDetector(nn.Module):
         detections = self.detector.postprocess(predictions, image_sizes)
         if self.family == "sparse":
             return detections  # refined in head
-        maps = getattr(predictions, "refiner_maps", None)
+        maps = predictions.refiner_maps if isinstance(predictions, CarriesRefinement) else None
         if maps is None:
             raise ValueError("RefinedDetector.postprocess needs the predictions of this model's head (the refiner's maps)")
         return self._refine_detections(maps, detections, image_sizes)
