@@ -15,6 +15,7 @@ from pathlib import Path
 from distill.checkpoint import atomic_write_text
 from distill.data import GENERATORS
 from distill.engine.demo import finished
+from distill.structures import DenseOutputs, HeadStages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +87,11 @@ def leaf_predictions(preds):
     """A copy whose float tensors are fresh leaves: the terms' backward then stops at the head outputs."""
     leaf = lambda t: t.detach().requires_grad_() if t is not None and t.is_floating_point() else t  # noqa: E731
     bins = None if preds.bins is None else dataclasses.replace(preds.bins, logits=leaf(preds.bins.logits))
-    return dataclasses.replace(preds, logits=leaf(preds.logits), boxes=leaf(preds.boxes), bins=bins, aux=[leaf_predictions(a) for a in preds.aux])
+    out = dataclasses.replace(preds, logits=leaf(preds.logits), boxes=leaf(preds.boxes), bins=bins, aux=[leaf_predictions(a) for a in preds.aux])
+    if isinstance(preds, DenseOutputs) and preds.stages is not None:  # the tower maps CrossKD crosses: leaves too
+        stages = preds.stages
+        out.stages = HeadStages([[leaf(m) for m in level] for level in stages.cls], [[leaf(m) for m in level] for level in stages.reg])
+    return out
 
 
 def generated(folder: Path, dataset: str, train: int, val: int, size: int, seed: int) -> Path:

@@ -103,9 +103,16 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
 
 
 
-def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]) -> dict:
-    """Median step times of the recommended recipe (``ld-full-feat``, the heaviest: head and feature
-    losses): student alone, distillation with the online teacher, distillation losses alone."""
+def measure_costs(out: Path, profile: dict, threads: int, student_sets: list[str], variants) -> dict:
+    """:func:`measure_cost` of every distillation recipe among ``variants`` (each recipe once)."""
+    names = dict.fromkeys(row.recipe for row in variants if load_recipe(row.recipe).kind == "distill")
+    return {name: measure_cost(out, profile, threads, student_sets, name) for name in names}
+
+
+def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str], recipe_name: str = "ld-full-feat") -> dict:
+    """Median step times of a distillation recipe: student alone, distillation with the online
+    teacher, distillation losses alone (for CrossKD that includes the teacher head blocks it runs on
+    the student's maps)."""
     from distill.data import DetectionTransform, collate, load_dataset
     from distill.engine.build import build_detector
     from distill.engine.distiller import Distiller
@@ -114,7 +121,7 @@ def measure_cost(out: Path, profile: dict, threads: int, student_sets: list[str]
     from teachers import load_teacher
 
     torch.set_num_threads(threads)
-    recipe = load_recipe("ld-full-feat", [f"data.image_size={profile['size']}", *student_sets])
+    recipe = load_recipe(recipe_name, [f"data.image_size={profile['size']}", *student_sets])
     dataset = load_dataset(out / "data", "train", DetectionTransform(recipe.data.image_size))
     batch = collate([dataset[i] for i in range(recipe.train.batch_size)])
     student = build_detector(recipe, len(dataset.classes)).train()
@@ -194,14 +201,16 @@ def print_table(summary: dict, profile_name: str) -> None:
                       tune_gain, ",".join(map(str, row["seeds"])))
     console.print(table)
     console.print(f"chosen on the tuning split (largest mean paired gain there): {summary.get('selected_on_tune')}")
-    cost = summary.get("cost")
-    if cost:
-        costs = Table(title=f"cost per training step (batch {cost['batch_size']}, {cost['image_size']} px, {cost['threads']} threads, median)")
-        for column in ("student alone", "distill, online teacher", "ratio", "distill losses alone", "share of student step"):
-            costs.add_column(column, justify="right")
-        costs.add_row(f"{1000 * cost['student_step_s']:.0f} ms", f"{1000 * cost['distill_online_step_s']:.0f} ms", f"{cost['online_over_student']:.2f}x",
-                      f"{1000 * cost['distill_losses_s']:.1f} ms", f"{100 * cost['losses_over_student_step']:.1f}%")
-        console.print(costs)
+    costs = summary.get("cost") or {}
+    if costs:
+        first = next(iter(costs.values()))
+        table = Table(title=f"cost per training step (batch {first['batch_size']}, {first['image_size']} px, {first['threads']} threads, median)")
+        for column in ("recipe", "student alone", "distill, online teacher", "ratio", "distill losses alone", "share of student step"):
+            table.add_column(column, justify="left" if column == "recipe" else "right")
+        for name, cost in costs.items():
+            table.add_row(name, f"{1000 * cost['student_step_s']:.0f} ms", f"{1000 * cost['distill_online_step_s']:.0f} ms",
+                          f"{cost['online_over_student']:.2f}x", f"{1000 * cost['distill_losses_s']:.1f} ms", f"{100 * cost['losses_over_student_step']:.1f}%")
+        console.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.only:
         variants = select_rows(parser, args.only, VARIANTS)
     results = train_all(out, profile, variants, args.threads, args.student_set, args.reuse)
-    cost = None if args.no_cost else measure_cost(args.reuse or out, profile, args.threads, args.student_set)
+    cost = None if args.no_cost else measure_costs(args.reuse or out, profile, args.threads, args.student_set, variants)
     summary = summarise(results, cost)
     summary.update(profile=profile_name, settings=profile, student_sets=args.student_set, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
     (out / "distill_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
