@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 from cli_helpers import invoke, one_error_line
+from ddp_helpers import HANG_GUARD_S
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tolerances import FP32_FEW_OPS
@@ -404,7 +405,7 @@ def test_resume_with_fewer_epochs_than_done_says_how_many_were_done(run, tmp_pat
 
 def torchrun(launcher, *args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    return subprocess.run([*launcher, "--nproc-per-node", "2", *map(str, args)], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([*launcher, "--nproc-per-node", "2", *map(str, args)], capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
 
 
 def error_lines(text):
