@@ -8,16 +8,12 @@ A cache is a folder::
     CACHE/shard-00001.safetensors    images [K, 2K) ...
     CACHE/summary.json               what the build printed (timings, bytes per image); informational
 
-Shard tensors (E entries = images x variants, R head rows, F feature rows)::
+Every shard holds an ``entries`` table (E, 6) int64: image id, variant code, and the start and count
+of each of the entry's two row parts; what the parts hold is the layout's (``teachers.cache_layout``:
+``dense`` region rows, ``teachers.cache_dense``; ``queries`` query rows and matches,
+``teachers.cache_queries``), whose docstrings list the tensors.
 
-    entries    (E, 6) int64   image_id, variant code, head_start, head_count, feat_start, feat_count
-    head.loc   (R,)   int32   flat location of each row on the cache canvas (DenseOutputs order)
-    head.cls   (R, C) fp16    class logits (already mapped to the student's classes)
-    head.reg   (R, 4, K) fp16 per-edge bin logits (K = reg_max + 1)
-    feat.loc   (F,)   int32   flat location of each feature row          (only with features)
-    feat.rows  (F, C_f) fp16  FPN feature vector at that location          (only with features)
-
-Rows of one entry are contiguous and sorted by location. Every file is written to a temporary name
+Rows of one entry are contiguous. Every file is written to a temporary name
 and renamed (``atomic_write``); the manifest is rewritten after each shard, so a build interrupted
 at any point resumes after its last complete shard. Safetensors are parsed without pickle, and a
 shard's sha256 and size are checked before its rows are used.
