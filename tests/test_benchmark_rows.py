@@ -211,3 +211,36 @@ def test_asag_distill_dab_is_the_row_the_dab_record_chose_on_the_tuning_split():
     assert shipped.losses == bench.row_recipe(row, []).losses and shipped.student == bench.row_recipe(row, []).student
     # the record's paired gain is the README's headline: beyond zero on every seed
     assert record["rows"][chosen]["seeds_above_alone"] == 5 and record["rows"][chosen]["paired_gain_ci95"][0] > 0
+
+
+def test_the_recommended_dense_recipe_is_the_row_the_distill_gain_record_chose_on_the_tuning_split():
+    import json
+
+    from recipes import RECOMMENDED, RECOMMENDED_CACHED
+
+    record = json.loads((BENCHMARKS / "records" / "distill_gain-scenes-pretrained.json").read_text())
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location("distill_gain", BENCHMARKS / "distill_gain.py")
+        gain = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gain)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    rows = {row.name: row for row in gain.VARIANTS}
+    chosen = record["selected_on_tune"]
+    tune = {name: row["tune_paired_gain_mean"] for name, row in record["rows"].items() if row.get("tune_paired_gain_mean") is not None}
+    assert chosen == max(tune, key=tune.get)  # chosen on the tuning split, whatever val says
+    assert rows[chosen].recipe == RECOMMENDED and rows[chosen].overrides == ()
+    assert record["settings"]["student_epochs"] == load_recipe(RECOMMENDED).train.epochs
+    assert all(gain > 0 for gain in record["rows"][chosen]["paired_gains"])  # the README's "every seed"
+    # the cache's default: the best row on the tuning split among the recipes a cache can serve
+    from teachers.cache_select import spec_from_recipe
+
+    def cacheable(recipe):
+        from distill.losses import loss_from_spec
+
+        return not any(loss_from_spec(s).cache_refusal for s in load_recipe(recipe).losses)
+
+    served = {name: gain for name, gain in tune.items() if cacheable(rows[name].recipe)}
+    assert rows[max(served, key=served.get)].recipe == RECOMMENDED_CACHED
+    spec_from_recipe(load_recipe(RECOMMENDED_CACHED))  # and it has rows to cache
