@@ -104,6 +104,8 @@ class TeacherCache:
         self.kind = self.layout.kind
         self.canvas = self.layout.canvas
         self.variants = tuple(self.fingerprint["variants"])
+        # part -> the cached regions as text, for the messages of cache misses (built once, not per batch)
+        self.held = {"head": self.describe("head"), "feature": self.describe("features")}
         shard_size = manifest["build"]["shard_size"]
         self._shard_of = {image_id: i // shard_size for i, image_id in enumerate(manifest["image_ids"])}
         self._handles: OrderedDict[int, Any] = OrderedDict()

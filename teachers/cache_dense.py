@@ -274,7 +274,7 @@ class DenseLayout(CacheLayout):
         result = CachedTeacherInputs(
             spec=cache.spec, image_sizes=batch.image_sizes, points=outputs.points, strides=outputs.strides,
             level_sizes=list(self.level_sizes), keys=[(int(i), bool(f)) for i, f in zip(batch.image_ids, batch.flipped.tolist())],
-            source=str(cache.folder), held={"head": cache.describe("head"), "feature": cache.describe("features")},
+            source=str(cache.folder), held=cache.held,
         )
         if "head.loc" in entries[0] and "head" in needs:
             result.head_index, (result.cls, result.reg) = self._stack(entries, "head", device)
