@@ -16,10 +16,8 @@ from distill.errors import ConfigError
 
 # The dense recipe the README recommends: chosen on the tuning split of benchmarks/distill_gain.py
 # (scenes, ImageNet-pretrained student; record benchmarks/records/distill_gain-scenes-pretrained.json).
+# It is also what ``detkd cache`` without --recipe caches (the teacher's feature rows at every valid location).
 RECOMMENDED = "pkd"
-# The best recipe of that benchmark a teacher cache can serve (PKD normalises the teacher's whole maps,
-# which a cache of region rows does not hold): what ``detkd cache`` without --recipe caches.
-RECOMMENDED_CACHED = "ld-full-feat"
 
 
 def _recipe_dir() -> Path:
@@ -66,4 +64,4 @@ def _validate_student(recipe: Recipe, source: str) -> None:
     validate_student(recipe.student.name, recipe.student.params, source)
 
 
-__all__ = ["RECOMMENDED", "RECOMMENDED_CACHED", "list_recipes", "load_recipe", "recipe_path"]
+__all__ = ["RECOMMENDED", "list_recipes", "load_recipe", "recipe_path"]

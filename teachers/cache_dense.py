@@ -39,7 +39,7 @@ from distill.regions import Region
 from distill.structures import Batch, BoxBins, DenseOutputs, DetectorSpec, Matches, Target
 from teachers.cache_format import covers, region_from_json
 from teachers.cache_layout import CacheLayout, register_layout
-from teachers.cache_select import CacheSpec, require_grid_assigner
+from teachers.cache_select import CacheSpec, cached_region, require_grid_assigner
 
 DENSE_PARTS = (("head", ("head.loc", "head.cls", "head.reg")), ("feat", ("feat.loc", "feat.rows")))
 
@@ -92,6 +92,20 @@ class CachedTeacherInputs(DistillInputs):
             level_index = self.feat_index[:, offset : offset + h * w]
             image, index = (torch.ones_like(level_index, dtype=torch.bool)).nonzero(as_tuple=True)
         return self.feat[self._rows(self.feat_index, image, index + offset, "feature")]
+
+    def require_features(self) -> list[Tensor]:
+        """The teacher's whole FPN maps, per level (B, C_f, H_l, W_l), rebuilt once per batch from the
+        cached rows (for a loss reading whole maps, ``pkd``): every valid location must be cached;
+        padding locations are 0 (the rows of no region)."""
+        if self.features is None:
+            sizes = self.feature_sizes()
+            valid = valid_locations(self.points, self.image_sizes, len(self.keys), self.spec.grid)  # (B, N)
+            image, location = valid.nonzero(as_tuple=True)
+            flat = self.feat.new_zeros(len(self.keys), valid.shape[1], self.feat.shape[1])  # (B, N, C_f)
+            flat[image, location] = self.feat[self._rows(self.feat_index, image, location, "feature")]
+            maps = flat.transpose(1, 2).split([h * w for h, w in sizes], dim=2)
+            self.features = [m.reshape(m.shape[0], m.shape[1], h, w) for m, (h, w) in zip(maps, sizes)]
+        return self.features
 
     def feature_sizes(self) -> list[tuple[int, int]]:
         if self.feat_index is None:
@@ -253,11 +267,12 @@ class DenseLayout(CacheLayout):
                     f"{cache.folder}: loss '{loss.name}' pairs with {loss.pairer.name!r}, but a dense teacher cache serves the rows of "
                     "dense regions only (main, vlr, gt_boxes, all); run that loss with the online teacher"
                 )
-            region = loss.pairer.region
             for part, regions in held.items():
+                region = cached_region(loss, part)
                 if part in loss.needs and not covers(regions, region):
+                    whole = " (whole maps)" if part in loss.whole_maps else ""
                     raise CheckpointError(
-                        f"{cache.folder}: loss '{loss.name}' reads teacher {part} in region {region}, but the cache holds "
+                        f"{cache.folder}: loss '{loss.name}' reads teacher {part} in region {region}{whole}, but the cache holds "
                         f"{part} rows for {cache.describe(part) or 'no region'} only; rebuild it with 'detkd cache --recipe RECIPE' or --dense"
                     )
 

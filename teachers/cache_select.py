@@ -61,6 +61,12 @@ class CacheSpec:
         object.__setattr__(self, "variants", tuple(v for v in VARIANTS if v in self.variants))
 
 
+def cached_region(loss, part: str) -> Region:
+    """The dense region whose teacher rows of ``part`` ("head" / "features") ``loss`` reads from a
+    cache: its pairer's, or every valid location for a part it reads as whole maps (``loss.whole_maps``)."""
+    return create_region("all") if part in loss.whole_maps else loss.pairer.region
+
+
 def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: bool = False) -> CacheSpec:
     """The cache a distillation recipe needs: its losses' regions per part and its flips."""
     from distill.losses import loss_from_spec
@@ -74,9 +80,8 @@ def spec_from_recipe(recipe, variants: tuple[str, ...] | None = None, dense: boo
         if not isinstance(loss.pairer, RegionPairer):  # a matched pairer: served by a query cache
             matched.append((i, loss))
             continue
-        region = loss.pairer.region
-        (head if "head" in loss.needs else []).append(region)
-        (feats if "features" in loss.needs else []).append(region)
+        (head if "head" in loss.needs else []).append(cached_region(loss, "head"))
+        (feats if "features" in loss.needs else []).append(cached_region(loss, "features"))
     if matched and (head or feats or any("features" in loss.needs for _, loss in matched)):
         i, loss = matched[0]
         raise ConfigError(

@@ -216,7 +216,7 @@ def test_asag_distill_dab_is_the_row_the_dab_record_chose_on_the_tuning_split():
 def test_the_recommended_dense_recipe_is_the_row_the_distill_gain_record_chose_on_the_tuning_split():
     import json
 
-    from recipes import RECOMMENDED, RECOMMENDED_CACHED
+    from recipes import RECOMMENDED
 
     record = json.loads((BENCHMARKS / "records" / "distill_gain-scenes-pretrained.json").read_text())
     sys.path.insert(0, str(BENCHMARKS))
@@ -233,14 +233,9 @@ def test_the_recommended_dense_recipe_is_the_row_the_distill_gain_record_chose_o
     assert rows[chosen].recipe == RECOMMENDED and rows[chosen].overrides == ()
     assert record["settings"]["student_epochs"] == load_recipe(RECOMMENDED).train.epochs
     assert all(gain > 0 for gain in record["rows"][chosen]["paired_gains"])  # the README's "every seed"
-    # the cache's default: the best row on the tuning split among the recipes a cache can serve
+    # and a teacher cache serves it (what `detkd cache` without --recipe builds): feature rows at every location
+    from distill.regions import create_region
     from teachers.cache_select import spec_from_recipe
 
-    def cacheable(recipe):
-        from distill.losses import loss_from_spec
-
-        return not any(loss_from_spec(s).cache_refusal for s in load_recipe(recipe).losses)
-
-    served = {name: gain for name, gain in tune.items() if cacheable(rows[name].recipe)}
-    assert rows[max(served, key=served.get)].recipe == RECOMMENDED_CACHED
-    spec_from_recipe(load_recipe(RECOMMENDED_CACHED))  # and it has rows to cache
+    cached = spec_from_recipe(load_recipe(RECOMMENDED))
+    assert cached.head_regions == () and cached.feature_regions == (create_region("all"),)

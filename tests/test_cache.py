@@ -105,7 +105,12 @@ def rows(select):
     return select.nonzero(as_tuple=True)
 
 
-LOSS_PARAMS = {"kd": [{}, {"legacy": True}, {"mode": "softmax"}], "ld": [{}, {"legacy": True}], "box": [{}], "feature": [{"student_channels": 8, "teacher_channels": 16}, {"student_channels": 8, "teacher_channels": 16, "relative": False}, {"student_channels": 8, "teacher_channels": 16, "legacy": True}]}
+ADAPTED = {"student_channels": 8, "teacher_channels": 16}
+LOSS_PARAMS = {
+    "kd": [{}, {"legacy": True}, {"mode": "softmax"}], "ld": [{}, {"legacy": True}], "box": [{}],
+    "feature": [ADAPTED, {**ADAPTED, "relative": False}, {**ADAPTED, "legacy": True}],
+    "pkd": [ADAPTED],  # whole maps, rebuilt from the dense cache's rows, whatever region it pairs on
+}
 
 
 @pytest.mark.parametrize("flips", [(False,) * 4, (True,) * 4, (False, True, True, False)], ids=["none", "hflip", "mixed"])
@@ -115,14 +120,14 @@ def test_losses_from_the_cache_equal_the_online_teacher(caches, teacher, train_s
     s_in = student_side(batch)
     t_online = online(teacher, batch)
     rounded = fp16_rounded(t_online)
-    # every loss a cache can serve (pkd and crosskd refuse one: test_losses_a_cache_cannot_serve_are_refused)
+    # every loss a cache can serve (crosskd refuses one: test_losses_a_cache_cannot_serve_are_refused)
     assert set(LOSS_PARAMS) == {n for n in distill.list_losses() if distill.create_loss(n).cache_refusal is None}
     for name in LOSS_PARAMS:
         for region in distill.list_regions():
-            cache = caches["dense" if region == "all" else "selected"]
-            cached = cache.inputs(batch, s_in, frozenset({"head", "features"}))
             for params in LOSS_PARAMS[name]:
                 loss = distill.create_loss(name, pairer=region, **params)
+                cache = caches["dense" if region == "all" or loss.whole_maps else "selected"]
+                cached = cache.inputs(batch, s_in, frozenset({"head", "features"}))
                 pairs = loss.pairer(s_in, cached, batch.targets, loss.space)
                 assert len(pairs) > 0, region
                 where = f"{name} {params} region {region}"
@@ -188,11 +193,44 @@ def test_a_region_the_cache_does_not_hold_is_a_clear_error(caches, teacher, trai
     caches["dense"].check_run(teacher, train_set, [loss], 32, MATCHER)  # 'all' covers every region
 
 
-@pytest.mark.parametrize("name,why", [("pkd", "normalises the teacher's whole FPN maps"), ("crosskd", "runs the teacher's head on the student's own maps")])
-def test_losses_a_cache_cannot_serve_are_refused(caches, teacher, train_set, name, why):
-    loss = distill.create_loss(name, pairer="all")
-    with pytest.raises(CheckpointError, match=rf"loss '{name}' {why}.*; distil without --cache"):
+def test_losses_a_cache_cannot_serve_are_refused(caches, teacher, train_set):
+    loss = distill.create_loss("crosskd", pairer="all")
+    with pytest.raises(CheckpointError, match=r"loss 'crosskd' runs the teacher's head on the student's own maps.*; distil without --cache"):
         caches["dense"].check_run(teacher, train_set, [loss], 32, MATCHER)
+
+
+def test_pkd_needs_every_valid_feature_row_whatever_its_pairer_selects(caches, teacher, train_set):
+    # the selected cache holds features at gt_boxes / main / vlr: enough for `feature` on main, not for pkd on main
+    cache = caches["selected"]
+    pkd, feature = (distill.create_loss(name, pairer="main", **ADAPTED) for name in ("pkd", "feature"))
+    cache.check_run(teacher, train_set, [feature], 32, MATCHER)
+    with pytest.raises(CheckpointError, match=r"loss 'pkd' reads teacher features in region all \(whole maps\), but the cache holds features rows for gt_boxes, main, vlr\(.*\) only"):
+        cache.check_run(teacher, train_set, [pkd], 32, MATCHER)
+    caches["dense"].check_run(teacher, train_set, [pkd], 32, MATCHER)
+    batch = collate([train_set.get(i, False) for i in range(2)], pad_to=cache.canvas)
+    s_in = student_side(batch)
+    with pytest.raises(CacheMissError, match=r"no cached teacher feature row for image id \d+ \(none\) at level 0 row 0 col 0"):
+        cache.inputs(batch, s_in, frozenset({"features"})).require_features()
+
+
+def test_whole_maps_rebuilt_from_cached_rows_on_a_literal_case():
+    """One 2x2 level at stride 8 (centres 4 and 12) of a 16 x 8 (h x w) image: column 1 (x = 12) is
+    padding. Rows cached at locations 0 (row 0 col 0) and 2 (row 1 col 0)."""
+    from distill.structures import DetectorSpec
+    from teachers import CachedTeacherInputs
+
+    def side(index):
+        return CachedTeacherInputs(
+            spec=DetectorSpec("dense", 1, (8,), 2, None), image_sizes=torch.tensor([[16, 8]]),
+            points=torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]]), strides=torch.full((4,), 8.0),
+            level_sizes=[(2, 2)], keys=[(7, False)], source="literal", held={"feature": "main"},
+            feat_index=torch.tensor([index]), feat=torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        )
+
+    maps = side([0, -1, 1, -1]).require_features()
+    assert len(maps) == 1 and torch.equal(maps[0], torch.tensor([[[[1.0, 0.0], [3.0, 0.0]], [[2.0, 0.0], [4.0, 0.0]]]]))
+    with pytest.raises(CacheMissError, match=r"image id 7 \(none\) at level 0 row 1 col 0; the cache holds feature rows for main only"):
+        side([0, -1, -1, 1]).require_features()  # location 2 is valid but not cached (3 is padding)
 
 
 def test_other_teacher_data_or_transform_are_refused(root, caches, train_set):
@@ -321,17 +359,22 @@ def cli_cache(root):
     return out
 
 
-def test_cache_without_a_recipe_holds_what_the_recommended_recipe_reads(root, tmp_path):
-    # ld-full-feat: LD + KD on main, LD on vlr(gamma 0.25, diou), features on every location
+@pytest.mark.parametrize("recipe, head, served", [
+    # no --recipe: what the recommended pkd reads, the feature rows of every valid location, no head rows
+    (None, [], ["pkd", "pkd-demo"]),
+    # LD + KD on main, LD on vlr(gamma 0.25, diou), features on every location: every shipped dense recipe
+    # reads main / vlr(gamma 0.25, diou) head rows and all / gt_boxes features (pkd: whole maps = all)
+    ("ld-full-feat", ["main", "vlr"], ["ld-full", "ld-full-feat", "ld-main", "ld-main-kd", "ld-pkd", "ld-tiny", "pkd", "pkd-demo"]),
+])
+def test_cache_holds_what_the_recipe_reads_and_names_the_recipes_it_serves(root, tmp_path, recipe, head, served):
     out = tmp_path / "default"
-    result = invoke("cache", root / "teacher.safetensors", "--data", root / "data", "--out", out, "--shard-size", 8, "--no-progress")
+    chosen = ["--recipe", recipe, *SMALL[:2]] if recipe else []
+    result = invoke("cache", root / "teacher.safetensors", "--data", root / "data", "--out", out, *chosen, "--shard-size", 8, "--no-progress")
     assert result.exit_code == 0, result.output
     selection = json.loads((out / "manifest.json").read_text())["fingerprint"]["selection"]
-    assert [r["name"] for r in selection["head"]] == ["main", "vlr"] and [r["name"] for r in selection["features"]] == ["all"]
+    assert [r["name"] for r in selection["head"]] == head and [r["name"] for r in selection["features"]] == ["all"]
     line = " ".join(result.output.split())
-    served = line.split(" serves ", 1)[1].split(":", 1)[0].split(", ")
-    # every shipped dense recipe reads main / vlr(gamma 0.25, diou) rows and all / gt_boxes features
-    assert served == ["ld-demo", "ld-full", "ld-full-feat", "ld-main", "ld-main-kd", "ld-tiny"]
+    assert line.split(" serves ", 1)[1].split(":", 1)[0].split(", ") == served
 
 
 def test_serves_needs_every_region_flip_and_kind():
@@ -370,6 +413,23 @@ def test_cli_cache_then_distill_matches_the_online_teacher(root, cli_cache):
         assert first_cached[key] == pytest.approx(first_online[key], rel=2e-3), key  # fp16 storage (module docstring)
     run = json.loads((root / "cached" / "run.json").read_text())
     assert run["teacher"]["cache"]["key"] == manifest["key"]
+
+
+def test_the_recommended_pkd_distils_from_a_cache_as_from_the_online_teacher(root, cli_cache, tmp_path):  # cli_cache: the tiny teacher
+    # detkd cache without --recipe holds what pkd reads; distilling from it gives the online run's first step
+    cache = tmp_path / "pkd_cache"
+    result = invoke("cache", root / "tiny_teacher.safetensors", "--data", root / "data", "--out", cache, "--shard-size", 4, "--no-progress")
+    assert result.exit_code == 0, result.output
+    runs = {}
+    for name, cached in (("cached", ["--cache", cache]), ("online", [])):
+        args = ["distill", "pkd", "--teacher", root / "tiny_teacher.safetensors", "--data", root / "data", *cached, "--force", "--epochs", 1, *SMALL, "--out", tmp_path / name]
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    first_cached, first_online = runs["cached"][0], runs["online"][0]
+    assert first_cached["loss_pkd_all"] > 0 and first_cached["loss_qfl"] == first_online["loss_qfl"]  # same student, same batch
+    assert first_cached["loss_pkd_all"] == pytest.approx(first_online["loss_pkd_all"], rel=2e-3)  # fp16 storage (module docstring)
+    assert json.loads((tmp_path / "cached" / "run.json").read_text())["teacher"]["cache"]["key"] == json.loads((cache / "manifest.json").read_text())["key"]
 
 
 @pytest.mark.parametrize(

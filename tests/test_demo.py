@@ -6,12 +6,12 @@ from recipes import load_recipe
 
 
 def test_baseline_recipe_is_the_same_student_and_schedule_without_teacher_or_losses():
-    recipe = load_recipe("ld-demo")
+    recipe = load_recipe("pkd-demo")
     baseline = baseline_recipe(recipe)
     assert baseline.kind == "student" and baseline.teacher is None and baseline.losses == []
     assert baseline.student == recipe.student and baseline.train == recipe.train and baseline.data == recipe.data
-    assert baseline.name == "ld-demo-baseline"
-    assert recipe.kind == "distill" and len(recipe.losses) == 4  # the distill recipe itself is untouched
+    assert baseline.name == "pkd-demo-baseline"
+    assert recipe.kind == "distill" and len(recipe.losses) == 1  # the distill recipe itself is untouched
 
 
 @pytest.mark.parametrize("teacher, baseline, distilled, expected", [

@@ -19,7 +19,7 @@ def is_demo_folder(folder: Path) -> bool:
 @user_errors
 def demo_command(
     out: Path = typer.Option(Path("demo"), "--out", help="Folder for the data, the three runs and the pictures."),
-    recipe: str = typer.Option("ld-demo", "--recipe", help="Distill recipe; its teacher.recipe trains the teacher."),
+    recipe: str = typer.Option("pkd-demo", "--recipe", help="Distill recipe; its teacher.recipe trains the teacher."),
     epochs: int = typer.Option(None, "--epochs", help="Override the student's epochs (baseline and distilled)."),
     teacher_epochs: int = typer.Option(None, "--teacher-epochs", help="Override the teacher's epochs."),
     train_images: int = typer.Option(480, "--train", help="Training scenes to generate."),

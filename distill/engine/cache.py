@@ -66,10 +66,10 @@ def cache_matcher(recipe: Recipe | None, num_classes: int):
 
 
 def cache_plan(teacher, classes: list[str], recipe: Recipe | None = None, request: CacheRequest = CacheRequest(), where: str = ""):
-    """(CacheSpec, matcher): what to cache for ``recipe`` (None: what ``recipes.RECOMMENDED_CACHED``,
-    the best recipe a cache can serve, reads, both flips) with this teacher (FrozenTeacher), the request's explicit choices winning; the matcher
+    """(CacheSpec, matcher): what to cache for ``recipe`` (None: what the recommended recipe,
+    ``recipes.RECOMMENDED``, reads, both flips) with this teacher (FrozenTeacher), the request's explicit choices winning; the matcher
     is the student whose assignment selects dense locations (None for a sparse teacher's query cache)."""
-    from recipes import RECOMMENDED_CACHED, load_recipe
+    from recipes import RECOMMENDED, load_recipe
     from teachers.cache_format import VARIANTS
     from teachers.cache_select import CacheSpec, spec_from_recipe
 
@@ -78,7 +78,7 @@ def cache_plan(teacher, classes: list[str], recipe: Recipe | None = None, reques
             raise ConfigError(f"{where}: a sparse teacher's cache stores every query row; --regions, --features and --dense select dense locations")
         variants = request.variants or (spec_from_recipe(recipe).variants if recipe else VARIANTS)
         return CacheSpec(variants, (), (), recipe.data.size_divisor if recipe else DataSpec().size_divisor, queries=True), None
-    base = spec_from_recipe(recipe or load_recipe(RECOMMENDED_CACHED), variants=request.variants or (None if recipe else VARIANTS))
+    base = spec_from_recipe(recipe or load_recipe(RECOMMENDED), variants=request.variants or (None if recipe else VARIANTS))
     head = request.head_regions or base.head_regions
     features = request.features
     if features is None:

@@ -17,10 +17,13 @@ population variance, and eps inside the root (a constant channel, e.g. a one-loc
 variance 0: its rows become 0 with a finite gradient, where ``std + eps`` has an infinite one
 at 0). With channel counts that differ,
 the 1x1 adapter maps the whole student map before it is normalised.
+
+A teacher cache serves it when it holds the teacher's feature rows at every valid location (region
+``all``: what ``detkd cache --recipe pkd`` or ``ld-full-feat`` builds, or ``--dense``): the cache
+rebuilds the maps from them (``whole_maps``), padding at 0 as the statistics ignore it.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -49,7 +52,7 @@ class PearsonFeatureMimic(FeatureMimic):
     """Feature imitation on per-image, per-channel standardised FPN maps (``1 - r`` on whole maps)."""
 
     name = "pkd"
-    cache_refusal = "normalises the teacher's whole FPN maps, while a cache holds rows of regions"
+    whole_maps = frozenset({"features"})  # the statistics span every valid location: a cache serves it from region `all`
 
     def __init__(
         self,
@@ -97,6 +100,8 @@ class PearsonFeatureMimic(FeatureMimic):
         return rows.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
     def _normalised(self, side: DistillInputs, features: list[Tensor]) -> DistillInputs:
+        """A side holding the standardised maps and nothing else to read rows from: whatever gave the
+        raw maps (a model, or a teacher cache rebuilding them from its rows), the rows read next are these."""
         _, _, valid = side.grid("features")  # (B, N) over the levels, flattened level by level
         out, start = [], 0
         for feature in features:
@@ -104,7 +109,7 @@ class PearsonFeatureMimic(FeatureMimic):
             level_valid = valid[:, start : start + h * w].reshape(b, h, w)
             out.append(pearson_normalise(feature, level_valid, self.eps))
             start += h * w
-        return replace(side, features=out)
+        return DistillInputs(spec=side.spec, features=out, image_sizes=side.image_sizes)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, eps={self.eps}"

@@ -23,6 +23,8 @@ with one call contract::
   predictions, each head paired with its own matches; the term is the mean over heads.
 - ``loss.check_pair`` is part of the contract: the pairer's check (families, strides), then the
   loss's own (classes, bins, channels). The engine calls it for every loss before any batch runs.
+- ``loss.whole_maps`` names the teacher parts the loss reads at every valid location whatever its
+  pairer selects (``pkd`` standardises whole FPN maps): a teacher cache serves it from region ``all``.
 - ``loss.legacy_sums_over_batch`` tells whether ``legacy=True`` reproduces a reference normalisation
   that grows with the number of images (LD's constant ``avg_factor``), documented and tested as such.
 
@@ -75,6 +77,9 @@ class DistillLoss(nn.Module, ABC):
     legacy_sums_over_batch: ClassVar[bool] = False
     # Whether a teacher cache (region rows) can serve this loss; False names why it cannot.
     cache_refusal: ClassVar[str | None] = None
+    # Teacher parts this loss reads at every valid location whatever its pairer selects (pkd's per-map
+    # statistics): a teacher cache must hold them at region ``all`` (``teachers.cache_select.cached_region``).
+    whole_maps: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, *, weight: float = 1.0, pairer: str = "main", pairer_params: Mapping[str, Any] | None = None, heads: str = "final"):
         super().__init__()
