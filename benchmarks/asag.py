@@ -26,11 +26,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
-from common import Row, fresh, interleaved_medians, profile_data, select_rows  # the benchmarks' shared helpers (this script's folder is on sys.path)
+from common import (  # the benchmarks' shared helpers (this script's folder is on sys.path)
+    Row,
+    command_line,
+    fresh,
+    interleaved_medians,
+    profile_data,
+    select_rows,
+)
 from rich.console import Console
 from rich.table import Table
 
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "group" not in slug:  # a group row has the same inference path as its reference
                 rows[slug][f"speedup_vs_{ref}"] = rows[ref]["inference_s"] / rows[slug]["inference_s"]
             rows[slug][f"AP_minus_{ref}"] = rows[slug]["AP"] - rows[ref]["AP"]
-    summary["command"] = " ".join(["python", *sys.argv])
+    summary["command"] = command_line()
     atomic_write_text(out / "asag.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     print_table(summary)
     console.print(f"written to {out / 'asag.json'}")

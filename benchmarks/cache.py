@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import interleaved_medians, optimizer_step  # the benchmarks' shared helpers (this script's folder is on sys.path)
+from common import command_line, interleaved_medians, optimizer_step  # the benchmarks' shared helpers (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
@@ -53,6 +53,8 @@ RESULTS = Path(__file__).parent / "results" / "cache.json"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default="ld-tiny", help="distillation recipe (student, losses, image size)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override, repeatable (e.g. student.params.backbone=mobilenetv2_100: the benchmarks' ImageNet student)")
     p.add_argument("--size", type=int, default=None, help="input size (default: the recipe's)")
     p.add_argument("--batch", type=int, default=8, help="training batch size")
     p.add_argument("--images", type=int, default=128, help="training images to generate (scenes)")
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     console = Console()
     work = Path(tempfile.mkdtemp(prefix="detkd-cache-bench-"))
-    overrides = [f"train.batch_size={args.batch}"] + ([f"data.image_size={args.size}"] if args.size else [])
+    overrides = [*args.overrides, f"train.batch_size={args.batch}"] + ([f"data.image_size={args.size}"] if args.size else [])
     recipe = load_recipe(args.recipe, overrides)
     size = recipe.data.image_size
     data = args.data
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     median = interleaved_medians({name: cycled(*mode) for name, mode in modes.items()}, repeats=args.steps, warmup=args.warmup)
 
     results = {
+        "command": command_line(),
         "recipe": recipe.name,
         "image_size": size,
         "batch": args.batch,

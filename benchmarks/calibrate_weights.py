@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
+from common import command_line  # the benchmarks' shared helpers (this script's folder is on sys.path)
 from rich.console import Console
 from rich.table import Table
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     checkpoint = resolve_checkpoint(args.student)
     result = calibrate(checkpoint, args.teacher, args.data, args.image_size, args.batches, args.images_per_batch)
-    result.update(student=str(checkpoint), teacher=str(args.teacher), data=str(args.data), command=" ".join([Path(sys.executable).name, *sys.argv]))
+    result.update(student=str(checkpoint), teacher=str(args.teacher), data=str(args.data), command=command_line())
 
     console = Console()
     table = Table(title=f"reference loss weights in our normalisation ({result['batches']} batches of {args.images_per_batch} images)")

@@ -9,6 +9,7 @@ import json
 import math
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,11 @@ class Row:
     losses: tuple[dict, ...] | None = None
     baseline: str | None = None
     default: bool = True
+
+
+def command_line() -> str:
+    """The command that made a record, as it was typed (``python benchmarks/x.py ...``)."""
+    return " ".join([Path(sys.executable).name, *sys.argv])
 
 
 def fresh(run: Path) -> bool:

@@ -23,12 +23,12 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from common import (
     Row,
+    command_line,
     fresh,
     gain_interval,
     heldout_metrics,
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     results = train_all(out, profile, variants, args.threads, args.student_set, args.reuse)
     cost = None if args.no_cost else measure_costs(args.reuse or out, profile, args.threads, args.student_set, variants)
     summary = summarise(results, cost)
-    summary.update(profile=profile_name, settings=profile, student_sets=args.student_set, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
+    summary.update(profile=profile_name, settings=profile, student_sets=args.student_set, command=command_line(), torch=torch.__version__)
     (out / "distill_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print_table(summary, profile_name)
     console.print(f"written to {out / 'distill_gain.json'}")

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Row, interleaved_medians, select_rows  # noqa: E402
+from common import Row, command_line, interleaved_medians, select_rows  # noqa: E402
 
 from distill.checkpoint import atomic_write_text  # noqa: E402
 from distill.export import export_onnx, run_session  # noqa: E402
@@ -73,7 +73,7 @@ def main() -> None:
                       f"{r['eager_ms_b16']:.0f}", f"{r['onnx_ms_b16']:.0f}", f"{r['speedup_b16']:.2f}")
     Console(width=150).print(table)
     record = {"image_size": SIZE, "threads": torch.get_num_threads(), "repeats": args.repeats, "torch": torch.__version__, "rows": rows,
-              "command": " ".join(["python", *sys.argv])}
+              "command": command_line()}
     atomic_write_text(args.out, json.dumps(record, indent=2) + "\n")
 
 

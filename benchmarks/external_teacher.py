@@ -20,12 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from common import Row, fresh, gain_interval, heldout_metrics, paired_gains, profile_data, row_recipe, select_rows, tune_data
+from common import Row, command_line, fresh, gain_interval, heldout_metrics, paired_gains, profile_data, row_recipe, select_rows, tune_data
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
@@ -180,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     # quick: a 6-epoch teacher may sit below teacher.min_ap by design; force past the gate there only
     results = run_all(out, profile, rows, args.threads, force=args.quick)
     summary = summarise(results, rows)
-    summary.update(profile=profile_name, settings=profile, command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
+    summary.update(profile=profile_name, settings=profile, command=command_line(), torch=torch.__version__)
     atomic_write_text(out / "external_teacher.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print_table(summary, profile_name)
     console.print(f"written to {out / 'external_teacher.json'}")

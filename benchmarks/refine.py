@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
 import torch
-from common import Row, fresh, gain_interval, interleaved_medians, profile_data, select_rows  # the benchmarks' shared helpers
+from common import Row, command_line, fresh, gain_interval, interleaved_medians, profile_data, select_rows  # the benchmarks' shared helpers
 from rich.console import Console
 from rich.table import Table
 
@@ -168,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         refined = [refine_detector(detector, out, data, profile, args.threads, seed) for seed in range(profile["seeds"])]
         rows[row.slug] = summarize(row, detector, refined, data, args.repeats, top_ks)
     summary = {"profile": {"name": name, **profile}, "threads": args.threads, "refiner_lr": REFINER_LR, "rows": rows,
-               "command": " ".join(["python", *sys.argv])}
+               "command": command_line()}
     atomic_write_text(out / "refine.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print_table(summary)
     console.print(f"written to {out / 'refine.json'}")

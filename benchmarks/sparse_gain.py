@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 from common import (  # the benchmarks' shared helpers (this script's folder is on sys.path)
     Row,
+    command_line,
     fresh,
     gain_interval,
     heldout_metrics,
@@ -585,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
         cost = measure_cost(out, profile, args.threads, rows, args.repeats)
     summary = summarise(teachers, results, rows, cost)
     summary["inference"] = {} if args.no_cost else measure_inference(out, profile, args.threads, summary["selected_on_tune"], args.repeats)
-    summary.update(profile=profile_name, settings=profile, cost=cost, cost_source=str(args.cost_from or "measured in this call"), command=" ".join([Path(sys.executable).name, *sys.argv]), torch=torch.__version__)
+    summary.update(profile=profile_name, settings=profile, cost=cost, cost_source=str(args.cost_from or "measured in this call"), command=command_line(), torch=torch.__version__)
     atomic_write_text(out / f"{args.name}.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
     atomic_write_text(out / f"{args.name}.md", markdown_table(summary))
     print_tables(summary)
