@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="refine this finished run (trained on the same data) for row SLUG instead of training one")
     parser.add_argument("--top-k", default="", help="comma-separated: also score and time the refined runs refining only their top-K predictions")
     parser.add_argument("--data", type=Path, default=None, help="a dataset folder to use instead of generating the profile's scenes")
+    parser.add_argument("--seeds", type=int, default=None, help="refiner seeds 0..N-1 per detector (default: the profile's)")
     args = parser.parse_args(argv)
     name = "quick" if args.quick else "full"
-    profile = PROFILES[name]
+    profile = PROFILES[name] | ({"seeds": args.seeds} if args.seeds else {})
     out = args.out or Path("benchmarks/results") / f"refine-{name}"
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
