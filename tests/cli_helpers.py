@@ -21,6 +21,8 @@ def one_error_line(result) -> str:
 
 # The tiny setting of the CLI tests: 64 px inputs, batch 4, no progress bar.
 SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
+# The same with an 8-channel FPN: the cheapest GFL the failure / bad-input tests train and break.
+SMALL_FPN8 = [*SMALL[:4], "--set", "student.params.fpn_channels=8", "--no-progress"]
 
 
 def make_scenes(out, train: int = 8, val: int = 4):
@@ -30,9 +32,9 @@ def make_scenes(out, train: int = 8, val: int = 4):
     return out
 
 
-def train_one_epoch(recipe: str, data, run):
-    """``detkd train RECIPE`` for one epoch in the tiny setting; returns the run folder."""
-    result = invoke("train", recipe, "--data", data, "--out", run, "--epochs", 1, *SMALL)
+def train_one_epoch(recipe: str, data, run, setting=SMALL):
+    """``detkd train RECIPE`` for one epoch in the tiny ``setting``; returns the run folder."""
+    result = invoke("train", recipe, "--data", data, "--out", run, "--epochs", 1, *setting)
     assert result.exit_code == 0, result.output
     return run
 

@@ -5,12 +5,12 @@ import shutil
 
 import pytest
 import torch
-from cli_helpers import invoke, one_error_line
+from cli_helpers import SMALL_FPN8, invoke, make_scenes, one_error_line, train_one_epoch
 from PIL import Image
 
 from distill.checkpoint import read_checkpoint
 
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8", "--no-progress"]
+SMALL = SMALL_FPN8
 
 
 @pytest.fixture(scope="module")
@@ -20,16 +20,12 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(root):
-    result = invoke("data", "scenes", root / "data", "--train", 12, "--val", 4, "--size", 64, "--seed", 3)
-    assert result.exit_code == 0, result.output
-    return root / "data"
+    return make_scenes(root / "data", train=12)
 
 
 @pytest.fixture(scope="module")
 def run(root, data):
-    result = invoke("train", "gfl-tiny", "--data", data, "--out", root / "run", "--epochs", 1, *SMALL)
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    return train_one_epoch("gfl-tiny", data, root / "run", SMALL)
 
 
 def snapshot(folder):

@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 import yaml
-from cli_helpers import invoke, one_error_line
+from cli_helpers import SMALL_FPN8, invoke, make_scenes, one_error_line, train_one_epoch
 from ddp_helpers import HANG_GUARD_S
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -25,7 +25,7 @@ from toy_query import ToyQuery  # noqa: F401  registers the sparse toy detector
 
 from distill.checkpoint import remove_temp_files, save_checkpoint
 
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8", "--no-progress"]
+SMALL = SMALL_FPN8
 NEEDS = re.compile(r"needs [\d.]+ (bytes|KB|MB|GB), [\d.]+ (bytes|KB|MB|GB) free")
 
 
@@ -36,16 +36,12 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(root):
-    result = invoke("data", "scenes", root / "data", "--train", 12, "--val", 4, "--size", 64, "--seed", 3)
-    assert result.exit_code == 0, result.output
-    return root / "data"
+    return make_scenes(root / "data", train=12)
 
 
 @pytest.fixture(scope="module")
 def run(root, data):
-    result = invoke("train", "gfl-tiny", "--data", data, "--out", root / "run", "--epochs", 1, *SMALL)
-    assert result.exit_code == 0, result.output
-    return root / "run"
+    return train_one_epoch("gfl-tiny", data, root / "run", SMALL)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from cli_helpers import invoke, one_error_line
+from cli_helpers import SMALL_FPN8, invoke, make_scenes, one_error_line, train_one_epoch
 from safetensors.torch import load_file
 
 from distill.checkpoint import load_train_state, read_checkpoint
@@ -15,22 +15,17 @@ from distill.engine import trainer as trainer_module
 from distill.errors import CheckpointError
 from students.saved import load_detector
 
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--set", "student.params.fpn_channels=8", "--no-progress"]
+SMALL = SMALL_FPN8
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("survive") / "data"
-    assert invoke("data", "scenes", out, "--train", 12, "--val", 4, "--size", 64, "--seed", 3).exit_code == 0
-    return out
+    return make_scenes(tmp_path_factory.mktemp("survive") / "data", train=12)
 
 
 @pytest.fixture(scope="module")
 def run(data):
-    out = data.parent / "run"
-    result = invoke("train", "gfl-tiny", "--data", data, "--out", out, "--epochs", 1, *SMALL)
-    assert result.exit_code == 0, result.output
-    return out
+    return train_one_epoch("gfl-tiny", data, data.parent / "run", SMALL)
 
 
 def train(data, out, *extra):
