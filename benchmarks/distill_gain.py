@@ -65,6 +65,9 @@ VARIANTS = [
     Row("PKD", "pkd", "pkd"),
     Row("CrossKD + PKD", "crosskd-pkd", "crosskd-pkd"),
     Row("Main KD + Main LD + VLR LD + PKD", "ld-pkd", "ld-pkd"),
+    # PKD's weight probed on the tuning split (the recipe ships 6); run with --only
+    Row("  PKD, weight 3", "pkd-w3", "pkd", ("losses.0.weight=3",), default=False),
+    Row("  PKD, weight 12", "pkd-w12", "pkd", ("losses.0.weight=12",), default=False),
 ]
 BASELINE = VARIANTS[0]
 QUICK_VARIANTS = [BASELINE, VARIANTS[5]]
@@ -235,9 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     suffix = "" if args.dataset == "scenes" else f"-{args.dataset}"  # scenes keeps its folder names
     out = args.out or Path(__file__).parent / "results" / f"distill_gain-{profile_name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
-    variants = QUICK_VARIANTS if args.quick else VARIANTS
-    if args.only:
-        variants = select_rows(parser, args.only, VARIANTS)
+    variants = QUICK_VARIANTS if args.quick and not args.only else select_rows(parser, args.only, VARIANTS)
     results = train_all(out, profile, variants, args.threads, args.student_set, args.reuse)
     cost = None if args.no_cost else measure_costs(args.reuse or out, profile, args.threads, args.student_set, variants)
     summary = summarise(results, cost)
