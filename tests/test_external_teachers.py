@@ -324,9 +324,15 @@ def test_query_cache_of_a_transformers_teacher_serves_a_distillation(saved, data
     assert run["teacher"]["cache"]["key"] and run["teacher"]["path"] == "hf:" + saved["deformable_detr"]
 
 
-def test_dense_torchvision_teacher_has_no_bins_to_cache(saved, data, tmp_path):
-    line = one_error_line(invoke("cache", saved["fcos"], "--data", data, "--out", tmp_path / "cache", "--image-size", 64, "--no-progress"))
+def test_dense_torchvision_teacher_caches_feature_rows_only(saved, data, tmp_path):
+    # no box bins to store: head rows are refused with one line, nothing written ...
+    line = one_error_line(invoke("cache", saved["fcos"], "--data", data, "--out", tmp_path / "cache", "--image-size", 64, "--regions", "main", "--no-progress"))
     assert "no box bins" in line and not (tmp_path / "cache").exists()
+    # ... while what the recommended pkd reads (no --recipe: the feature rows of every valid location) is cached
+    result = invoke("cache", saved["fcos"], "--data", data, "--out", tmp_path / "features", "--image-size", 64, "--no-progress")
+    assert result.exit_code == 0, result.output
+    selection = json.loads((tmp_path / "features" / "manifest.json").read_text())["fingerprint"]["selection"]
+    assert selection["head"] == [] and [r["name"] for r in selection["features"]] == ["all"]
 
 
 def test_eval_scores_an_external_teacher_in_the_datasets_classes(saved, data, tmp_path):
