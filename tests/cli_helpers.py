@@ -20,9 +20,10 @@ def one_error_line(result) -> str:
 
 
 # The tiny setting of the CLI tests: 64 px inputs, batch 4, no progress bar.
-SMALL = ["--set", "data.image_size=64", "--set", "train.batch_size=4", "--no-progress"]
+TINY_SETS = ["--set", "data.image_size=64", "--set", "train.batch_size=4"]
+SMALL = [*TINY_SETS, "--no-progress"]
 # The same with an 8-channel FPN: the cheapest GFL the failure / bad-input tests train and break.
-SMALL_FPN8 = [*SMALL[:4], "--set", "student.params.fpn_channels=8", "--no-progress"]
+SMALL_FPN8 = [*TINY_SETS, "--set", "student.params.fpn_channels=8", "--no-progress"]
 
 
 def make_scenes(out, train: int = 8, val: int = 4):
