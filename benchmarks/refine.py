@@ -14,6 +14,9 @@ when it excludes 0), the refiner's parameters, and the extra inference time of t
 as a ratio to the detector alone (eval mode, batch 16, ``features`` + ``head`` + ``postprocess``,
 medians of interleaved repeats). The refiner's lr is 1e-3, not the reference's 1e-4: its schedule
 here is a few hundred steps, not 90k. Prints a table and writes ``refine.json`` in the output folder.
+
+A refiner variant: ``--tag h16 --set student.params.hidden=16`` trains its own refiners
+(``<detector>-refined-h16-s<seed>``) on the same detectors and writes ``refine-h16.json``.
 """
 from __future__ import annotations
 
@@ -71,9 +74,9 @@ def link_detectors(parser: argparse.ArgumentParser, out: Path, specs: list[str])
             link.symlink_to(Path(run).resolve(), target_is_directory=True)
 
 
-def refine_detector(detector: Path, out: Path, data: Path, profile: dict, threads: int, seed: int) -> Path:
-    run = out / f"{detector.name}-refined-s{seed}"
-    sets = [f"train.epochs={profile['refine_epochs']}", f"train.seed={seed}", f"train.threads={threads}", "train.eval_every=1000", REFINER_LR]
+def refine_detector(detector: Path, out: Path, data: Path, profile: dict, threads: int, seed: int, refiner_sets: tuple[str, ...] = (), tag: str = "") -> Path:
+    run = out / f"{detector.name}-refined{'-' + tag if tag else ''}-s{seed}"
+    sets = [f"train.epochs={profile['refine_epochs']}", f"train.seed={seed}", f"train.threads={threads}", "train.eval_every=1000", REFINER_LR, *refiner_sets]
     if fresh(run):
         console.print(f"  refiner seed {seed} -> {run}")
         refine_run(detector, data, run, sets, show_progress=True)
@@ -153,7 +156,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--top-k", default="", help="comma-separated: also score and time the refined runs refining only their top-K predictions")
     parser.add_argument("--data", type=Path, default=None, help="a dataset folder to use instead of generating the profile's scenes")
     parser.add_argument("--seeds", type=int, default=None, help="refiner seeds 0..N-1 per detector (default: the profile's)")
+    parser.add_argument("--set", dest="refiner_sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a refine-recipe override for every refiner, e.g. student.params.hidden=16 (repeatable; needs --tag)")
+    parser.add_argument("--tag", default="", help="names this refiner variant: runs <detector>-refined-<tag>-s<seed>, summary refine-<tag>.json")
     args = parser.parse_args(argv)
+    if args.refiner_sets and not args.tag:
+        parser.error("--set needs --tag: refiners of other settings must not reuse the default refiners' run folders")
     name = "quick" if args.quick else "full"
     profile = PROFILES[name] | ({"seeds": args.seeds} if args.seeds else {})
     out = args.out or Path("benchmarks/results") / f"refine-{name}"
@@ -165,13 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     rows = {}
     for row in select_rows(parser, args.only, ROWS):
         detector = train_detector(row, out, data, profile, args.threads)
-        refined = [refine_detector(detector, out, data, profile, args.threads, seed) for seed in range(profile["seeds"])]
+        refined = [refine_detector(detector, out, data, profile, args.threads, seed, tuple(args.refiner_sets), args.tag) for seed in range(profile["seeds"])]
         rows[row.slug] = summarize(row, detector, refined, data, args.repeats, top_ks)
-    summary = {"profile": {"name": name, **profile}, "threads": args.threads, "refiner_lr": REFINER_LR, "rows": rows,
+    summary = {"profile": {"name": name, **profile}, "threads": args.threads, "refiner_lr": REFINER_LR, "refiner_sets": args.refiner_sets, "rows": rows,
                "command": command_line()}
-    atomic_write_text(out / "refine.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    record = out / f"refine{'-' + args.tag if args.tag else ''}.json"
+    atomic_write_text(record, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print_table(summary)
-    console.print(f"written to {out / 'refine.json'}")
+    console.print(f"written to {record}")
     return summary
 
 

@@ -16,9 +16,11 @@ from cli_helpers import SMALL, api_metrics, invoke, make_scenes, one_error_line,
 from safetensors.torch import load_file
 from torchvision.ops import box_iou
 
+from distill.errors import ConfigError
 from teachers.refine.criterion import RefineCriterion
 from teachers.refine.model import scatter_rows, top_k_rows
 from teachers.refine.refiner import BoxRefiner, parameter_count
+from teachers.refine.saved import check_params
 
 FAMILIES = ["gfl-tiny", "asag-tiny", "dab6-tiny"]
 
@@ -60,6 +62,27 @@ def test_untrained_refiner_returns_its_boxes_and_parameter_count():
     # zero deltas: sigmoid(logit(b)) = b, three times in fp32 on coordinates <= 64 px: each round trip is a few u
     # relative to the normalised value, < 1e-5 px; 1e-4 px holds on any CPU
     torch.testing.assert_close(steps[-1], boxes, atol=1e-4, rtol=0)
+
+
+def test_bottleneck_hidden_width_by_hand():
+    """``hidden`` narrows only the bottlenecks' inside: 1x1 32->8, 3x3 8->8, 1x1 8->32, GroupNorms of 8, 8, 32."""
+    wide = BoxRefiner([8, 8], [4, 8], channels=32, blocks=1, mlp_layers=1)
+    slim = BoxRefiner([8, 8], [4, 8], channels=32, hidden=8, blocks=1, mlp_layers=1)
+    wide_block = 32 * 32 + 9 * 32 * 32 + 32 * 32 + 3 * 2 * 32
+    slim_block = 32 * 8 + 9 * 8 * 8 + 8 * 32 + 2 * (2 * 8) + 2 * 32
+    assert parameter_count(wide) - parameter_count(slim) == wide_block - slim_block
+    assert [m.num_groups for m in slim.blocks.modules() if isinstance(m, torch.nn.GroupNorm)] == [8, 8, 32]
+
+
+@pytest.mark.parametrize(("given", "hidden"), [({}, 64), ({"channels": 32}, 32), ({"channels": 32, "hidden": 8}, 8)])
+def test_refiner_hidden_defaults_to_its_channels(given, hidden):
+    # a checkpoint written before the setting existed has no 'hidden': it is the reference's, = channels
+    assert check_params(given, "recipe.yaml")["hidden"] == hidden
+
+
+def test_refiner_hidden_must_be_a_positive_integer():
+    with pytest.raises(ConfigError, match=r"^recipe.yaml: 'student.params.hidden' must be an integer >= 1, got 0$"):
+        check_params({"hidden": 0}, "recipe.yaml")
 
 
 def _rectangles(seed: int, images: int, per: int = 2, side: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

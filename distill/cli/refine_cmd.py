@@ -10,7 +10,7 @@ from distill.errors import ConfigError
 
 REFINE_SET_HELP = (
     "Override a refine recipe key, e.g. --set train.lr=1e-3 --set student.params.steps=2 "
-    "(refiner: steps, top_k, channels, blocks, mlp_layers, roi_size, canonical_size) (repeatable)."
+    "(refiner: steps, top_k, channels, hidden, blocks, mlp_layers, roi_size, canonical_size) (repeatable)."
 )
 
 

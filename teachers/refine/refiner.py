@@ -21,8 +21,12 @@ from students.sparse.layers import PyramidFPN, mlp_head, roi_features
 
 __all__ = ["Bottleneck", "BoxRefiner", "REFINER_DEFAULTS"]
 
-# The reference's settings (spec §13): 64 channels, 3 bottlenecks, 2 MLP layers, 7x7 RoIs, 3 steps.
-REFINER_DEFAULTS = {"channels": 64, "blocks": 3, "mlp_layers": 2, "roi_size": 7, "canonical_size": 224.0}
+# The reference's settings (spec §13): 64 channels, bottlenecks 64 -> 64 -> 64 (hidden 64), 3 of them,
+# 2 MLP layers, 7x7 RoIs, 3 steps. ``hidden`` is the bottlenecks' inner width: their 3x3 convs are
+# the refiner's cost (9 * hidden^2 per RoI cell per block per step), so a slim detector, for which
+# the reference's refiner is a large share of inference, can take ResNet's usual channels / 4.
+# None: the same as ``channels`` (the reference; checkpoints written before the setting existed).
+REFINER_DEFAULTS = {"channels": 64, "hidden": None, "blocks": 3, "mlp_layers": 2, "roi_size": 7, "canonical_size": 224.0}
 GN_GROUPS = 32  # detectron2's GroupNorm default
 
 
@@ -49,7 +53,8 @@ class Bottleneck(nn.Module):
 class BoxRefiner(nn.Module):
     """Refines boxes on the maps of a frozen detector.
 
-    in_channels / strides: the detector's feature maps (``features()``), finest first.
+    in_channels / strides: the detector's feature maps (``features()``), finest first; channels: the
+    refiner's FPN and RoI width; hidden: the bottlenecks' inner width (None: ``channels``).
     ``maps(features) -> list[(B, channels, H_l, W_l)]``: the refiner's own FPN (trainable).
     ``forward(maps, boxes (B, K, 4) xyxy px, image_sizes (B, 2), steps) -> steps x (B, K, 4)``.
     """
@@ -59,6 +64,7 @@ class BoxRefiner(nn.Module):
         in_channels: Sequence[int],
         strides: Sequence[int],
         channels: int = 64,
+        hidden: int | None = None,
         blocks: int = 3,
         mlp_layers: int = 2,
         roi_size: int = 7,
@@ -69,7 +75,7 @@ class BoxRefiner(nn.Module):
         self.roi_size = roi_size
         self.canonical_size = float(canonical_size)
         self.fpn = PyramidFPN(list(in_channels), channels)
-        self.blocks = nn.Sequential(*(Bottleneck(channels, channels) for _ in range(blocks)))
+        self.blocks = nn.Sequential(*(Bottleneck(channels, hidden or channels) for _ in range(blocks)))
         self.mlp = mlp_head(channels, mlp_layers, bias=False)
         self.delta = nn.Linear(channels, 4)
         # Zero deltas: an untrained refiner returns its input boxes (up to the anchor clamp), so

@@ -27,7 +27,7 @@ from teachers.refine.refiner import REFINER_DEFAULTS, BoxRefiner
 
 # The refiner's settings (``student.params`` of a refine recipe) and their defaults.
 PARAMS = {"steps": 3, "top_k": 100, **REFINER_DEFAULTS}
-_INTS = ("steps", "top_k", "channels", "blocks", "mlp_layers", "roi_size")
+_INTS = ("steps", "top_k", "channels", "hidden", "blocks", "mlp_layers", "roi_size")
 
 
 def check_params(params: dict[str, Any], source: str) -> dict[str, Any]:
@@ -36,6 +36,8 @@ def check_params(params: dict[str, Any], source: str) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"{source}: 'student.params.{unknown[0]}' is not a refiner setting (known: {', '.join(PARAMS)})")
     out = {**PARAMS, **params}
+    if out["hidden"] is None:
+        out["hidden"] = out["channels"]  # the reference's bottlenecks: as wide inside as outside
     for key in _INTS:
         value = out[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "mlp_layers" else 1):
@@ -50,7 +52,8 @@ def build_refined(detector: nn.Module, params: dict[str, Any]) -> RefinedDetecto
     """A fresh refiner (its FPN's input channels read off the detector's maps) on ``detector``."""
     channels = _feature_channels(detector)
     refiner = BoxRefiner(
-        channels, detector.spec.strides, params["channels"], params["blocks"], params["mlp_layers"], params["roi_size"], params["canonical_size"]
+        channels, detector.spec.strides, params["channels"], params["hidden"], params["blocks"], params["mlp_layers"], params["roi_size"],
+        params["canonical_size"],
     )
     dtype = next(detector.parameters()).dtype
     return RefinedDetector(detector, refiner.to(dtype), params["steps"], params["top_k"])
