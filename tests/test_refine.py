@@ -164,6 +164,7 @@ def refine(run, data, out, *extra):
 
 
 REFINE_OUTPUT: dict[str, str] = {}  # what `detkd refine` printed, per family
+HIDDEN = {"asag-tiny": 16}  # one family's refiner with slim bottlenecks, saved and loaded like the others (default: 64)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +172,8 @@ def refined(detectors, data):
     runs = {}
     for recipe in FAMILIES:
         runs[recipe] = data.parent / f"{recipe}-refined"
-        REFINE_OUTPUT[recipe] = refine(detectors[recipe], data, runs[recipe]).output
+        extra = ("--set", f"student.params.hidden={HIDDEN[recipe]}") if recipe in HIDDEN else ()
+        REFINE_OUTPUT[recipe] = refine(detectors[recipe], data, runs[recipe], *extra).output
     return runs
 
 
@@ -213,6 +215,9 @@ def test_refined_run_reports_parameters_and_moves_only_top_k_boxes(recipe, refin
     model, _ = load_detector(refined[recipe])
     assert isinstance(model, RefinedDetector)
     assert info["kind"] == "refine" and info["refine"]["parameters"] == parameter_count(model.refiner)
+    hidden = HIDDEN.get(recipe, 64)
+    assert info["refine"]["params"]["hidden"] == hidden
+    assert [block.body[0].out_channels for block in model.refiner.blocks] == [hidden] * 3
     assert f"refiner: {parameter_count(model.refiner):,} parameters" in " ".join(REFINE_OUTPUT[recipe].split())
     detector = model.detector  # the frozen detector inside (frozen modules may take other kernels than a plain load)
     model.top_k = 5
