@@ -1,4 +1,5 @@
-"""RefineBox on the scenes data: a GFL, an ASAG and a DAB-DETR detector before and after a box refiner.
+"""RefineBox on the scenes data: a GFL, an ASAG and a DAB-DETR detector (and, with ``--only sparse6``, a
+Sparse R-CNN) before and after a box refiner.
 
     python benchmarks/refine.py            # full profile (hours on 2 CPU cores)
     python benchmarks/refine.py --quick    # minutes: smaller data, short schedules, one refiner seed
@@ -46,6 +47,7 @@ ROWS = [
     Row("GFL (dense, refined after NMS)", "gfl", "gfl-tiny"),
     Row("ASAG-S, generator anchors, 1 layer", "asag", "asag-tiny"),
     Row("DAB-DETR, 6 layers", "dab6", "dab6-tiny"),
+    Row("Sparse R-CNN, 6 stages", "sparse6", "sparse6-tiny", default=False),
 ]
 METRICS = ("AP", "AP75", "AR100")
 REFINER_LR = "train.lr=1e-3"
