@@ -3,7 +3,7 @@
 Unit level: top-K selection and scatter-back on literal tensors, the untrained refiner is the
 identity, its parameter count by hand, a refiner trained on a toy case pulls jittered boxes to the
 GT. Run level (64 px scenes, one epoch): the frozen detector's tensors bit-identical after refiner
-training and the optimizer holding the refiner alone (GFL, ASAG, DAB-DETR); class scores untouched
+training and the optimizer holding the refiner alone (GFL, ASAG, Sparse R-CNN, DAB-DETR); class scores untouched
 and only the top-K boxes moved; a changed detector refused with one line; eval / predict / distill
 of a refined run through typer's runner.
 """
@@ -22,7 +22,7 @@ from teachers.refine.model import scatter_rows, top_k_rows
 from teachers.refine.refiner import BoxRefiner, parameter_count
 from teachers.refine.saved import check_params
 
-FAMILIES = ["gfl-tiny", "asag-tiny", "dab6-tiny"]
+FAMILIES = ["gfl-tiny", "asag-tiny", "sparse6-tiny", "dab6-tiny"]  # every family detkd trains: dense, one-layer, Sparse R-CNN, DAB-DETR
 
 
 # ------------------------------------------------------------------------------------ unit level
