@@ -75,7 +75,7 @@ class BoxRefiner(nn.Module):
         self.roi_size = roi_size
         self.canonical_size = float(canonical_size)
         self.fpn = PyramidFPN(list(in_channels), channels)
-        self.blocks = nn.Sequential(*(Bottleneck(channels, hidden or channels) for _ in range(blocks)))
+        self.blocks = nn.Sequential(*(Bottleneck(channels, channels if hidden is None else hidden) for _ in range(blocks)))
         self.mlp = mlp_head(channels, mlp_layers, bias=False)
         self.delta = nn.Linear(channels, 4)
         # Zero deltas: an untrained refiner returns its input boxes (up to the anchor clamp), so
