@@ -29,6 +29,7 @@ from functools import cache
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from distill.structures import Detections, DetectorSpec, Matches, Predictions, Target
 from teachers.frozen import freeze
@@ -235,24 +236,16 @@ class RefinedDetector(nn.Module):
         return RefinedRows(image, index, gt, sizes[image], steps)
 
     def _refine_detections(self, maps: list[Tensor], detections: list[Detections], sizes: Tensor) -> list[Detections]:
-        width = min(self.top_k, max((len(d.scores) for d in detections), default=0))
-        if width == 0:
+        """Each image's top-K detections by score refined (batched: the images' detections padded to
+        the most of any image, padding never chosen)."""
+        if min(self.top_k, max((len(d.scores) for d in detections), default=0)) == 0:
             return detections
-        device = maps[0].device
-        scores = torch.full((len(detections), width), float("-inf"), device=device)
-        boxes = torch.zeros(len(detections), width, 4, device=device, dtype=detections[0].boxes.dtype)
-        boxes[..., 2:] = 1.0
-        index, keep = [], []
-        for b, det in enumerate(detections):
-            i, k = top_k_rows(det.scores[None], torch.ones_like(det.scores[None], dtype=torch.bool), width)
-            index.append(i[0])
-            keep.append(k[0])
-            boxes[b, : len(i[0])] = det.boxes[i[0]]
-            scores[b, : len(i[0])] = det.scores[i[0]]
-        refined = self.refiner(maps, boxes, sizes.to(device), self.steps)[-1]
-        out = []
-        for b, det in enumerate(detections):
-            n = len(index[b])
-            new = scatter_rows(det.boxes[None], index[b][None], keep[b][None], refined[b : b + 1, :n])[0]
-            out.append(Detections(new, det.scores, det.labels))
-        return out
+        counts = torch.tensor([len(d.scores) for d in detections], device=maps[0].device)
+        boxes = pad_sequence([d.boxes for d in detections], batch_first=True)  # (B, N, 4)
+        scores = pad_sequence([d.scores for d in detections], batch_first=True)  # (B, N)
+        valid = torch.arange(scores.shape[1], device=scores.device)[None] < counts[:, None]
+        index, keep = top_k_rows(scores, valid, self.top_k)
+        chosen = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+        chosen = torch.where(keep[..., None], chosen, chosen.new_tensor([0.0, 0.0, 1.0, 1.0]))  # a harmless unit box in the padding
+        refined = scatter_rows(boxes, index, keep, self.refiner(maps, chosen, sizes.to(boxes.device), self.steps)[-1])
+        return [Detections(refined[b, : len(d.scores)], d.scores, d.labels) for b, d in enumerate(detections)]
