@@ -33,7 +33,7 @@ from rich.table import Table
 
 from distill.checkpoint import atomic_write_text
 from distill.data import DetectionTransform, load_dataset
-from distill.data.loader import collate
+from distill.data.loader import collate, resolve_split
 from distill.engine.demo import finished
 from distill.engine.refine import refine_run
 from distill.engine.run import train_run
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     out.mkdir(parents=True, exist_ok=True)
     data = args.data or profile_data(out, profile)
+    if args.data:  # the counts the table and the record state are the data's, not the profile's
+        profile |= {split: len(json.loads(resolve_split(data, split)[0].read_text())["images"]) for split in ("train", "val")} | {"data": str(data)}
     link_detectors(parser, out, args.detector)
     top_ks = tuple(int(k) for k in args.top_k.split(",") if k)
     rows = {}
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def print_table(summary: dict) -> None:
     p = summary["profile"]
-    table = Table(title=f"refine ({p['name']}): {p['train']}/{p['val']} scenes at {p['size']} px, detector {p['epochs']} epochs, "
+    table = Table(title=f"refine ({p['name']}): {p['train']}/{p['val']} images of {p.get('data', 'the scenes')} at {p['size']} px, detector {p['epochs']} epochs, "
                         f"refiner {p['refine_epochs']} epochs x {p['seeds']} seeds")
     for column in ("detector", "AP", "AP75", "AR100", "AP75 gain (95% CI)", "refiner params", "extra inference time"):
         table.add_column(column, justify="left" if column == "detector" else "right")
