@@ -236,16 +236,13 @@ class RefinedDetector(nn.Module):
         return RefinedRows(image, index, gt, sizes[image], steps)
 
     def _refine_detections(self, maps: list[Tensor], detections: list[Detections], sizes: Tensor) -> list[Detections]:
-        """Each image's top-K detections by score refined (batched: the images' detections padded to
-        the most of any image, padding never chosen)."""
-        if min(self.top_k, max((len(d.scores) for d in detections), default=0)) == 0:
+        """Each image's top-K detections by score refined: the images' detections padded to the most
+        of any image and refined as a sparse head's queries are (``_refine_top_k``; padding never chosen)."""
+        if not any(len(d.scores) for d in detections):
             return detections
         counts = torch.tensor([len(d.scores) for d in detections], device=maps[0].device)
         boxes = pad_sequence([d.boxes for d in detections], batch_first=True)  # (B, N, 4)
         scores = pad_sequence([d.scores for d in detections], batch_first=True)  # (B, N)
         valid = torch.arange(scores.shape[1], device=scores.device)[None] < counts[:, None]
-        index, keep = top_k_rows(scores, valid, self.top_k)
-        chosen = boxes.gather(1, index[..., None].expand(-1, -1, 4))
-        chosen = torch.where(keep[..., None], chosen, chosen.new_tensor([0.0, 0.0, 1.0, 1.0]))  # a harmless unit box in the padding
-        refined = scatter_rows(boxes, index, keep, self.refiner(maps, chosen, sizes.to(boxes.device), self.steps)[-1])
+        refined = self._refine_top_k(maps, boxes, scores, valid, sizes.to(boxes.device))
         return [Detections(refined[b, : len(d.scores)], d.scores, d.labels) for b, d in enumerate(detections)]
