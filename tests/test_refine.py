@@ -309,6 +309,19 @@ def test_resume_of_a_refine_run_continues_it(detectors, data, tmp_path):
     assert summary["epochs"] == 2 and summary["steps"] == 4  # 8 images / batch 4, two epochs
 
 
+def test_every_rank_checks_the_run_folder_before_rank_0_writes_into_it(detectors, data, tmp_path, monkeypatch):
+    """Under torchrun, rank 0 writes the run's stub right after its own folder check; a rank still
+    checking would then find a folder of other files and refuse it (CI saw exactly that). So the
+    first barrier a refine run meets comes before anything exists in ``--out``."""
+    import distill.distributed as dist
+
+    out = tmp_path / "refined"
+    folders_at_barrier = []
+    monkeypatch.setattr(dist, "barrier", lambda: folders_at_barrier.append(sorted(p.name for p in out.iterdir()) if out.exists() else None))
+    refine(detectors["gfl-tiny"], data, out)
+    assert folders_at_barrier[0] is None and (out / "run.json").is_file()
+
+
 def test_a_cache_of_the_refined_teacher_is_not_the_detectors(refined, detectors, data, tmp_path):
     """``detkd cache`` takes a refined run; its rows (refined boxes) are refused for the plain detector."""
     cache = tmp_path / "cache"

@@ -54,9 +54,8 @@ def refine_run(
     """Train a refiner for the detector checkpoint (or run folder) ``detector_run`` on ``data``."""
     from distill.checkpoint import resolve_checkpoint
     from distill.engine.build import apply_threads, build_datasets, run_meta, seed_everything
-    from distill.engine.run import check_fresh_run_dir, read_run_info, removed_if_refused, session, write_run_info
+    from distill.engine.run import check_run_folder, read_run_info, removed_if_refused, session, write_run_info
     from distill.engine.trainer import Trainer, check_batches, check_splits
-    from distill.outputs import check_writable
     from students.saved import load_detector
     from teachers.checks import check_same_classes
     from teachers.refine.model import RefinedDetector, box_targets
@@ -70,12 +69,10 @@ def refine_run(
         digest = file_sha256(detector_path)
         recipe = refine_recipe(detector_meta, list(overrides or []), out / "recipe.yaml" if resume else None)
         if resume:
-            check_writable(out, "--resume")
             recorded = read_run_info(out, kind="refine").get("refine") or {}
             if recorded.get("sha256") != digest:
                 raise ConfigError(f"{out}: the detector {detector_path} changed since this refine run started; start a new run with detkd refine")
-        else:
-            check_fresh_run_dir(out, data)
+        check_run_folder(out, data, resume)
         apply_threads(recipe)
         train_set, val_set = build_datasets(recipe, data)
         check_same_classes(detector_meta["classes"], train_set.classes, what=str(detector_path), where=str(data))

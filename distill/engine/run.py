@@ -30,6 +30,19 @@ def check_fresh_run_dir(out: Path, data: str | Path | None = None) -> None:
     check_output_folder(out, data_roots(data), owned=lambda folder: (folder / "run.json").is_file())
 
 
+def check_run_folder(out: Path, data: str | Path | None, resume: bool) -> None:
+    """A fresh run's folder (:func:`check_fresh_run_dir`) or a resumed one's (writable), checked on
+    every rank before any rank goes on: rank 0 writes into it next, and a rank still checking would
+    see rank 0's first files and refuse the folder as one that holds other files."""
+    from distill.outputs import check_writable
+
+    if resume:
+        check_writable(out, "--resume")
+    else:
+        check_fresh_run_dir(out, data)
+    dist.barrier()
+
+
 @contextlib.contextmanager
 def removed_if_refused(out: Path, resume: bool):
     """A run folder this command creates is removed again when the command fails before the run
@@ -73,14 +86,9 @@ def read_run_info(run: Path, kind: str | None = None) -> dict:
 def prepare_run(recipe: Recipe, data: str | Path, out: str | Path, resume: bool):
     """What every run starts with: a fresh (or resumed) folder, threads, datasets, the student."""
     from distill.engine.trainer import check_batches, check_splits
-    from distill.outputs import check_writable
 
     out = Path(out)
-    if not resume:
-        check_fresh_run_dir(out, data)
-    else:
-        check_writable(out, "--resume")
-    dist.barrier()  # every rank checked the folder before rank 0 writes into it
+    check_run_folder(out, data, resume)
     apply_threads(recipe)
     train_set, val_set = build_datasets(recipe, data)
     check_splits(train_set, val_set)  # before the run folder exists: a refused run leaves none
