@@ -68,6 +68,12 @@ VARIANTS = [
     # PKD's weight probed on the tuning split (the recipe ships 6); run with --only
     Row("  PKD, weight 3", "pkd-w3", "pkd", ("losses.0.weight=3",), default=False),
     Row("  PKD, weight 12", "pkd-w12", "pkd", ("losses.0.weight=12",), default=False),
+    # CrossKD's crossing stage (the recipe crosses after the student's one tower block into the teacher's
+    # last two); stage 0: the student's FPN maps through the teacher's whole head. Run with --only
+    Row("  CrossKD, crossed at stage 0", "crosskd-stage0", "crosskd", tuple(f"losses.{i}.params.stage=0" for i in range(3)), default=False),
+    # every sum of terms scored below its best part: the same sum at half its weights
+    Row("  CrossKD + PKD, half weights", "crosskd-pkd-half", "crosskd-pkd",
+        ("losses.0.weight=0.5", "losses.1.weight=25.5", "losses.2.weight=1", "losses.3.weight=3"), default=False),
 ]
 BASELINE = VARIANTS[0]
 QUICK_VARIANTS = [BASELINE, VARIANTS[5]]
