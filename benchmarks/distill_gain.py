@@ -8,7 +8,8 @@ Steps (each skipped when its run folder already has a summary.json, so an interr
 resumes): generate the scenes data; train the teacher (``gfl-teacher``); train the baseline student
 (``gfl-student``) and distill with each recipe (same student architecture and schedule), for every
 seed; then time one training step of the student alone, of distillation with the online teacher, and
-of the distillation losses alone. Prints a table and writes ``distill_gain.json`` in the output folder.
+of the distillation losses alone. Prints a table and writes ``distill_gain.json`` in the output folder
+(``distill_gain-e<N>.json`` with ``--student-epochs N``: every student, baseline included, on that schedule).
 
 Every run's final checkpoint is also scored on a tuning split (``data-tune``: the same generator,
 seed 1; train and val use 0): the recipe to recommend is chosen there, val only reports it.
@@ -81,6 +82,11 @@ QUICK_VARIANTS = [BASELINE, VARIANTS[5]]
 console = Console()
 
 
+def run_folder(out: Path, row: Row, seed: int, profile: dict) -> Path:
+    """``<row>-s<seed>``, or ``<row>-e<N>-s<seed>`` on a ``--student-epochs`` schedule."""
+    return out / f"{row.slug}{profile.get('run_tag', '')}-s{seed}"
+
+
 def train_all(out: Path, profile: dict, variants, threads: int, student_sets: list[str], reuse: Path | None = None) -> dict:
     """Train (or reuse) data, teacher and every variant x seed; ``reuse``: a benchmark folder whose
     data and teacher are taken as they are (same scenes, same teacher, another student)."""
@@ -95,7 +101,7 @@ def train_all(out: Path, profile: dict, variants, threads: int, student_sets: li
     tune = tune_data(reuse or out, profile)  # recipes are chosen here; val only reports
     for row in variants:
         for seed in profile["seeds"]:
-            run = out / f"{row.slug}-s{seed}"
+            run = run_folder(out, row, seed, profile)
             if fresh(run):
                 sets = size + student_sets + list(row.overrides) + [f"train.epochs={profile['student_epochs']}", f"train.seed={seed}"]
                 recipe = load_recipe(row.recipe, sets)
@@ -233,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reuse", type=Path, default=None, help="benchmark folder whose data and teacher to reuse")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: the profile's, 0,1 for full)")
     parser.add_argument("--only", default=None, help="comma-separated rows to run, by slug: " + ",".join(v.slug for v in VARIANTS))
+    parser.add_argument("--student-epochs", type=int, default=None,
+                        help="every student's schedule (baseline and distilled alike; default: the profile's); runs go to <row>-e<N>-s<seed>")
     parser.add_argument("--dataset", choices=sorted(GENERATORS), default="scenes",
                         help="built-in data to generate: scenes (10 classes, 1-4 objects) or clutter (20 classes, many small, occluded)")
     args = parser.parse_args(argv)
@@ -241,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds:
         profile["seeds"] = [int(seed) for seed in args.seeds.split(",")]
     profile["dataset"] = args.dataset
+    if args.student_epochs is not None and args.student_epochs != profile["student_epochs"]:
+        profile["student_epochs"] = args.student_epochs
+        profile["run_tag"] = f"-e{args.student_epochs}"  # beside the profile's runs in the same folder, never mixed with them
     suffix = "" if args.dataset == "scenes" else f"-{args.dataset}"  # scenes keeps its folder names
     out = args.out or Path(__file__).parent / "results" / f"distill_gain-{profile_name}{suffix}"
     out.mkdir(parents=True, exist_ok=True)
@@ -249,9 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     cost = None if args.no_cost else measure_costs(args.reuse or out, profile, args.threads, args.student_set, variants)
     summary = summarise(results, cost)
     summary.update(profile=profile_name, settings=profile, student_sets=args.student_set, command=command_line(), torch=torch.__version__)
-    (out / "distill_gain.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    written = out / f"distill_gain{profile.get('run_tag', '')}.json"
+    written.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print_table(summary, profile_name)
-    console.print(f"written to {out / 'distill_gain.json'}")
+    console.print(f"written to {written}")
 
 
 if __name__ == "__main__":

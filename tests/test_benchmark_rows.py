@@ -1,5 +1,6 @@
-"""The sparse distillation benchmark's rows: each is the distill recipe with one correspondence (and / or
-feature mimicking), and fits its teacher."""
+"""The distillation benchmarks' rows. Sparse: each is the distill recipe with one correspondence (and / or
+feature mimicking), and fits its teacher. Dense: the recommended recipe is the tuning split's choice;
+``--student-epochs`` runs every student on that schedule in folders of its own."""
 import importlib.util
 import inspect
 import sys
@@ -15,10 +16,10 @@ from teachers import FrozenTeacher, check_pair
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load_benchmark():
+def load_benchmark(name: str = "sparse_gain"):
     sys.path.insert(0, str(BENCHMARKS))
     try:
-        spec = importlib.util.spec_from_file_location("sparse_gain", BENCHMARKS / "sparse_gain.py")
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
@@ -219,13 +220,7 @@ def test_the_recommended_dense_recipe_is_the_row_the_distill_gain_record_chose_o
     from recipes import RECOMMENDED
 
     record = json.loads((BENCHMARKS / "records" / "distill_gain-scenes-pretrained.json").read_text())
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location("distill_gain", BENCHMARKS / "distill_gain.py")
-        gain = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(gain)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    gain = load_benchmark("distill_gain")
     rows = {row.name: row for row in gain.VARIANTS}
     chosen = record["selected_on_tune"]
     tune = {name: row["tune_paired_gain_mean"] for name, row in record["rows"].items() if row.get("tune_paired_gain_mean") is not None}
@@ -239,3 +234,23 @@ def test_the_recommended_dense_recipe_is_the_row_the_distill_gain_record_chose_o
 
     cached = spec_from_recipe(load_recipe(RECOMMENDED))
     assert cached.head_regions == () and cached.feature_regions == (create_region("all"),)
+
+
+def test_student_epochs_runs_every_student_on_that_schedule_in_folders_of_its_own(tmp_path, monkeypatch):
+    import json
+
+    gain = load_benchmark("distill_gain")
+    seen = {}
+
+    def fake_train_all(out, profile, variants, threads, student_sets, reuse=None):
+        seen.update(profile, variants=[row.slug for row in variants])
+        run = {"seed": 0, "final": {"AP": 0.3, "AP50": 0.5}, "tune": {"AP": 0.35}}
+        return {"teacher": {"best_AP": 0.5, "final": {"AP": 0.5, "AP50": 0.7}}, "runs": {gain.BASELINE.name: [run]}}
+
+    monkeypatch.setattr(gain, "train_all", fake_train_all)
+    gain.main(["--out", str(tmp_path), "--no-cost", "--only", "gfl-student", "--seeds", "0", "--student-epochs", "24"])
+    assert seen["student_epochs"] == 24 and seen["variants"] == ["gfl-student"]
+    assert gain.run_folder(tmp_path, gain.BASELINE, 0, seen) == tmp_path / "gfl-student-e24-s0"
+    assert gain.run_folder(tmp_path, gain.BASELINE, 0, gain.PROFILES["full"]) == tmp_path / "gfl-student-s0"  # the 12-epoch runs keep their names
+    record = json.loads((tmp_path / "distill_gain-e24.json").read_text())
+    assert record["settings"]["student_epochs"] == 24 and not (tmp_path / "distill_gain.json").exists()
