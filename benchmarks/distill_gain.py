@@ -75,6 +75,10 @@ VARIANTS = [
     # every sum of terms scored below its best part: the same sum at half its weights
     Row("  CrossKD + PKD, half weights", "crosskd-pkd-half", "crosskd-pkd",
         ("losses.0.weight=0.5", "losses.1.weight=25.5", "losses.2.weight=1", "losses.3.weight=3"), default=False),
+    Row("  CrossKD + PKD, quarter weights", "crosskd-pkd-quarter", "crosskd-pkd",
+        ("losses.0.weight=0.25", "losses.1.weight=12.75", "losses.2.weight=0.5", "losses.3.weight=1.5"), default=False),
+    Row("  CrossKD at half weights + PKD", "crosskd-half-pkd", "crosskd-pkd",
+        ("losses.0.weight=0.5", "losses.1.weight=25.5", "losses.2.weight=1"), default=False),
 ]
 BASELINE = VARIANTS[0]
 QUICK_VARIANTS = [BASELINE, VARIANTS[5]]
