@@ -77,6 +77,8 @@ VARIANTS = [
         ("losses.0.weight=0.5", "losses.1.weight=25.5", "losses.2.weight=1", "losses.3.weight=3"), default=False),
     Row("  CrossKD + PKD, quarter weights", "crosskd-pkd-quarter", "crosskd-pkd",
         ("losses.0.weight=0.25", "losses.1.weight=12.75", "losses.2.weight=0.5", "losses.3.weight=1.5"), default=False),
+    Row("  CrossKD + PKD, eighth weights", "crosskd-pkd-eighth", "crosskd-pkd",
+        ("losses.0.weight=0.125", "losses.1.weight=6.375", "losses.2.weight=0.25", "losses.3.weight=0.75"), default=False),
     Row("  CrossKD at half weights + PKD", "crosskd-half-pkd", "crosskd-pkd",
         ("losses.0.weight=0.5", "losses.1.weight=25.5", "losses.2.weight=1"), default=False),
 ]
