@@ -214,24 +214,38 @@ def test_asag_distill_dab_is_the_row_the_dab_record_chose_on_the_tuning_split():
     assert record["rows"][chosen]["seeds_above_alone"] == 5 and record["rows"][chosen]["paired_gain_ci95"][0] > 0
 
 
-def test_the_recommended_dense_recipe_is_the_row_the_distill_gain_record_chose_on_the_tuning_split():
+# the dense records and the recipe each one's tuning split chose: the recommended one on the scenes
+# (both scans), the light CrossKD + PKD on the clutter data
+DENSE_CHOICES = [
+    ("distill_gain-scenes-pretrained.json", "scenes", "pkd"),
+    ("distill_gain-scenes-crosskd-variants.json", "scenes", "pkd"),
+    ("distill_gain-clutter-crosskd-variants.json", "clutter", "crosskd-pkd-light"),
+]
+
+
+@pytest.mark.parametrize(("name", "dataset", "shipped"), DENSE_CHOICES)
+def test_the_shipped_dense_recipes_are_the_rows_the_distill_gain_records_chose_on_the_tuning_split(name, dataset, shipped):
     import json
 
-    from recipes import RECOMMENDED
-
-    record = json.loads((BENCHMARKS / "records" / "distill_gain-scenes-pretrained.json").read_text())
+    record = json.loads((BENCHMARKS / "records" / name).read_text())
     gain = load_benchmark("distill_gain")
     rows = {row.name: row for row in gain.VARIANTS}
     chosen = record["selected_on_tune"]
     tune = {name: row["tune_paired_gain_mean"] for name, row in record["rows"].items() if row.get("tune_paired_gain_mean") is not None}
     assert chosen == max(tune, key=tune.get)  # chosen on the tuning split, whatever val says
-    assert rows[chosen].recipe == RECOMMENDED and rows[chosen].overrides == ()
-    assert record["settings"]["student_epochs"] == load_recipe(RECOMMENDED).train.epochs
+    assert record["settings"]["dataset"] == dataset
+    assert load_recipe(shipped).losses == load_recipe(rows[chosen].recipe, list(rows[chosen].overrides)).losses
+    assert record["settings"]["student_epochs"] == load_recipe(shipped).train.epochs
     assert all(gain > 0 for gain in record["rows"][chosen]["paired_gains"])  # the README's "every seed"
-    # and a teacher cache serves it (what `detkd cache` without --recipe builds): feature rows at every location
+
+
+def test_the_recommended_dense_recipe_is_served_by_a_default_teacher_cache():
+    # what `detkd cache` without --recipe builds: feature rows at every location
     from distill.regions import create_region
+    from recipes import RECOMMENDED
     from teachers.cache_select import spec_from_recipe
 
+    assert DENSE_CHOICES[0][2] == RECOMMENDED
     cached = spec_from_recipe(load_recipe(RECOMMENDED))
     assert cached.head_regions == () and cached.feature_regions == (create_region("all"),)
 
