@@ -97,6 +97,9 @@ def leaf_predictions(preds):
     if isinstance(preds, DenseOutputs) and preds.stages is not None:  # the tower maps CrossKD crosses: leaves too
         stages = preds.stages
         out.stages = HeadStages([[leaf(m) for m in level] for level in stages.cls], [[leaf(m) for m in level] for level in stages.reg])
+    crossing = getattr(preds, "crossing", None)
+    if crossing is not None:  # the query state CrossKD for queries crosses: a leaf too
+        out.crossing = dataclasses.replace(crossing, content=leaf(crossing.content))
     return out
 
 

@@ -112,6 +112,12 @@ FEAT_GFL = FEAT(96)
 FEAT_WEIGHTS = (6, 12, 24, 48)
 # The same against dab-teacher's 128-wide projected maps at strides 8-32 (the student's P3-P5 levels).
 FEAT_DAB = FEAT(128)
+# CrossKD for query detectors (crosskd_query), the weights of KD_BOX's terms; Linear adapter 32 -> 128 (dab-teacher's width).
+CROSS = lambda teacher_channels: tuple(  # noqa: E731
+    {"name": "crosskd_query", "weight": 1.0, "pairer": "crossed_queries", "pairer_params": {"weighting": w},
+     "params": {"part": part, "student_channels": 32, "teacher_channels": teacher_channels}}
+    for part, w in (("cls", "uniform"), ("box", "confidence")))
+CROSS_DAB = CROSS(128)
 # Rows that differ from a timed row only in loss weights: a weight is one scalar multiply, so the
 # step (and its cost record, --cost-from) is that row's.
 SAME_STEP = {**{f"gfl-gt-feat{w}": "gfl-gt-feat" for w in FEAT_WEIGHTS}, "gfl-feat24": "gfl-feat", "dab-gt-ld-feat24": "dab-gt-ld-feat"}
@@ -160,6 +166,10 @@ ROWS = [
     distilled("DAB-DETR -> ASAG: GT-bridged KD + box + LD + features x24", "dab-gt-feat24", "dab",
               KD_BOX("gt_bridged") + LD_GT + FEAT(128, 24.0), default=False),
     distilled("DAB-DETR -> ASAG: feature mimicking x24 (all locations)", "dab-feat24", "dab", FEAT(128, 24.0), default=False),
+    # CrossKD for queries: the student's proposal content through the teacher's last decoder layer (class
+    # quality-focal KD on every query, L1 + GIoU weighted by the teacher's confidence); alone and with features x24
+    distilled("DAB-DETR -> ASAG: CrossKD (queries through the teacher's last layer)", "dab-crosskd", "dab", CROSS_DAB, default=False),
+    distilled("DAB-DETR -> ASAG: CrossKD + features x24", "dab-crosskd-feat24", "dab", CROSS_DAB + FEAT(128, 24.0), default=False),
     # RefineBox: the same row from the refined DAB-DETR (its refined boxes are the box-KD and LD targets;
     # features and class scores are the frozen detector's), compared with the unrefined row (VERSUS).
     distilled("RefineBox DAB-DETR -> ASAG: GT-bridged KD + box + LD + features x24", "dab-gt-feat24-refined", "dab-refined",

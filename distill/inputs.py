@@ -30,9 +30,13 @@ class DistillInputs:
                  (class logits (B, N, C) | None, bin logits (B, N, 4, K) | None)``: the teacher's
                  head finished from tower stage ``stage`` on the given per-level maps, with
                  gradients to the maps (CrossKD).
-    decode:      (teacher, for pairers that need ``"decode"``) ``fn(boxes (B, K, 4) xyxy px, valid (B, K))
-                 -> Predictions``: the teacher's decoder run on given query boxes, detached, classes
-                 mapped to the student's (KD-DETR's distillation points through both decoders).
+    decode:      (teacher, for pairers and losses that need ``"decode"``) ``fn(boxes (B, K, 4) xyxy px,
+                 valid (B, K)) -> Predictions``: the teacher's decoder run on given query boxes,
+                 detached, classes mapped to the student's (KD-DETR's distillation points through
+                 both decoders); :meth:`decoded` runs it once per boxes tensor.
+    decoder_tail: (teacher, for losses that need ``"decoder_tail"``) ``fn(content (B, Q, D), boxes
+                 (B, Q, 4) xyxy px, valid (B, Q)) -> Predictions``: the teacher's last decoder layer
+                 and heads on a given query state, with gradients to ``content`` (CrossKD for queries).
     """
 
     spec: DetectorSpec | None = None
@@ -42,7 +46,8 @@ class DistillInputs:
     image_sizes: Tensor | None = None
     head_tail: Callable[..., tuple[Tensor | None, Tensor | None]] | None = None
     decode: Callable[[Tensor, Tensor], Predictions] | None = None
-    _cache: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+    decoder_tail: Callable[[Tensor, Tensor, Tensor], Predictions] | None = None
+    _cache: dict[str, object] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------- prediction rows
     def cls_rows(self, image: Tensor, index: Tensor) -> Tensor:
@@ -69,6 +74,17 @@ class DistillInputs:
                 raise ValueError("this loss reads match weights, but DistillInputs.matches is None")
             self._cache["match_weights"] = self.matches.weight_map(self.require_predictions("matches").num_predictions)
         return self._cache["match_weights"]
+
+    def decoded(self, boxes: Tensor, valid: Tensor) -> Predictions:
+        """``decode(boxes, valid)``, computed once for a given ``boxes`` tensor: the pairer and every
+        term of a step that read the teacher's decoder on the same boxes share one run."""
+        if self.decode is None:
+            raise ValueError("this term reads the teacher's decoder on given boxes, but this teacher side cannot run it (a cache?)")
+        cached = self._cache.get("decoded")
+        if cached is None or cached[0] is not boxes:
+            cached = (boxes, self.decode(boxes, valid))
+            self._cache["decoded"] = cached
+        return cached[1]
 
     # -------------------------------------------------------------------------------- feature rows
     def feature_rows(self, level: int, image: Tensor | None, index: Tensor | None) -> Tensor:

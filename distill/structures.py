@@ -268,7 +268,7 @@ def _map_tensors(obj, fn):
             changes[f.name] = _map_tensors(value, fn)
         elif f.name == "aux":
             changes[f.name] = [_map_tensors(a, fn) for a in value]
-        elif f.name == "stages":  # graph intermediates of the student's own forward: not copied
+        elif f.name in ("stages", "crossing"):  # graph intermediates of the student's own forward: not copied
             changes[f.name] = None
     return replace(obj, **changes)
 
@@ -388,6 +388,10 @@ class DetectorSpec:
                   teacher's boxes can be fed to it as shared distillation queries (KD-DETR).
     head_stages:  S, the blocks of each conv tower of a head that can be crossed (``HeadStages`` in
                   its outputs, ``head_from_stage`` to continue from a stage; CrossKD), or None.
+    query_crossing: a query detector whose decoder can be crossed (CrossKD for queries): its training
+                  predictions carry the query state entering its last decoder layer
+                  (``SparsePredictions.crossing``, content that is not constant) and it finishes a
+                  decoder from such a state (``crossing_context`` / ``finish_from_crossing``).
     grid:         the convention of the dense location grid on its FPN maps (``distill.ops.grid.GRIDS``):
                   where a cell's point sits and which cells are valid; dense pairs need the same one.
     """
@@ -399,6 +403,7 @@ class DetectorSpec:
     bins: int | None = None
     query_boxes: bool = False
     head_stages: int | None = None
+    query_crossing: bool = False
     grid: str = "centre"
 
 

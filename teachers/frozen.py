@@ -96,10 +96,16 @@ class FrozenTeacher:
         Everything is computed under inference mode, then cloned into ordinary constants the
         student's losses may save for backward.
         """
+        context, sizes = None, None
         with torch.inference_mode():
             features = self.model.features(batch.images)
             predictions = self.model.head(features, batch.image_sizes) if needs & {"head", "matches"} else None
             matches = self.model.match(predictions, self._teacher_targets(batch.targets), batch.image_sizes) if "matches" in needs else None
+            if "decoder_tail" in needs:
+                sizes = self.model._sizes(features, batch.image_sizes)
+                context = self.model.crossing_context(features, sizes)
+        if context is not None:
+            context = [t.clone() for t in context]  # out of inference mode: the tail's backward saves them
         if predictions is not None:
             predictions = predictions.detach()
             if self.class_index is not None:
@@ -112,7 +118,18 @@ class FrozenTeacher:
             image_sizes=batch.image_sizes,
             head_tail=self._head_tail if "head_tail" in needs else None,
             decode=partial(self._decode, features, batch.image_sizes) if "decode" in needs else None,
+            decoder_tail=partial(self._decoder_tail, context, sizes) if context is not None else None,
         )
+
+    def _decoder_tail(self, context: list[Tensor], image_sizes: Tensor, content: Tensor, boxes: Tensor, valid: Tensor) -> Predictions:
+        """The teacher's last decoder layer and heads on a query state (content (B, Q, D), boxes (B, Q, 4)
+        xyxy px), outside inference mode so gradients reach ``content``; its parameters stay frozen.
+        ``context``: its :meth:`crossing_context` of the batch, cloned out of inference mode (the
+        tail's backward saves it)."""
+        predictions = self.model.finish_from_crossing(context, image_sizes, content, boxes, valid)
+        if self.class_index is not None:
+            predictions = replace(predictions, logits=predictions.logits.index_select(-1, self.class_index))
+        return predictions
 
     def _decode(self, features: list[Tensor], image_sizes: Tensor | None, boxes: Tensor, valid: Tensor) -> Predictions:
         """The teacher's decoder on given query boxes (B, K, 4) xyxy px, on this batch's features:

@@ -49,7 +49,10 @@ def test_every_row_uses_its_own_correspondence_and_fits_its_teacher(row):
         assert recipe.losses, "a distilled row distils something"
         predicted = [spec for spec in recipe.losses if spec.name != "feature"]
         assert len({spec.pairer for spec in predicted}) <= 1  # one correspondence per row
-        assert not predicted or {spec.name for spec in predicted} >= {"kd", "box"}
+        names = {spec.name for spec in predicted}
+        crossed = {spec.params.get("part") for spec in predicted if spec.name == "crosskd_query"}
+        # class and box knowledge both: KD + box terms, or CrossKD for queries' two parts
+        assert not predicted or names >= {"kd", "box"} or (names == {"crosskd_query"} and crossed == {"cls", "box"})
         assert all(spec.pairer == "all" for spec in recipe.losses if spec.name == "feature")  # features: every location
     teacher_name, teacher_sets = bench.TEACHERS[bench.REFINED[row.teacher][0] if row.teacher in bench.REFINED else row.teacher]
     student, teacher = build(recipe.student), FrozenTeacher(build(load_recipe(teacher_name, teacher_sets).student))
@@ -268,3 +271,21 @@ def test_student_epochs_runs_every_student_on_that_schedule_in_folders_of_its_ow
     assert gain.run_folder(tmp_path, gain.BASELINE, 0, gain.PROFILES["full"]) == tmp_path / "gfl-student-s0"  # the 12-epoch runs keep their names
     record = json.loads((tmp_path / "distill_gain-e24.json").read_text())
     assert record["settings"]["student_epochs"] == 24 and not (tmp_path / "distill_gain.json").exists()
+
+
+def test_leaf_predictions_cut_the_crossing_state_off_the_students_graph():
+    # the cost tables time a row's terms alone, repeatedly, between optimizer steps: every tensor a term
+    # differentiates must be a leaf, or the second backward meets parameters the optimizer changed in place
+    import torch
+
+    from students.sparse.detector import QueryCrossing, SparsePredictions
+
+    weight = torch.ones(2, requires_grad=True)
+    content = torch.ones(1, 3, 2) * weight
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    preds = SparsePredictions(torch.zeros(1, 3, 1) * weight.sum(), torch.zeros(1, 3, 4), valid,
+                              crossing=QueryCrossing(content, torch.zeros(1, 3, 4), valid))
+    common = load_benchmark("common")
+    leaf = common.leaf_predictions(preds)
+    assert leaf.crossing.content.is_leaf and leaf.crossing.content.requires_grad and leaf.logits.is_leaf
+    assert torch.equal(leaf.crossing.content, content) and leaf.crossing.valid is valid

@@ -129,7 +129,7 @@ def test_each_layer_starts_from_the_previous_box_detached(box_head):
     memory, pos, padding = model.memory(feats, sizes)
     queries = model.query_source(feats, sizes)
     anchors = pixels_to_anchors(queries.boxes, sizes)
-    layers, inputs = model.decoder(anchors, queries.valid, None, memory, pos, padding, sizes)
+    layers, inputs, _ = model.decoder(anchors, queries.valid, None, memory, pos, padding, sizes)
     assert len(layers) == len(inputs) == 3
     assert inputs[0].requires_grad  # the learned anchors learn from the first layer
     for l in (1, 2):

@@ -109,7 +109,7 @@ def test_teacher_set_matches_on_a_literal_cost_matrix():
 
 
 def test_pairers_that_cannot_serve_a_pair_refuse_at_build_time():
-    assert sorted(list_pairers()) == ["all", "gt_boxes", "gt_bridged", "main", "shared_queries", "teacher_set", "vlr"]
+    assert sorted(list_pairers()) == ["all", "crossed_queries", "gt_boxes", "gt_bridged", "main", "shared_queries", "teacher_set", "vlr"]
     with pytest.raises(ConfigError, match="'vlr'.*student is a sparse detector"):
         distill.create_loss("ld", pairer="vlr").check_pair(SPARSE, DENSE)
     with pytest.raises(ConfigError, match="same dense location.*teacher is a sparse"):

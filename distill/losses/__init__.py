@@ -1,11 +1,12 @@
 """Distillation losses: one import point for the registry and the built-in losses.
 
-Importing this package registers ``kd``, ``ld``, ``feature``, ``pkd``, ``crosskd`` and ``box``. The call contract, the
+Importing this package registers ``kd``, ``ld``, ``feature``, ``pkd``, ``crosskd``, ``crosskd_query`` and ``box``. The call contract, the
 ``DistillInputs`` container (:mod:`distill.inputs`) and the training-step recipe are documented in
 :mod:`distill.losses.registry`; the shared KL kernel in :mod:`distill.losses.kl`.
 """
 from distill.losses.box import BoxDistillation, box_rows
 from distill.losses.crosskd import CrossKD, qfl_kd_rows
+from distill.losses.crosskd_query import CrossKDQuery
 from distill.losses.feature import FeatureMimic, mimic_rows
 from distill.losses.kd import ClassificationKD, kd_rows
 from distill.losses.kl import binary_kl, softmax_kl, softmax_kl_to_probs, weighted_sum
@@ -27,6 +28,7 @@ __all__ = [
     "reencode_bins",
     "ClassificationKD",
     "CrossKD",
+    "CrossKDQuery",
     "DistillInputs",
     "DistillLoss",
     "FeatureMimic",

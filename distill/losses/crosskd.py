@@ -26,8 +26,7 @@ teacher_channels) maps the student's stage maps first; it is trained with the st
 reach the student's head (blocks before the stage), the FPN and backbone below it, and the adapter;
 the teacher's parameters are frozen and its forward is otherwise untouched.
 
-A sparse head could cross the same way (a student's decoder queries through the teacher's last
-decoder layer); that needs a query detector exposing its decoder stages and is not built yet.
+Query detectors cross at their last decoder layer instead: :mod:`distill.losses.crosskd_query`.
 A teacher cache cannot serve this loss (the teacher's head runs on the student's maps each step).
 """
 from __future__ import annotations

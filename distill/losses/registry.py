@@ -60,8 +60,10 @@ from distill.inputs import DistillInputs
 from distill.pairers import Pairer, create_pairer
 from distill.structures import DetectorSpec, Pairs
 
-# "head_tail": the teacher head finished on the student's intermediate maps (CrossKD; DistillInputs.head_tail)
-TEACHER_PARTS = frozenset({"features", "head", "head_tail"})
+# "head_tail": the teacher head finished on the student's intermediate maps (CrossKD; DistillInputs.head_tail);
+# "decode" / "decoder_tail": the teacher's decoder on given boxes / its last layer on a given query state
+# (CrossKD for query detectors; DistillInputs.decode, .decoder_tail)
+TEACHER_PARTS = frozenset({"features", "head", "head_tail", "decode", "decoder_tail"})
 # "final": the student's final predictions only; "all": also every auxiliary head / earlier stage
 # (``Predictions.aux``, each with its own ``Matches.aux``), the term being the mean over heads.
 HEADS = ("final", "all")
@@ -92,6 +94,8 @@ class DistillLoss(nn.Module, ABC):
         self.weight = float(weight)
         self.heads = heads
         self.pairer: Pairer = create_pairer(pairer, **dict(pairer_params or {}))
+        if self.pairer.only_for not in (None, self.name):
+            raise ConfigError(f"loss {self.name!r}: pairer {self.pairer.name!r} pairs rows only loss {self.pairer.only_for!r} reads")
 
     @property
     def space(self) -> str:

@@ -7,7 +7,9 @@ Registry (names used by recipes as a loss's ``pairer``):
 - matched (:mod:`distill.pairers.matched`): ``gt_bridged`` (through each GT's student and teacher
   match), ``teacher_set`` (Hungarian matching of student predictions to the teacher's set);
 - shared (:mod:`distill.pairers.shared`): ``shared_queries`` — the teacher's boxes run through the
-  student's decoder as an isolated query group (KD-DETR), query k <-> teacher prediction k.
+  student's decoder as an isolated query group (KD-DETR), query k <-> teacher prediction k;
+- crossed (:mod:`distill.pairers.crossed`): ``crossed_queries`` — the student's query state entering
+  its last decoder layer <-> the teacher's decoder from the same boxes (``crosskd_query`` only).
 
 ``create_pairer(name, **params)`` validates names and options (ConfigError naming them).
 """
@@ -18,12 +20,15 @@ from typing import Any
 
 from distill.errors import ConfigError
 from distill.pairers.base import SPACES, Pairer
+from distill.pairers.crossed import CrossedQueriesPairer
 from distill.pairers.dense import RegionPairer
 from distill.pairers.matched import GTBridgedPairer, TeacherSetPairer, representative_matches, set_matching_cost
 from distill.pairers.shared import SharedQueriesPairer
 from distill.regions import create_region, list_regions
 
-MATCHED: dict[str, type[Pairer]] = {"gt_bridged": GTBridgedPairer, "teacher_set": TeacherSetPairer, "shared_queries": SharedQueriesPairer}
+MATCHED: dict[str, type[Pairer]] = {
+    "gt_bridged": GTBridgedPairer, "teacher_set": TeacherSetPairer, "shared_queries": SharedQueriesPairer, "crossed_queries": CrossedQueriesPairer,
+}
 
 
 def list_pairers() -> list[str]:
@@ -47,6 +52,7 @@ def create_pairer(name: str, **params: Any) -> Pairer:
 
 
 __all__ = [
-    "SPACES", "Pairer", "RegionPairer", "GTBridgedPairer", "TeacherSetPairer", "SharedQueriesPairer", "create_pairer", "list_pairers",
+    "SPACES", "Pairer", "RegionPairer", "GTBridgedPairer", "TeacherSetPairer", "SharedQueriesPairer", "CrossedQueriesPairer", "create_pairer",
+    "list_pairers",
     "representative_matches", "set_matching_cost",
 ]

@@ -39,6 +39,8 @@ class Pairer(ABC):
     # True when the pairs are exactly the student's positives (region main), where its quality
     # weight is defined (> 0): LD weights its rows by that weight there by default.
     on_student_positives: ClassVar[bool] = False
+    # The one loss this pairer's indices make sense for (None: any), checked when a loss is built.
+    only_for: ClassVar[str | None] = None
     # The constant the LD reference divides this pairer's summed LD term by (``ld`` loss, ``legacy``
     # mode): 4 for Main LD, 16 for VLR LD, 4 elsewhere.
     ld_reference_avg_factor: ClassVar[float] = 4.0

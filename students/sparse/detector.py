@@ -4,7 +4,7 @@
 detector contract (``distill.detector``) once, for any decoder that returns
 :class:`SparsePredictions` (main head + ``aux`` heads, the queries they started from). A model
 (``roi_detector.SparseDetector``, ``dab_detr.DABDETR``) provides ``features``, ``head``,
-``decode_queries`` and ``aux_names``, and calls :meth:`QueryDetector.set_postprocess`; it sets
+``decode_queries``, ``aux_names`` and ``finish_from_crossing``, and calls :meth:`QueryDetector.set_postprocess`; it sets
 ``num_classes``, ``strides``, ``width``, ``box`` (:class:`~students.sparse.config.BoxHeadConfig`),
 ``criterion`` and ``query_source`` (a :class:`~students.sparse.queries.QuerySource`). The
 post-processing settings stay plain attributes (``max_detections``, ``score_thresh``, ``nms_iou``)
@@ -24,14 +24,40 @@ from students.sparse.matcher import HungarianMatcher
 from students.sparse.postprocess import postprocess_sparse
 from students.sparse.queries import Queries, QuerySource
 
-__all__ = ["QueryDetector", "SparsePredictions", "first_group", "build_criterion"]
+__all__ = ["QueryDetector", "SparsePredictions", "QueryCrossing", "first_group", "build_criterion"]
+
+
+@dataclass
+class QueryCrossing:
+    """The query state entering a decoder's last layer (training forwards; group 0 only), where
+    CrossKD for query detectors crosses into a teacher's last layer.
+
+    content: (B, Q, D) the content vectors the last layer reads (graph intermediates: gradients of
+             a term on them reach the layers before; kept by reference, no copy).
+    boxes:   (B, Q, 4) xyxy input pixels the last layer starts from (detached, as in the decoder).
+    valid:   (B, Q) bool.
+    """
+
+    content: Tensor
+    boxes: Tensor
+    valid: Tensor
+
+    @staticmethod
+    def first_group(content: Tensor, boxes: Tensor, valid: Tensor, groups: Tensor | None) -> "QueryCrossing":
+        """The state of group 0's queries (the inference group; groups never see each other)."""
+        if groups is not None:
+            keep = groups == 0
+            content, boxes, valid = content[:, keep], boxes[:, keep], valid[:, keep]
+        return QueryCrossing(content, boxes.detach(), valid)
 
 
 @dataclass
 class SparsePredictions(Predictions):
-    """Predictions plus the queries they started from (``queries.extras`` feeds the source's loss)."""
+    """Predictions plus the queries they started from (``queries.extras`` feeds the source's loss)
+    and, in training, the state entering the last decoder layer (``crossing``)."""
 
     queries: Queries | None = None
+    crossing: QueryCrossing | None = None
 
     def detach(self) -> "SparsePredictions":
         out = super().detach()
@@ -76,7 +102,23 @@ class QueryDetector(nn.Module):
 
     @property
     def spec(self) -> DetectorSpec:
-        return DetectorSpec("sparse", self.num_classes, self.strides, self.width, self.box.bins, query_boxes=True)
+        return DetectorSpec("sparse", self.num_classes, self.strides, self.width, self.box.bins, query_boxes=True,
+                            query_crossing=self.crossable)
+
+    @property
+    def crossable(self) -> bool:
+        """Whether the content entering the last decoder layer depends on the image (``spec.query_crossing``)."""
+        return True
+
+    def crossing_context(self, features: list[Tensor], image_sizes: Tensor) -> list[Tensor]:
+        """What :meth:`finish_from_crossing` reads of a batch besides the queries (the FPN maps by default)."""
+        return list(features)
+
+    def finish_from_crossing(self, context: list[Tensor], image_sizes: Tensor, content: Tensor, boxes: Tensor, valid: Tensor) -> Predictions:
+        """The main path's last decoder layer and heads on a given query state: content (B, Q, D),
+        boxes (B, Q, 4) xyxy px, valid (B, Q); ``context`` from :meth:`crossing_context`. Queries
+        attend to each other only (one group). -> Predictions (B, Q)."""
+        raise NotImplementedError
 
     @property
     def fpn_channels(self) -> int:  # the name the RoI models and older code use for the width

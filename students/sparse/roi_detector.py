@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from distill.structures import Target
+from distill.structures import Predictions, Target
 from students.backbone import TimmBackbone
 from students.registry import ParamCheck, raise_failed
 from students.sparse.config import (
@@ -44,7 +44,7 @@ from students.sparse.config import (
     pick,
     roi_checks,
 )
-from students.sparse.detector import QueryDetector, SparsePredictions, build_criterion
+from students.sparse.detector import QueryCrossing, QueryDetector, SparsePredictions, build_criterion
 from students.sparse.layers import PyramidFPN
 from students.sparse.proposal import ProposalBlock
 from students.sparse.queries import Queries, QuerySource, check_query_source, create_query_source
@@ -184,11 +184,20 @@ class SparseDetector(QueryDetector):
         keep_aux = self.training and aux_heads
         copies = range(self.parallel_heads) if keep_aux else [self.parallel_heads - 1]
         for k in copies:
-            q_k = q if self.head_embed is None else q + self.head_embed[k]
-            _, pred = self.heads[k](features, boxes, q_k, queries.valid, queries.groups, image_sizes)
+            _, pred = self.heads[k](features, boxes, self._head_content(q, k), queries.valid, queries.groups, image_sizes)
             aux.append(pred)
         main = aux.pop()
-        return SparsePredictions(main.logits, main.boxes, main.valid, main.bins, aux if keep_aux else [], queries)
+        crossing = QueryCrossing.first_group(q, boxes, queries.valid, queries.groups) if self.training else None
+        return SparsePredictions(main.logits, main.boxes, main.valid, main.bins, aux if keep_aux else [], queries, crossing)
+
+    def finish_from_crossing(self, context: list[Tensor], image_sizes: Tensor, content: Tensor, boxes: Tensor, valid: Tensor) -> Predictions:
+        """The main head (the last parallel copy) on content (B, Q, D) and boxes (B, Q, 4), RoIs from ``context`` (FPN maps)."""
+        main = self.parallel_heads - 1
+        return self.heads[main](context, boxes, self._head_content(content, main), valid, None, image_sizes)[1]
+
+    def _head_content(self, q: Tensor, k: int) -> Tensor:
+        """The content parallel head copy ``k`` reads: the shared q plus that copy's embedding."""
+        return q if self.head_embed is None else q + self.head_embed[k]
 
     def aux_names(self, count: int) -> list[str]:
         """Loss-key suffixes of ``predictions.aux``: "prop", then "stage{i}" / "head{k}"."""

@@ -137,7 +137,8 @@ class RefinedDetector(nn.Module):
 
     @property
     def spec(self) -> DetectorSpec:
-        return self.detector.spec
+        # no crossing: a decoder finished from another's state would skip the refiner the boxes are meant to come from
+        return replace(self.detector.spec, query_crossing=False)
 
     # ------------------------------------------------------------------------------ contract
     def features(self, images: Tensor) -> list[Tensor]:

@@ -68,7 +68,9 @@ class DABDecoder(nn.Module):
     """``layers`` DAB-DETR layers with shared heads (see the module docstring).
 
     ``forward(anchors (B, Q, 4), valid (B, Q), groups, memory, memory_pos, padding, image_sizes)
-    -> (predictions per layer, anchors each layer started from)``; boxes are xyxy input pixels.
+    -> (predictions per layer, anchors each layer started from, content each layer read (B, Q, D))``;
+    boxes are xyxy input pixels. :meth:`step` runs one layer (the forward's loop body; CrossKD finishes
+    a decoder with its last layer on another decoder's state).
     """
 
     def __init__(
@@ -105,17 +107,27 @@ class DABDecoder(nn.Module):
     def forward(
         self, anchors: Tensor, valid: Tensor, groups: Tensor | None, memory: Tensor, memory_pos: Tensor, padding: Tensor,
         image_sizes: Tensor,
-    ) -> tuple[list[Predictions], list[Tensor]]:
+    ) -> tuple[list[Predictions], list[Tensor], list[Tensor]]:
         tgt = memory.new_zeros(anchors.shape[0], anchors.shape[1], self.dim)  # content starts at zero
-        predictions, inputs = [], []
-        for index, layer in enumerate(self.layers):
+        predictions, inputs, contents = [], [], []
+        for index in range(len(self.layers)):
             inputs.append(anchors)
-            query_pos, sine_xy = self.positional_queries(anchors, tgt, index)
-            tgt = layer(tgt, query_pos, sine_xy, valid, groups, memory, memory_pos, padding)
-            prediction, refined = self.predict(self.norm(tgt), anchors, valid, image_sizes)
+            contents.append(tgt)
+            tgt, prediction, refined = self.step(index, anchors, tgt, valid, groups, memory, memory_pos, padding, image_sizes)
             predictions.append(prediction)
             anchors = refined.detach()  # the next layer starts from this box, without its gradient
-        return predictions, inputs
+        return predictions, inputs, contents
+
+    def step(
+        self, index: int, anchors: Tensor, tgt: Tensor, valid: Tensor, groups: Tensor | None, memory: Tensor, memory_pos: Tensor,
+        padding: Tensor, image_sizes: Tensor,
+    ) -> tuple[Tensor, Predictions, Tensor]:
+        """Layer ``index`` on anchors (B, Q, 4) normalised cxcywh and content tgt (B, Q, D) ->
+        (its content (B, Q, D), its Predictions, the refined anchors, not detached)."""
+        query_pos, sine_xy = self.positional_queries(anchors, tgt, index)
+        tgt = self.layers[index](tgt, query_pos, sine_xy, valid, groups, memory, memory_pos, padding)
+        prediction, refined = self.predict(self.norm(tgt), anchors, valid, image_sizes)
+        return tgt, prediction, refined
 
     def predict(self, h: Tensor, anchors: Tensor, valid: Tensor, image_sizes: Tensor) -> tuple[Predictions, Tensor]:
         """Normalised content h (B, Q, D) on its anchors -> (Predictions with xyxy px boxes, refined anchors (B, Q, 4))."""

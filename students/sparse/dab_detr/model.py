@@ -23,14 +23,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from distill.structures import Target
+from distill.structures import Predictions, Target
 from students.backbone import TimmBackbone
 from students.registry import ParamCheck, finite, raise_failed
 from students.sparse.config import BoxHeadConfig, LossConfig, PostprocessConfig, common_checks, pick
 from students.sparse.dab_detr.decoder import DABDecoder
-from students.sparse.dab_detr.embedding import flatten_memory, pixels_to_anchors
+from students.sparse.dab_detr.embedding import anchors_to_pixels, flatten_memory, pixels_to_anchors
 from students.sparse.dab_detr.encoder import EncoderLayer, InputProjection
-from students.sparse.detector import QueryDetector, SparsePredictions, build_criterion
+from students.sparse.detector import QueryCrossing, QueryDetector, SparsePredictions, build_criterion
 from students.sparse.queries import LearnedAnchors, Queries
 
 __all__ = ["DABDETR", "build_dab_detr", "check_dab_params"]
@@ -124,10 +124,28 @@ class DABDETR(QueryDetector):
     def _decode(self, features: list[Tensor], queries: Queries, image_sizes: Tensor, aux_heads: bool = True) -> SparsePredictions:
         memory, position, padding = self.memory(features, image_sizes)
         anchors = pixels_to_anchors(queries.boxes, image_sizes)
-        layers, _ = self.decoder(anchors, queries.valid, queries.groups, memory, position, padding, image_sizes)
+        layers, inputs, contents = self.decoder(anchors, queries.valid, queries.groups, memory, position, padding, image_sizes)
         main = layers[-1]
         aux = layers[:-1] if self.training and aux_heads else []
-        return SparsePredictions(main.logits, main.boxes, main.valid, main.bins, aux, queries)
+        crossing = None
+        if self.training:
+            crossing = QueryCrossing.first_group(contents[-1], anchors_to_pixels(inputs[-1], image_sizes), queries.valid, queries.groups)
+        return SparsePredictions(main.logits, main.boxes, main.valid, main.bins, aux, queries, crossing)
+
+    @property
+    def crossable(self) -> bool:
+        """A one-layer decoder's content entering its (last) layer is the constant zero: nothing to cross."""
+        return len(self.decoder.layers) > 1
+
+    def crossing_context(self, features: list[Tensor], image_sizes: Tensor) -> list[Tensor]:
+        """The encoded tokens, their positions and padding (:meth:`memory`)."""
+        return list(self.memory(features, image_sizes))
+
+    def finish_from_crossing(self, context: list[Tensor], image_sizes: Tensor, content: Tensor, boxes: Tensor, valid: Tensor) -> Predictions:
+        """The last decoder layer and heads on content (B, Q, D) at boxes (B, Q, 4) xyxy px, over the memory in ``context``."""
+        memory, position, padding = context
+        anchors = pixels_to_anchors(boxes, image_sizes)
+        return self.decoder.step(len(self.decoder.layers) - 1, anchors, content, valid, None, memory, position, padding, image_sizes)[1]
 
     def aux_names(self, count: int) -> list[str]:
         """Loss-key suffixes of ``predictions.aux``: "layer0", "layer1", ... (the earlier decoder layers)."""
