@@ -150,9 +150,10 @@ def duplicate_matches(m: Matches) -> Matches:
     )
 
 
-# Losses that finish the teacher's head on the student's maps (crosskd) need real heads, not the
-# synthetic sides here: tests/test_crosskd.py runs them on GFL modules.
-ALL_LOSSES = [n for n in list_losses() if "head_tail" not in create_loss(n).needs]
+# Losses that finish the teacher's head on the student's maps (crosskd) or its decoder on the student's
+# queries (crosskd_query) need real heads, not the synthetic sides here: tests/test_crosskd.py and
+# tests/test_crosskd_query.py run them on GFL and query-detector modules.
+ALL_LOSSES = [n for n in list_losses() if not {"head_tail", "decoder_tail"} & create_loss(n).needs]
 LEGACY_LOSSES = [n for n in ALL_LOSSES if "legacy" in loss_parameters(n)]
 
 
@@ -438,7 +439,7 @@ def test_ld_resamples_teacher_bins(mode):
     assert torch.isfinite(value) and value > 0 and teacher.reg.grad is None
 
 
-@pytest.mark.parametrize("name", list_pairers())
+@pytest.mark.parametrize("name", [n for n in list_pairers() if create_pairer(n).only_for is None])  # crossed_queries: crosskd_query's own
 def test_ld_defaults_are_the_pairers_own_attributes(name):
     pairer = create_pairer(name)
     expected = {"main": (True, 4.0), "vlr": (False, 16.0)}.get(name, (False, 4.0))  # the LD reference's constants
