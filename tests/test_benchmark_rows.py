@@ -223,6 +223,9 @@ DENSE_CHOICES = [
     ("distill_gain-scenes-pretrained.json", "scenes", "pkd"),
     ("distill_gain-scenes-crosskd-variants.json", "scenes", "pkd"),
     ("distill_gain-clutter-crosskd-variants.json", "clutter", "crosskd-pkd-light"),
+    # the student on the teacher's 24 epochs: the same choice on both datasets
+    ("distill_gain-scenes-e24.json", "scenes", "crosskd-pkd-long"),
+    ("distill_gain-clutter-e24.json", "clutter", "crosskd-pkd-long"),
 ]
 
 
