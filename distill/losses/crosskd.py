@@ -40,7 +40,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from distill.errors import ConfigError
 from distill.losses.kl import softmax_kl, weighted_sum
-from distill.losses.registry import DistillInputs, DistillLoss, check_same_classes, register_loss
+from distill.losses.registry import DistillInputs, DistillLoss, check_same_classes, check_widths, register_loss, width_adapter
 from distill.ops.precision import compute_dtype
 from distill.structures import BoxBins, DetectorSpec, Pairs
 
@@ -85,16 +85,12 @@ class CrossKD(DistillLoss):
         for key, value in (("beta", beta), ("temperature", temperature)):
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ConfigError(f"loss 'crosskd': {key} must be > 0, got {value!r}")
-        for key, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
-            if value is not None and not (isinstance(value, int) and value > 0):
-                raise ConfigError(f"loss 'crosskd': {key} must be a positive integer, got {value!r}")
+        self.adapter: nn.Module = width_adapter(self.name, student_channels, teacher_channels, lambda s, t: nn.Conv2d(s, t, 1))
         self.part = part
         self.stage = stage
         self.beta = float(beta)
         self.temperature = float(temperature)
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
-        differ = None not in (student_channels, teacher_channels) and student_channels != teacher_channels
-        self.adapter: nn.Module = nn.Conv2d(student_channels, teacher_channels, 1) if differ else nn.Identity()
 
     def check_pair(self, student: DetectorSpec, teacher: DetectorSpec) -> None:
         super().check_pair(student, teacher)
@@ -107,17 +103,8 @@ class CrossKD(DistillLoss):
             raise ConfigError(f"loss 'crosskd': student strides {student.strides} must be the teacher's first levels {teacher.strides}")
         if self.part == "cls":
             check_same_classes(self.name, student, teacher)
-        expected = (self.student_channels or student.fpn_channels, self.teacher_channels or teacher.fpn_channels)
-        if (student.fpn_channels, teacher.fpn_channels) != expected:
-            raise ConfigError(
-                f"loss 'crosskd': configured for {expected[0]} student / {expected[1]} teacher channels, but the heads have "
-                f"{student.fpn_channels} / {teacher.fpn_channels}"
-            )
-        if student.fpn_channels != teacher.fpn_channels and isinstance(self.adapter, nn.Identity):
-            raise ConfigError(
-                f"loss 'crosskd': student head width {student.fpn_channels}, teacher {teacher.fpn_channels}; set "
-                f"student_channels: {student.fpn_channels} and teacher_channels: {teacher.fpn_channels} to add a 1x1 conv adapter"
-            )
+        widths = (student.fpn_channels, teacher.fpn_channels)
+        check_widths(self.name, "head width", widths, (self.student_channels, self.teacher_channels), self.adapter, "1x1 conv")
 
     def crossed(self, student: DistillInputs, teacher: DistillInputs) -> Tensor:
         """The crossed predictions on the student's grid: class logits (B, N, C) or bin logits (B, N, 4, K)."""

@@ -34,7 +34,7 @@ from distill.errors import ConfigError
 from distill.losses.box import box_rows
 from distill.losses.crosskd import qfl_kd_rows
 from distill.losses.kl import weighted_sum
-from distill.losses.registry import DistillInputs, DistillLoss, check_same_classes, register_loss
+from distill.losses.registry import DistillInputs, DistillLoss, check_same_classes, check_widths, register_loss, width_adapter
 from distill.ops.precision import compute_dtype
 from distill.structures import DetectorSpec, Pairs, Predictions
 
@@ -71,14 +71,10 @@ class CrossKDQuery(DistillLoss):
         for key, value in (("beta", beta), ("l1_weight", l1_weight), ("giou_weight", giou_weight)):
             if not (isinstance(value, (int, float)) and value >= 0 and (key != "beta" or value > 0)):
                 raise ConfigError(f"loss 'crosskd_query': {key} must be {'> 0' if key == 'beta' else '>= 0'}, got {value!r}")
-        for key, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-                raise ConfigError(f"loss 'crosskd_query': {key} must be a positive integer, got {value!r}")
+        self.adapter: nn.Module = width_adapter(self.name, student_channels, teacher_channels, nn.Linear)
         self.part = part
         self.beta, self.l1_weight, self.giou_weight = float(beta), float(l1_weight), float(giou_weight)
         self.student_channels, self.teacher_channels = student_channels, teacher_channels
-        differ = None not in (student_channels, teacher_channels) and student_channels != teacher_channels
-        self.adapter: nn.Module = nn.Linear(student_channels, teacher_channels) if differ else nn.Identity()
 
     def check_pair(self, student: DetectorSpec, teacher: DetectorSpec) -> None:
         super().check_pair(student, teacher)  # the pairer's: the student exposes its crossing state, the teacher decodes given boxes
@@ -90,14 +86,7 @@ class CrossKDQuery(DistillLoss):
         if self.part == "cls":
             check_same_classes(self.name, student, teacher)
         widths = (student.fpn_channels, teacher.fpn_channels)
-        configured = (self.student_channels or widths[0], self.teacher_channels or widths[1])
-        if widths != configured:
-            raise ConfigError(f"loss 'crosskd_query': configured for {configured[0]} student / {configured[1]} teacher query widths, but they are {widths[0]} / {widths[1]}")
-        if widths[0] != widths[1] and isinstance(self.adapter, nn.Identity):
-            raise ConfigError(
-                f"loss 'crosskd_query': student query width {widths[0]}, teacher {widths[1]}; set student_channels: {widths[0]} "
-                f"and teacher_channels: {widths[1]} to add a Linear adapter"
-            )
+        check_widths(self.name, "query width", widths, (self.student_channels, self.teacher_channels), self.adapter, "Linear")
 
     def crossed(self, student: DistillInputs, teacher: DistillInputs) -> Predictions:
         """The teacher's last layer on the student's crossing state: Predictions (B, Q)."""

@@ -123,6 +123,30 @@ class DistillLoss(nn.Module, ABC):
         return f"weight={self.weight}, pairer={self.pairer}, heads={self.heads}"
 
 
+def width_adapter(loss: str, student_channels: int | None, teacher_channels: int | None, make: Any) -> nn.Module:
+    """The adapter of a loss comparing student vectors with a teacher's of another width:
+    ``make(student_channels, teacher_channels)`` (a 1x1 conv, a Linear) when both are set and differ,
+    else the identity. ConfigError when a width is set but not a positive integer."""
+    for key, value in (("student_channels", student_channels), ("teacher_channels", teacher_channels)):
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise ConfigError(f"loss {loss!r}: {key} must be a positive integer, got {value!r}")
+    differ = None not in (student_channels, teacher_channels) and student_channels != teacher_channels
+    return make(student_channels, teacher_channels) if differ else nn.Identity()
+
+
+def check_widths(loss: str, what: str, widths: tuple[int, int], configured: tuple[int | None, int | None], adapter: nn.Module, kind: str) -> None:
+    """The pair's widths (student, teacher) against the loss's configured ones and its adapter (``kind``
+    names it in the message): ConfigError naming the settings to write when they do not fit."""
+    expected = (configured[0] or widths[0], configured[1] or widths[1])
+    if tuple(widths) != expected:
+        raise ConfigError(f"loss {loss!r}: configured for {expected[0]} student / {expected[1]} teacher channels, but the {what}s are {widths[0]} / {widths[1]}")
+    if widths[0] != widths[1] and isinstance(adapter, nn.Identity):
+        raise ConfigError(
+            f"loss {loss!r}: student {what} {widths[0]}, teacher {widths[1]}; set student_channels: {widths[0]} and "
+            f"teacher_channels: {widths[1]} to add a {kind} adapter"
+        )
+
+
 def check_same_classes(loss: str, student: DetectorSpec, teacher: DetectorSpec) -> None:
     if student.num_classes != teacher.num_classes:
         raise ConfigError(
