@@ -102,7 +102,7 @@ class FrozenTeacher:
             predictions = self.model.head(features, batch.image_sizes) if needs & {"head", "matches"} else None
             matches = self.model.match(predictions, self._teacher_targets(batch.targets), batch.image_sizes) if "matches" in needs else None
             if "decoder_tail" in needs:
-                sizes = self.model._sizes(features, batch.image_sizes)
+                sizes = batch.image_sizes.to(features[0].device)
                 context = self.model.crossing_context(features, sizes)
         if context is not None:
             context = [t.clone() for t in context]  # out of inference mode: the tail's backward saves them
