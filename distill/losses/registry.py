@@ -16,8 +16,10 @@ with one call contract::
   computed in fp32 with autocast disabled, reaches only the student (teacher tensors are detached),
   and is exactly 0 — with the graph still connected — when there are no pairs.
 - ``loss.needs`` (class attribute) names the teacher parts the loss reads: ``"features"`` (backbone +
-  FPN) or ``"head"`` (predictions). The engine runs only those parts of the frozen teacher (plus what
-  the pairer needs, ``pairer.teacher_needs``).
+  FPN), ``"head"`` (predictions), ``"head_tail"`` (its head finished on the student's maps, CrossKD),
+  ``"decode"`` / ``"decoder_tail"`` (its decoder from given boxes / its last layer on the student's
+  query state, CrossKD for queries). The engine runs only those parts of the frozen teacher (plus
+  what the pairer needs, ``pairer.teacher_needs``).
 - ``loss.heads``: ``"final"`` (default) distils the student's final predictions; ``"all"`` also
   each auxiliary head / earlier decoder stage (``Predictions.aux``) against the same teacher
   predictions, each head paired with its own matches; the term is the mean over heads.
