@@ -200,6 +200,30 @@ class Predictions:
 
 
 @dataclass
+class QueryCrossing:
+    """The query state entering a decoder's last layer (training forwards; group 0 only), where
+    CrossKD for query detectors crosses into a teacher's last layer.
+
+    content: (B, Q, D) the content vectors the last layer reads (graph intermediates: gradients of
+             a term on them reach the layers before; kept by reference, no copy).
+    boxes:   (B, Q, 4) xyxy input pixels the last layer starts from (detached, as in the decoder).
+    valid:   (B, Q) bool.
+    """
+
+    content: Tensor
+    boxes: Tensor
+    valid: Tensor
+
+    @staticmethod
+    def first_group(content: Tensor, boxes: Tensor, valid: Tensor, groups: Tensor | None) -> "QueryCrossing":
+        """The state of group 0's queries (the inference group; groups never see each other)."""
+        if groups is not None:
+            keep = groups == 0
+            content, boxes, valid = content[:, keep], boxes[:, keep], valid[:, keep]
+        return QueryCrossing(content, boxes.detach(), valid)
+
+
+@dataclass
 class HeadStages:
     """Intermediate maps of a head built from conv towers (GFL), for head-crossing distillation
     (CrossKD: a student's stage-k maps continue through the teacher's blocks k.. and output convs).

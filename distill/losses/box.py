@@ -33,6 +33,14 @@ def box_rows(student_boxes: Tensor, teacher_boxes: Tensor, scale: Tensor, weight
     return weighted_sum(l1_weight * l1 + giou_weight * giou, weights, weights.sum())
 
 
+def pair_scales(student: DistillInputs, pairs: Pairs, loss: str) -> Tensor:
+    """(R, 4) (w, h, w, h) of each pair's image: what L1 on image-normalised boxes divides by."""
+    if student.image_sizes is None:
+        raise ValueError(f"loss {loss!r} needs the image sizes (L1 is relative to the image)")
+    hw = student.image_sizes.to(pairs.weight.device, compute_dtype())[pairs.image]  # (R, 2)
+    return torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
+
+
 @register_loss
 class BoxDistillation(DistillLoss):
     """L1 (weight 5) + GIoU (weight 2) to the teacher's boxes on every pair (spec §10.2 defaults)."""
@@ -59,11 +67,7 @@ class BoxDistillation(DistillLoss):
     def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
         s_boxes = student.box_rows(pairs.image, pairs.student)  # (R, 4)
         t_boxes = teacher.box_rows(pairs.image, pairs.teacher)  # (R, 4)
-        if student.image_sizes is None:
-            raise ValueError("loss 'box' needs the image sizes (L1 is relative to the image)")
-        hw = student.image_sizes.to(s_boxes.device, compute_dtype())[pairs.image]  # (R, 2)
-        scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)  # (R, 4) w h w h
-        return box_rows(s_boxes, t_boxes, scale, pairs.weight, self.l1_weight, self.giou_weight)
+        return box_rows(s_boxes, t_boxes, pair_scales(student, pairs, self.name), pairs.weight, self.l1_weight, self.giou_weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, l1_weight={self.l1_weight}, giou_weight={self.giou_weight}"

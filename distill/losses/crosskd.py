@@ -55,6 +55,13 @@ def qfl_kd_rows(student_logits: Tensor, teacher_logits: Tensor, beta: float = 1.
     return (bce * (torch.sigmoid(s) - q).abs().pow(beta)).sum(dim=-1)
 
 
+def student_positives(student: DistillInputs, device) -> Tensor:
+    """() the number of the student's matched predictions, at least 1: QFL's normaliser, which CrossKD's
+    class term shares (all-reduced under DDP by ``weighted_sum``)."""
+    positives = sum(len(i) for i in student.matches.pred_index) if student.matches is not None else 0
+    return torch.tensor(float(max(positives, 1)), device=device)
+
+
 @register_loss
 class CrossKD(DistillLoss):
     """Head-crossing KD for conv-tower heads (GFL): ``part`` cls (quality-focal KD), box (LD KL on
@@ -124,8 +131,7 @@ class CrossKD(DistillLoss):
         crossed = self.crossed(student, teacher)
         if self.part == "cls":
             rows = qfl_kd_rows(crossed[pairs.image, pairs.student], teacher.cls_rows(pairs.image, pairs.teacher), self.beta)
-            positives = sum(len(i) for i in student.matches.pred_index) if student.matches is not None else 0
-            return weighted_sum(rows, pairs.weight, torch.tensor(float(max(positives, 1)), device=rows.device))
+            return weighted_sum(rows, pairs.weight, student_positives(student, rows.device))
         if self.part == "giou":  # crossed bins decoded on the student's grid, as the teacher decodes its own
             preds = student.require_predictions("the location grid")
             boxes = BoxBins(crossed, preds.points[None], preds.strides.reshape(1, -1, 1)).decode()  # (B, N, 4)

@@ -26,17 +26,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distill.errors import ConfigError
-from distill.losses.box import box_rows
-from distill.losses.crosskd import qfl_kd_rows
+from distill.losses.box import box_rows, pair_scales
+from distill.losses.crosskd import qfl_kd_rows, student_positives
 from distill.losses.kl import weighted_sum
 from distill.losses.registry import DistillInputs, DistillLoss, check_same_classes, check_widths, register_loss, width_adapter
 from distill.ops.precision import compute_dtype
-from distill.structures import DetectorSpec, Pairs, Predictions
+from distill.pairers.crossed import crossing_state
+from distill.structures import DetectorSpec, Pairs, Predictions, QueryCrossing
 
 PARTS = ("cls", "box")
 
@@ -88,29 +88,21 @@ class CrossKDQuery(DistillLoss):
         widths = (student.fpn_channels, teacher.fpn_channels)
         check_widths(self.name, "query width", widths, (self.student_channels, self.teacher_channels), self.adapter, "Linear")
 
-    def crossed(self, student: DistillInputs, teacher: DistillInputs) -> Predictions:
+    def crossed(self, student: DistillInputs, teacher: DistillInputs, crossing: QueryCrossing) -> Predictions:
         """The teacher's last layer on the student's crossing state: Predictions (B, Q)."""
-        crossing = getattr(student.require_predictions("the crossing state"), "crossing", None)
-        if crossing is None:
-            raise ValueError("loss 'crosskd_query': the student's predictions carry no crossing state (a training forward of a query detector keeps it)")
         if teacher.decoder_tail is None:
             raise ValueError("loss 'crosskd_query': the teacher side has no decoder_tail (it must be the online frozen teacher)")
         return teacher.decoder_tail(self._adapt(crossing.content.to(compute_dtype())), crossing.boxes, crossing.valid)
 
     def loss(self, student: DistillInputs, teacher: DistillInputs, pairs: Pairs) -> Tensor:
-        crossed = self.crossed(student, teacher)
-        crossing = student.predictions.crossing
+        crossing = crossing_state(student, f"loss {self.name!r}")
+        crossed = self.crossed(student, teacher, crossing)
         target = teacher.decoded(crossing.boxes, crossing.valid)
         if self.part == "cls":
             rows = qfl_kd_rows(crossed.logits[pairs.image, pairs.student], target.logits[pairs.image, pairs.teacher], self.beta)
-            positives = sum(len(i) for i in student.matches.pred_index) if student.matches is not None else 0
-            return weighted_sum(rows, pairs.weight, torch.tensor(float(max(positives, 1)), device=rows.device))
-        if student.image_sizes is None:
-            raise ValueError("loss 'crosskd_query' needs the image sizes (L1 is relative to the image)")
-        hw = student.image_sizes.to(pairs.weight.device, compute_dtype())[pairs.image]  # (R, 2)
-        scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
-        return box_rows(crossed.boxes[pairs.image, pairs.student], target.boxes[pairs.image, pairs.teacher], scale, pairs.weight,
-                        self.l1_weight, self.giou_weight)
+            return weighted_sum(rows, pairs.weight, student_positives(student, rows.device))
+        return box_rows(crossed.boxes[pairs.image, pairs.student], target.boxes[pairs.image, pairs.teacher], pair_scales(student, pairs, self.name),
+                        pairs.weight, self.l1_weight, self.giou_weight)
 
     def _adapt(self, x: Tensor) -> Tensor:
         """(B, Q, D_s) -> (B, Q, D_t) through the Linear adapter (identity with equal widths)."""

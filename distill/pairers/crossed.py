@@ -25,9 +25,17 @@ from distill.errors import ConfigError
 from distill.inputs import DistillInputs
 from distill.ops.precision import compute_dtype
 from distill.pairers.base import Pairer
-from distill.structures import DetectorSpec, Pairs, Target
+from distill.structures import DetectorSpec, Pairs, QueryCrossing, Target
 
 WEIGHTINGS = ("confidence", "uniform")
+
+
+def crossing_state(student: DistillInputs, reader: str) -> QueryCrossing:
+    """The student's query state entering its last decoder layer, or a ValueError naming ``reader``."""
+    crossing = getattr(student.require_predictions("the crossing state"), "crossing", None)
+    if crossing is None:
+        raise ValueError(f"{reader}: the student's predictions carry no crossing state (a training forward of a query detector keeps it)")
+    return crossing
 
 
 @dataclass(frozen=True)
@@ -55,9 +63,7 @@ class CrossedQueriesPairer(Pairer):
             raise ConfigError(f"pairer 'crossed_queries' runs the teacher's decoder from the student's boxes, but the teacher ({teacher.family}) cannot start from given boxes")
 
     def __call__(self, student: DistillInputs, teacher: DistillInputs, targets: list[Target], space: str) -> Pairs:
-        crossing = getattr(student.require_predictions("the crossing state"), "crossing", None)
-        if crossing is None:
-            raise ValueError("pairer 'crossed_queries': the student's predictions carry no crossing state (a training forward of a query detector keeps it)")
+        crossing = crossing_state(student, "pairer 'crossed_queries'")
         image, k = crossing.valid.nonzero(as_tuple=True)
         if self.weighting == "uniform":
             weight = torch.ones(len(k), dtype=compute_dtype(), device=k.device)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from distill.structures import Detections, DetectorSpec, Matches, Predictions, Target
+from distill.structures import Detections, DetectorSpec, Matches, Predictions, QueryCrossing, Target
 from students.sparse.config import BoxHeadConfig, LossConfig, PostprocessConfig
 from students.sparse.criterion import SetCriterion
 from students.sparse.matcher import HungarianMatcher
@@ -25,30 +25,6 @@ from students.sparse.postprocess import postprocess_sparse
 from students.sparse.queries import Queries, QuerySource
 
 __all__ = ["QueryDetector", "SparsePredictions", "QueryCrossing", "first_group", "build_criterion"]
-
-
-@dataclass
-class QueryCrossing:
-    """The query state entering a decoder's last layer (training forwards; group 0 only), where
-    CrossKD for query detectors crosses into a teacher's last layer.
-
-    content: (B, Q, D) the content vectors the last layer reads (graph intermediates: gradients of
-             a term on them reach the layers before; kept by reference, no copy).
-    boxes:   (B, Q, 4) xyxy input pixels the last layer starts from (detached, as in the decoder).
-    valid:   (B, Q) bool.
-    """
-
-    content: Tensor
-    boxes: Tensor
-    valid: Tensor
-
-    @staticmethod
-    def first_group(content: Tensor, boxes: Tensor, valid: Tensor, groups: Tensor | None) -> "QueryCrossing":
-        """The state of group 0's queries (the inference group; groups never see each other)."""
-        if groups is not None:
-            keep = groups == 0
-            content, boxes, valid = content[:, keep], boxes[:, keep], valid[:, keep]
-        return QueryCrossing(content, boxes.detach(), valid)
 
 
 @dataclass
